@@ -1,0 +1,110 @@
+//! The error type of flexmodel-core.
+
+use candle_core::DType;
+
+/// Errors raised while registering hooks or running a hooked forward pass.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A hook was registered for a site name that the model does not have.
+    #[error("unknown site `{name}`{}", did_you_mean(suggestions))]
+    UnknownSite {
+        /// The name as given.
+        name: String,
+        /// The closest valid site names.
+        suggestions: Vec<String>,
+    },
+
+    /// A glob pattern matched no site.
+    #[error("pattern `{pattern}` matches no site{}", did_you_mean(suggestions))]
+    NoMatch {
+        /// The pattern as given.
+        pattern: String,
+        /// The closest valid site names.
+        suggestions: Vec<String>,
+    },
+
+    /// An activation does not have the shape the hook expected.
+    #[error("site `{site}`: expected shape {expected:?}, got {got:?}")]
+    ShapeMismatch {
+        /// The site that fired.
+        site: String,
+        /// The shape the hook was registered with.
+        expected: Vec<usize>,
+        /// The shape of the activation.
+        got: Vec<usize>,
+    },
+
+    /// An editing function returned a tensor whose shape or dtype differs from its input.
+    #[error(
+        "site `{site}`: the editing function returned shape {got:?} {got_dtype:?}, \
+         the activation is {expected:?} {expected_dtype:?}; an edit must keep shape and dtype"
+    )]
+    BadEdit {
+        /// The site that fired.
+        site: String,
+        /// Shape of the activation given to the function.
+        expected: Vec<usize>,
+        /// Dtype of the activation given to the function.
+        expected_dtype: DType,
+        /// Shape of the returned tensor.
+        got: Vec<usize>,
+        /// Dtype of the returned tensor.
+        got_dtype: DType,
+    },
+
+    /// A hook function failed; `source` is its error.
+    #[error("hook at site `{site}` failed")]
+    Hook {
+        /// The site that fired.
+        site: String,
+        /// What the hook function returned.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// No hook has this handle (it was removed already, or belongs to another wrapper).
+    #[error("no hook with handle {0}")]
+    UnknownHook(u64),
+
+    /// A tensor layout cannot be split over the requested number of ranks.
+    #[error("{0}")]
+    Layout(String),
+
+    /// The model input is malformed.
+    #[error("bad input: {0}")]
+    Input(String),
+
+    /// An error from a hook function or model code that is not a tensor error.
+    #[error("{0}")]
+    Msg(String),
+
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// An error carrying a plain message, for hook functions that reject their input.
+    pub fn msg(message: impl Into<String>) -> Self {
+        Self::Msg(message.into())
+    }
+}
+
+fn did_you_mean(suggestions: &[String]) -> String {
+    match suggestions {
+        [] => String::new(),
+        _ => format!("; did you mean {}?", quoted_list(suggestions)),
+    }
+}
+
+fn quoted_list(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The result type of flexmodel-core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,40 @@
+//! flexmodel-core: hooks on named sites of a language model.
+//!
+//! The pipeline: load a model (`flexmodel-models`) → wrap it in a [`FlexModel`] → register
+//! [`HookFunction`]s by site name or glob pattern → run the usual forward pass → read the
+//! [`OutputMap`] (captures, on the host, taken before any edit) → [`FlexModel::restore`] the
+//! untouched model.
+//!
+//! # Sites
+//! Every module Hugging Face's `named_modules()` lists and the forward pass calls is a site
+//! with exactly that name, firing with the module's output (element 0 where the module returns
+//! a tuple). A module called twice per forward (Phi's `resid_dropout`) fires twice. Each
+//! attention module `<attn>` has five more sites:
+//!
+//! | site | shape | what |
+//! | --- | --- | --- |
+//! | `<attn>.hook_q` | `[batch, seq, heads, head_dim]` | queries after rotary, before scaling |
+//! | `<attn>.hook_k` | `[batch, seq, kv_heads, head_dim]` | keys after rotary |
+//! | `<attn>.hook_v` | `[batch, seq, kv_heads, head_dim]` | values |
+//! | `<attn>.hook_attn_probs` | `[batch, heads, seq, key_seq]` | attention probabilities |
+//! | `<attn>.hook_head_out` | `[batch, seq, heads, head_dim]` | per-head output before the output projection |
+//!
+//! Every site carries a [`Layout`]: how its tensor is split over tensor-parallel ranks.
+
+mod error;
+mod hook;
+pub mod layout;
+mod model;
+mod output;
+mod run;
+pub mod site;
+mod wrapper;
+
+pub use error::{Error, Result};
+pub use hook::{Edit, HookCtx, HookFunction, SaveContext};
+pub use layout::Layout;
+pub use model::{Input, Model, ModelInfo};
+pub use output::OutputMap;
+pub use run::{HookHandle, Run};
+pub use site::{Dim, SiteId, SiteInfo, SiteKind, SiteTable};
+pub use wrapper::FlexModel;

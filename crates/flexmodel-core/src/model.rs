@@ -1,0 +1,138 @@
+//! The interface every model family implements, and its input.
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::run::Run;
+use crate::site::SiteTable;
+use crate::{Error, Result};
+
+/// Token ids and, for padded batches, which positions are real.
+#[derive(Clone, Debug)]
+pub struct Input {
+    /// Token ids, `[batch, seq]`, integer dtype (u32 or i64).
+    pub input_ids: Tensor,
+    /// `[batch, seq]`, 1 for real tokens and 0 for padding (left or right); `None` means all 1.
+    pub attention_mask: Option<Tensor>,
+}
+
+impl Input {
+    /// Token ids without padding.
+    pub fn new(input_ids: Tensor) -> Self {
+        Self {
+            input_ids,
+            attention_mask: None,
+        }
+    }
+
+    /// Token ids with an attention mask.
+    pub fn with_mask(input_ids: Tensor, attention_mask: Tensor) -> Self {
+        Self {
+            input_ids,
+            attention_mask: Some(attention_mask),
+        }
+    }
+
+    /// `(batch, seq)` after checking ranks, dtypes and that the mask matches the ids.
+    ///
+    /// # Errors
+    /// [`Error::Input`] describing what is wrong and what is accepted.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        let ids = &self.input_ids;
+        let &[batch, seq] = ids.dims() else {
+            return Err(Error::Input(format!(
+                "input_ids must be [batch, seq], got shape {:?}",
+                ids.dims()
+            )));
+        };
+        if !ids.dtype().is_int() {
+            return Err(Error::Input(format!(
+                "input_ids must be integers (u32 or i64), got {:?}",
+                ids.dtype()
+            )));
+        }
+        if seq == 0 || batch == 0 {
+            return Err(Error::Input("input_ids is empty".into()));
+        }
+        if let Some(mask) = &self.attention_mask {
+            if mask.dims() != ids.dims() {
+                return Err(Error::Input(format!(
+                    "attention_mask shape {:?} differs from input_ids shape {:?}",
+                    mask.dims(),
+                    ids.dims()
+                )));
+            }
+        }
+        Ok((batch, seq))
+    }
+}
+
+/// Facts about a loaded model that users and tools need.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    /// Hugging Face `model_type` (`llama`, `gpt2`, ...).
+    pub model_type: String,
+    /// Vocabulary size (last dimension of the logits).
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Site names of the decoder layers, in order (`model.layers.0`, ...).
+    pub decoder_layers: Vec<String>,
+    /// Dtype the model computes in.
+    #[serde(serialize_with = "serialize_dtype")]
+    pub dtype: DType,
+}
+
+fn serialize_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(d.as_str())
+}
+
+/// A causal language model whose forward pass fires sites.
+///
+/// Implemented by every family in `flexmodel-models`; wrap one in a
+/// [`FlexModel`](crate::FlexModel) to register hooks.
+pub trait Model: Send + Sync {
+    /// What the model is.
+    fn info(&self) -> &ModelInfo;
+
+    /// Every site, in Hugging Face module order.
+    fn sites(&self) -> &SiteTable;
+
+    /// Where the weights live.
+    fn device(&self) -> &Device;
+
+    /// Runs the model, passing every activation through `run`.
+    ///
+    /// # Shapes
+    /// `input.input_ids`: `[batch, seq]`; returns the logits `[batch, seq, vocab]`.
+    ///
+    /// # Errors
+    /// Malformed input, a failing hook, or a tensor error.
+    fn forward_with(&self, input: &Input, run: &mut Run<'_>) -> Result<Tensor>;
+
+    /// Runs the model without hooks.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[batch, seq]`; returns the logits `[batch, seq, vocab]`.
+    ///
+    /// # Errors
+    /// Malformed input or a tensor error.
+    fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_with(&Input::new(input_ids.clone()), &mut Run::plain())
+    }
+}
+
+impl<M: Model + ?Sized> Model for Box<M> {
+    fn info(&self) -> &ModelInfo {
+        (**self).info()
+    }
+    fn sites(&self) -> &SiteTable {
+        (**self).sites()
+    }
+    fn device(&self) -> &Device {
+        (**self).device()
+    }
+    fn forward_with(&self, input: &Input, run: &mut Run<'_>) -> Result<Tensor> {
+        (**self).forward_with(input, run)
+    }
+}
