@@ -196,18 +196,19 @@ impl SiteTable {
 
     /// The `n` site names closest to `name` by edit distance.
     pub fn nearest(&self, name: &str, n: usize) -> Vec<String> {
-        let mut scored: Vec<(usize, &str)> = self
-            .sites
-            .iter()
-            .map(|s| (edit_distance(name, &s.name), &*s.name))
-            .collect();
-        scored.sort();
-        scored
-            .into_iter()
-            .take(n)
-            .map(|(_, s)| s.to_string())
-            .collect()
+        nearest(name, self.sites.iter().map(|s| &*s.name), n)
     }
+}
+
+/// The `n` candidates closest to `name` by edit distance, closest first.
+pub fn nearest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>, n: usize) -> Vec<String> {
+    let mut scored: Vec<(usize, &str)> = candidates.map(|c| (edit_distance(name, c), c)).collect();
+    scored.sort_unstable();
+    scored
+        .into_iter()
+        .take(n)
+        .map(|(_, s)| s.to_string())
+        .collect()
 }
 
 /// Whether `name` matches `pattern` in full, `*` matching any run of characters.

@@ -1,0 +1,172 @@
+//! What every attention layer shares: positions and masks for a forward pass, the attention
+//! product with its internal sites, and grouped-query attention without copying keys.
+
+use candle_core::{DType, Device, Tensor};
+use flexmodel_core::{Dim, Input, Layout, Run, SiteId};
+
+use crate::FwdResult;
+use crate::error::Result;
+use crate::nn::softmax_last_dim;
+use crate::weights::Vb;
+
+/// Facts about one forward pass that every layer needs.
+pub(crate) struct Pass {
+    pub(crate) batch: usize,
+    pub(crate) seq: usize,
+    /// Position of each token, `[pos_batch][seq]`: `0..seq` (one row) without a mask, else
+    /// `cumsum(attention_mask) - 1` per row (padding gets 0), as transformers computes them
+    /// for generation and OPT.
+    pub(crate) positions: Vec<Vec<u32>>,
+    /// Additive mask `[batch|1, 1, seq, seq]` (0 or the f32 minimum): causal and padding.
+    causal: Tensor,
+    /// The same, also hiding keys `window` or more positions back.
+    sliding: Option<Tensor>,
+}
+
+impl Pass {
+    /// Reads the input once. `window` is the model's sliding window, if any layer uses one.
+    pub(crate) fn new(input: &Input, window: Option<usize>, device: &Device) -> FwdResult<Self> {
+        let (batch, seq) = input.dims()?;
+        let valid: Option<Vec<Vec<bool>>> = match &input.attention_mask {
+            None => None,
+            Some(mask) => Some(
+                mask.to_dtype(DType::I64)?
+                    .to_vec2::<i64>()?
+                    .into_iter()
+                    .map(|row| row.into_iter().map(|m| m != 0).collect())
+                    .collect(),
+            ),
+        };
+        let positions = match &valid {
+            None => vec![(0..seq as u32).collect()],
+            Some(rows) => rows
+                .iter()
+                .map(|row| {
+                    let mut next = 0;
+                    row.iter()
+                        .map(|&real| {
+                            let p = if real { next } else { 0 };
+                            next += u32::from(real);
+                            p
+                        })
+                        .collect()
+                })
+                .collect(),
+        };
+        let causal = additive_mask(valid.as_deref(), batch, seq, None, device)?;
+        let sliding = match window {
+            Some(w) if w < seq => Some(additive_mask(valid.as_deref(), batch, seq, Some(w), device)?),
+            _ => None,
+        };
+        Ok(Self {
+            batch,
+            seq,
+            positions,
+            causal,
+            sliding,
+        })
+    }
+
+    /// The mask for a layer with or without sliding-window attention.
+    pub(crate) fn mask(&self, sliding: bool) -> &Tensor {
+        match (&self.sliding, sliding) {
+            (Some(m), true) => m,
+            _ => &self.causal,
+        }
+    }
+
+    /// Positions as a `[pos_batch, seq]` u32 tensor.
+    pub(crate) fn position_ids(&self, device: &Device) -> FwdResult<Tensor> {
+        let rows = self.positions.len();
+        let flat: Vec<u32> = self.positions.iter().flatten().copied().collect();
+        Ok(Tensor::from_vec(flat, (rows, self.seq), device)?)
+    }
+}
+
+/// `[batch|1, 1, seq, seq]` with 0 where query `i` may see key `j` (`j <= i`, key not padding,
+/// `i - j < window`) and the f32 minimum elsewhere. A query that sees nothing (left padding)
+/// gets a uniform row instead of NaN, like transformers.
+fn additive_mask(valid: Option<&[Vec<bool>]>, batch: usize, seq: usize, window: Option<usize>, device: &Device) -> FwdResult<Tensor> {
+    let rows = if valid.is_some() { batch } else { 1 };
+    let mut data = Vec::with_capacity(rows * seq * seq);
+    for b in 0..rows {
+        for i in 0..seq {
+            for j in 0..seq {
+                let visible = j <= i
+                    && valid.is_none_or(|v| v[b][j])
+                    && window.is_none_or(|w| i - j < w);
+                data.push(if visible { 0f32 } else { f32::MIN });
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, (rows, 1, seq, seq), device)?)
+}
+
+/// Head counts of an attention layer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Heads {
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+/// The internal sites of one attention module (see the crate docs of flexmodel-core).
+pub(crate) struct AttnSites {
+    q: SiteId,
+    k: SiteId,
+    v: SiteId,
+    probs: SiteId,
+    head_out: SiteId,
+}
+
+impl AttnSites {
+    /// Declares `<attn>.hook_q`, `hook_k`, `hook_v`, `hook_attn_probs`, `hook_head_out`.
+    pub(crate) fn new(vb: &Vb, h: Heads) -> Result<Self> {
+        let per_head = |n: usize| vec![Dim::Batch, Dim::Seq, Dim::Size(n), Dim::Size(h.head_dim)];
+        let by_head = |n: usize| Layout::Split { dim: 2, units: n };
+        Ok(Self {
+            q: vb.internal("hook_q", per_head(h.heads), by_head(h.heads))?,
+            k: vb.internal("hook_k", per_head(h.kv_heads), by_head(h.kv_heads))?,
+            v: vb.internal("hook_v", per_head(h.kv_heads), by_head(h.kv_heads))?,
+            probs: vb.internal(
+                "hook_attn_probs",
+                vec![Dim::Batch, Dim::Size(h.heads), Dim::Seq, Dim::KeySeq],
+                Layout::Split { dim: 1, units: h.heads },
+            )?,
+            head_out: vb.internal("hook_head_out", per_head(h.heads), by_head(h.heads))?,
+        })
+    }
+}
+
+/// Scaled dot-product attention with its sites, softmax in f32.
+///
+/// # Shapes
+/// `q`: `[b, s, heads, d]`; `k`, `v`: `[b, s, kv_heads, d]` (rotary applied);
+/// `mask`: `[b|1, 1, s, s]`; returns `[b, s, heads * d]`.
+pub(crate) fn attend(q: Tensor, k: Tensor, v: Tensor, mask: &Tensor, scale: f64, sites: &AttnSites, run: &mut Run) -> FwdResult<Tensor> {
+    let q = run.site(sites.q, q)?;
+    let k = run.site(sites.k, k)?;
+    let v = run.site(sites.v, v)?;
+    let (b, s, heads, d) = q.dims4()?;
+    let (_, kv_len, kv_heads, _) = k.dims4()?;
+    let dtype = q.dtype();
+    // Heads of one KV group are adjacent, so [b, heads, s, d] regroups as
+    // [b, kv_heads, n_rep * s, d] and meets its keys in one matmul without repeating them.
+    let n_rep = heads / kv_heads;
+    let qg = q.transpose(1, 2)?.contiguous()?.reshape((b, kv_heads, n_rep * s, d))?;
+    let kt = k.transpose(1, 2)?.contiguous()?;
+    let vt = v.transpose(1, 2)?.contiguous()?;
+    let scores = (qg.matmul(&kt.t()?)? * scale)?
+        .reshape((b, heads, s, kv_len))?
+        .to_dtype(DType::F32)?
+        .broadcast_add(mask)?;
+    let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let probs = run.site(sites.probs, probs)?;
+    let out = probs
+        .reshape((b, kv_heads, n_rep * s, kv_len))?
+        .matmul(&vt)?
+        .reshape((b, heads, s, d))?
+        .transpose(1, 2)?;
+    let out = run.site(sites.head_out, out)?;
+    Ok(out.reshape((b, s, heads * d))?)
+}

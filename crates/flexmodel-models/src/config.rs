@@ -1,0 +1,68 @@
+//! Reading `config.json` as transformers 4.x and 5.x write it.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// A parsed `config.json`, kept as JSON so each family reads the fields it knows.
+pub(crate) struct RawConfig {
+    pub(crate) path: PathBuf,
+    pub(crate) json: Value,
+}
+
+impl RawConfig {
+    pub(crate) fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let json = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.clone(),
+            message: format!("invalid JSON: {e}"),
+        })?;
+        Ok(Self { path, json })
+    }
+
+    /// The `model_type` field.
+    pub(crate) fn model_type(&self) -> Result<&str> {
+        self.json
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| self.error("no `model_type` field"))
+    }
+
+    /// The config as a family's typed `Config`.
+    pub(crate) fn parse<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.json.clone()).map_err(|e| self.error(e.to_string()))
+    }
+
+    /// A top-level field.
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
+        self.json.get(key).filter(|v| !v.is_null())
+    }
+
+    pub(crate) fn error(&self, message: impl Into<String>) -> Error {
+        Error::Config {
+            path: self.path.clone(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Rejects a config option unless it has its harmless value.
+pub(crate) fn require<T: PartialEq + std::fmt::Debug>(
+    option: &str,
+    value: T,
+    supported: T,
+    hint: &str,
+) -> Result<()> {
+    if value == supported {
+        Ok(())
+    } else {
+        Err(Error::unsupported(option, format!("{value:?}"), hint))
+    }
+}

@@ -1,0 +1,272 @@
+//! Memory-mapped safetensors checkpoints, and [`Vb`]: a path into the checkpoint that is at the
+//! same time the Hugging Face module path, so weights and sites share one name.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use flexmodel_core::{Dim, Layout, SiteId, SiteKind, SiteTable};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+/// Where one tensor lives.
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+/// The tensors of a checkpoint (one file or several shards), memory-mapped.
+pub(crate) struct Weights {
+    files: Vec<Mmap>,
+    entries: HashMap<String, Entry>,
+    dtype: DType,
+    device: Device,
+    /// Build models without reading any weight (for listing sites).
+    meta: bool,
+}
+
+impl Weights {
+    /// Maps the checkpoint of `dir`: `model.safetensors.index.json` and its shards, or
+    /// `model.safetensors`.
+    pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, meta: bool) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let paths: Vec<PathBuf> = if index.exists() {
+            shard_paths(&index)?
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(Error::NoWeights {
+                dir: dir.to_path_buf(),
+            });
+        };
+        let mut files = Vec::with_capacity(paths.len());
+        let mut entries = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let mmap = map(path)?;
+            let bad = |message: String| Error::Safetensors {
+                path: path.clone(),
+                message,
+            };
+            let (header, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                bad(match e {
+                    safetensors::SafeTensorError::MetadataIncompleteBuffer
+                    | safetensors::SafeTensorError::InvalidHeaderLength
+                    | safetensors::SafeTensorError::HeaderTooSmall => format!(
+                        "truncated or corrupt safetensors file ({} bytes): {e}",
+                        mmap.len()
+                    ),
+                    e => format!("not a valid safetensors file: {e}"),
+                })
+            })?;
+            let data_start = 8 + header;
+            for (name, info) in metadata.tensors() {
+                let dtype = to_dtype(info.dtype)
+                    .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {:?}", info.dtype)))?;
+                let (start, end) = info.data_offsets;
+                entries.insert(
+                    name,
+                    Entry {
+                        file: i,
+                        dtype,
+                        shape: info.shape.clone(),
+                        start: data_start + start,
+                        end: data_start + end,
+                    },
+                );
+            }
+            files.push(mmap);
+        }
+        Ok(Self {
+            files,
+            entries,
+            dtype,
+            device: device.clone(),
+            meta,
+        })
+    }
+
+    /// The checkpoint's name for `name`: itself, or `name` without its first component for
+    /// checkpoints saved from the base model (`h.0.attn...` for `transformer.h.0.attn...`).
+    fn find(&self, name: &str) -> Option<(&str, &Entry)> {
+        if let Some((k, e)) = self.entries.get_key_value(name) {
+            return Some((k, e));
+        }
+        let (_, rest) = name.split_once('.')?;
+        self.entries.get_key_value(rest).map(|(k, e)| (k.as_str(), e))
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.find(name).is_some()
+    }
+
+    /// Loads `name`, checks its shape and converts it to `dtype`.
+    pub(crate) fn get(&self, name: &str, shape: &Shape, dtype: DType) -> Result<Tensor> {
+        let (_, entry) = self.find(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            nearest: self.nearest(name),
+        })?;
+        if entry.shape != shape.dims() {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                expected: shape.dims().to_vec(),
+                got: entry.shape.clone(),
+            });
+        }
+        if self.meta {
+            // A zero-stride view: the right shape, no memory, no read.
+            return Ok(Tensor::zeros((), dtype, &self.device)?.broadcast_as(shape)?);
+        }
+        let bytes = &self.files[entry.file][entry.start..entry.end];
+        let t = Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &self.device)?;
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    fn nearest(&self, name: &str) -> Vec<String> {
+        flexmodel_core::site::nearest(name, self.entries.keys().map(String::as_str), 3)
+    }
+}
+
+fn map(path: &Path) -> Result<Mmap> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY: the mapping is read-only; like every reader of memory-mapped checkpoints we
+    // assume the file is not modified while the model is loaded.
+    #[allow(unsafe_code)]
+    let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+    Ok(mmap)
+}
+
+fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let bad = |message: String| Error::Safetensors {
+        path: index.to_path_buf(),
+        message,
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut files: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    files.sort_unstable();
+    files.dedup();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+fn to_dtype(dtype: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as S;
+    Some(match dtype {
+        S::F32 => DType::F32,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::F64 => DType::F64,
+        S::I64 => DType::I64,
+        S::I32 => DType::I32,
+        S::U32 => DType::U32,
+        S::U8 => DType::U8,
+        _ => return None,
+    })
+}
+
+/// A module path during model construction: where its weights are read and what its site is
+/// called. `vb.pp("mlp").pp("up_proj")` is both the prefix of `...mlp.up_proj.weight` and
+/// the site `...mlp.up_proj`.
+#[derive(Clone)]
+pub(crate) struct Vb {
+    weights: Arc<Weights>,
+    sites: Rc<RefCell<SiteTable>>,
+    path: String,
+}
+
+impl Vb {
+    pub(crate) fn root(weights: Weights) -> Self {
+        Self {
+            weights: Arc::new(weights),
+            sites: Rc::new(RefCell::new(SiteTable::new())),
+            path: String::new(),
+        }
+    }
+
+    /// The sub-path `name`.
+    pub(crate) fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let path = match self.path.as_str() {
+            "" => name.to_string(),
+            p => format!("{p}.{name}"),
+        };
+        Self {
+            weights: self.weights.clone(),
+            sites: self.sites.clone(),
+            path,
+        }
+    }
+
+    /// The module path.
+    pub(crate) fn name(&self) -> &str {
+        &self.path
+    }
+
+    fn full(&self, name: &str) -> String {
+        self.pp(name).path
+    }
+
+    /// The weight `name` under this path, in the compute dtype.
+    pub(crate) fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        let w = &self.weights;
+        w.get(&self.full(name), &shape.into(), w.dtype)
+    }
+
+    /// The weight `name` under this path in f32 (norm weights: normalisation runs in f32).
+    pub(crate) fn get_f32(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        self.weights.get(&self.full(name), &shape.into(), DType::F32)
+    }
+
+    /// Whether the checkpoint has `name` under this path.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.weights.contains(&self.full(name))
+    }
+
+    /// The dtype the model computes in.
+    pub(crate) fn dtype(&self) -> DType {
+        self.weights.dtype
+    }
+
+    /// The device the weights live on.
+    pub(crate) fn device(&self) -> &Device {
+        &self.weights.device
+    }
+
+    /// Declares the site of the module at this path.
+    pub(crate) fn site(&self, shape: Vec<Dim>, layout: Layout) -> Result<SiteId> {
+        Ok(self.sites.borrow_mut().module(&self.path, shape, layout)?)
+    }
+
+    /// Declares `<path>.<name>`, a site inside this module that is not a module itself.
+    pub(crate) fn internal(&self, name: &str, shape: Vec<Dim>, layout: Layout) -> Result<SiteId> {
+        let full = self.full(name);
+        Ok(self.sites.borrow_mut().add(full, SiteKind::Internal, shape, layout)?)
+    }
+
+    /// The sites declared so far (call once construction is complete).
+    pub(crate) fn take_sites(&self) -> SiteTable {
+        std::mem::take(&mut self.sites.borrow_mut())
+    }
+}

@@ -1,0 +1,4 @@
+//! Integration tests of flexmodel-models against the Hugging Face reference fixtures.
+
+mod common;
+mod reference;

@@ -1,0 +1,112 @@
+//! Every module output and the logits of every fixture architecture equal transformers'.
+
+use candle_core::Tensor;
+use flexmodel_core::{FlexModel, HookFunction, SiteKind};
+use flexmodel_models::{LoadOptions, load};
+
+use crate::common::{ARCHS, assert_close, model_dir, reference, reference_json};
+
+/// Site name and firing index of a reference key (`name#k` is the k-th call).
+fn site_and_call(key: &str) -> (&str, usize) {
+    match key.split_once('#') {
+        Some((name, k)) => (name, k.parse().expect("call index")),
+        None => (key, 0),
+    }
+}
+
+fn module_keys(arch: &str) -> Vec<String> {
+    let json = reference_json(arch);
+    let keys = json["keys"].as_object().expect("keys");
+    keys.iter()
+        .filter(|(_, v)| v["kind"] == "module_output")
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+fn check_arch(arch: &str) {
+    let refs = reference(arch);
+    let model = load(model_dir(arch), &LoadOptions::default()).unwrap();
+    let mut fm = FlexModel::new(model);
+    fm.register(HookFunction::new("*")).unwrap();
+    let logits = fm.forward(&refs["input_ids"]).unwrap();
+    assert_close(&format!("{arch} logits"), &logits, &refs["logits"], 1e-4);
+    let keys = module_keys(arch);
+    assert!(keys.len() >= 20, "{arch}: only {} module keys", keys.len());
+    for key in keys {
+        let (site, call) = site_and_call(&key);
+        let captured = fm
+            .output()
+            .get(site)
+            .unwrap_or_else(|| panic!("{arch}: site {site} never fired"));
+        assert_close(&format!("{arch} {key}"), &captured[call], &refs[&key], 1e-4);
+    }
+}
+
+fn check_site_list(arch: &str) {
+    let sites = flexmodel_models::sites(model_dir(arch)).unwrap();
+    for key in module_keys(arch) {
+        let (site, _) = site_and_call(&key);
+        let id = sites.id(site).unwrap_or_else(|| panic!("{arch}: no site {site}"));
+        assert_eq!(sites.get(id).kind, SiteKind::Module, "{arch}: {site}");
+    }
+    let json = reference_json(arch);
+    let layers = json["num_layers"].as_u64().unwrap();
+    let prefix = json["decoder_layers"].as_str().unwrap();
+    for (_, info) in sites.iter() {
+        if info.kind == SiteKind::Internal {
+            assert!(info.name.contains(".hook_"), "{arch}: {}", info.name);
+        }
+    }
+    for layer in 0..layers {
+        let attn = sites
+            .iter()
+            .map(|(_, s)| s.name.to_string())
+            .find(|n| n.starts_with(&format!("{prefix}.{layer}.")) && n.ends_with(".hook_attn_probs"))
+            .unwrap_or_else(|| panic!("{arch}: layer {layer} has no hook_attn_probs"));
+        let module = attn.trim_end_matches(".hook_attn_probs");
+        for extra in ["hook_q", "hook_k", "hook_v", "hook_attn_probs", "hook_head_out"] {
+            let name = format!("{module}.{extra}");
+            let id = sites.id(&name).unwrap_or_else(|| panic!("{arch}: no {name}"));
+            assert_eq!(sites.get(id).kind, SiteKind::Internal);
+        }
+    }
+}
+
+fn check_edit(arch: &str) {
+    let refs = reference(arch);
+    let json = reference_json(arch);
+    let module = json["edit"]["module"].as_str().unwrap();
+    let mut fm = FlexModel::new(load(model_dir(arch), &LoadOptions::default()).unwrap());
+    fm.register(HookFunction::new(module).edit(|x: &Tensor, _: &mut flexmodel_core::HookCtx| Ok((x * 0.0)?)))
+        .unwrap();
+    let logits = fm.forward(&refs["input_ids"]).unwrap();
+    assert_close(&format!("{arch} edit.mlp_zero.logits"), &logits, &refs["edit.mlp_zero.logits"], 1e-4);
+    // The capture is the value before the edit.
+    assert_close(&format!("{arch} pre-edit capture"), fm.output().last(module).unwrap(), &refs[module], 1e-4);
+}
+
+macro_rules! arch_tests {
+    ($($arch:ident),*) => {$(
+        mod $arch {
+            #[test]
+            fn matches_reference() {
+                super::check_arch(stringify!($arch));
+            }
+            #[test]
+            fn site_list_has_every_module() {
+                super::check_site_list(stringify!($arch));
+            }
+            #[test]
+            fn edit_reproduces_mlp_zero() {
+                super::check_edit(stringify!($arch));
+            }
+        }
+    )*};
+}
+
+arch_tests!(llama, mistral, qwen2, gemma);
+
+#[test]
+fn fixture_list_is_complete() {
+    assert_eq!(ARCHS.len(), 9);
+}
