@@ -1,1 +1,71 @@
-fn main() {}
+//! `flexmodel`: list the sites of a model, capture and edit its activations.
+//!
+//! Exit codes: 0 success, 1 error (the message says what and how to fix it), 2 bad usage.
+
+mod edit;
+mod model_opts;
+mod run;
+mod safetensors_io;
+mod sites;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Read and edit any activation of a Hugging Face language model.
+#[derive(Parser)]
+#[command(name = "flexmodel", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+
+    /// More logging on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every hook site of a model, one per line, name first.
+    Sites(sites::Args),
+    /// Run a forward pass, capturing and editing activations; write them to a safetensors file.
+    Run(run::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Sites(args) => sites::main(args),
+        Command::Run(args) => run::main(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // `flexmodel sites | head`: the reader left, nothing to report.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,1 +1,309 @@
-//! todo
+//! Falcon: `FalconForCausalLM` (7B multi-query, 40B/180B "new decoder architecture" with
+//! grouped KV heads and two layer norms, and the classic multi-head layout). Rotary only:
+//! ALiBi checkpoints are rejected at load.
+
+use candle_core::Tensor;
+use flexmodel_core::layout::Part;
+use flexmodel_core::{Dim, Input, Layout, Model, Run, SiteId};
+use serde::Deserialize;
+
+use crate::attention::{AttnSites, Heads, Pass, attend};
+use crate::config::{RawConfig, require};
+use crate::error::{Error, Result};
+use crate::nn::{Act, Activation, BS, Embedding, LayerNorm, Linear, shape};
+use crate::rope::{self, Rope};
+use crate::weights::Vb;
+use crate::{Family, FwdResult, Loaded};
+
+#[derive(Deserialize)]
+struct Config {
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_kv_heads: Option<usize>,
+    #[serde(default)]
+    multi_query: bool,
+    #[serde(default)]
+    new_decoder_architecture: bool,
+    #[serde(default = "yes")]
+    parallel_attn: bool,
+    num_ln_in_parallel_attn: Option<usize>,
+    #[serde(default)]
+    bias: bool,
+    #[serde(default)]
+    alibi: bool,
+    #[serde(default = "eps")]
+    layer_norm_epsilon: f64,
+    #[serde(default = "gelu")]
+    activation: String,
+    ffn_hidden_size: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    #[serde(default = "max_positions")]
+    max_position_embeddings: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn gelu() -> String {
+    "gelu".into()
+}
+fn max_positions() -> usize {
+    2048
+}
+
+/// How q, k and v are packed in `query_key_value`'s output.
+#[derive(Clone, Copy)]
+enum Packing {
+    /// `[kv_heads, (heads/kv_heads q, k, v), head_dim]` (new decoder architecture).
+    Grouped,
+    /// `[heads q, k, v]`: one shared key and value head.
+    MultiQuery,
+    /// `[heads, (q, k, v), head_dim]`.
+    PerHead,
+}
+
+pub(crate) struct Falcon {
+    word_embeddings: Embedding,
+    layers: Vec<Layer>,
+    ln_f: LayerNorm,
+    rotary: Rope,
+    rotary_site: SiteId,
+    base_site: SiteId,
+    lm_head: Linear,
+}
+
+/// Where the MLP input comes from.
+enum Residual {
+    /// Attention and MLP both read the layer input; the MLP through its own norm (`ln_mlp`)
+    /// or through the attention's.
+    Parallel { ln_mlp: Option<LayerNorm> },
+    /// The MLP reads `post_attention_layernorm(x + attention)`.
+    Sequential { post_attention_layernorm: LayerNorm },
+}
+
+struct Layer {
+    /// `ln_attn` with two norms, else `input_layernorm`.
+    ln_attn: LayerNorm,
+    self_attention: Attention,
+    mlp: Mlp,
+    residual: Residual,
+    site: SiteId,
+}
+
+struct Attention {
+    query_key_value: Linear,
+    dense: Linear,
+    packing: Packing,
+    heads: Heads,
+    sites: AttnSites,
+    site: SiteId,
+}
+
+struct Mlp {
+    dense_h_to_4h: Linear,
+    act: Act,
+    dense_4h_to_h: Linear,
+    site: SiteId,
+}
+
+impl Falcon {
+    pub(crate) fn load(raw: &RawConfig, vb: Vb) -> Result<Box<dyn Model>> {
+        let cfg: Config = raw.parse()?;
+        require("alibi", cfg.alibi, false, "ALiBi Falcon checkpoints are not supported; rotary ones are")?;
+        let h = cfg.hidden_size;
+        let n = cfg.num_attention_heads;
+        let (packing, kv_heads) = if cfg.new_decoder_architecture {
+            (Packing::Grouped, cfg.num_kv_heads.unwrap_or(n))
+        } else if cfg.multi_query {
+            (Packing::MultiQuery, 1)
+        } else {
+            (Packing::PerHead, n)
+        };
+        let heads = Heads { heads: n, kv_heads, head_dim: h / n };
+        if heads.heads % heads.kv_heads != 0 {
+            return Err(raw.error(format!("num_attention_heads ({n}) must be a multiple of num_kv_heads ({kv_heads})")));
+        }
+        let two_norms = cfg.new_decoder_architecture && cfg.num_ln_in_parallel_attn.unwrap_or(2) == 2;
+        if cfg.new_decoder_architecture && !cfg.parallel_attn {
+            return Err(Error::unsupported("parallel_attn", false, "the new decoder architecture needs parallel_attn = true"));
+        }
+        let act = Activation::from_name("activation", &cfg.activation)?;
+        let ffn = cfg.ffn_hidden_size.unwrap_or(4 * h);
+        let rotary = Rope::from_config(raw, heads.head_dim, cfg.max_position_embeddings)?;
+        let eps = cfg.layer_norm_epsilon;
+        let t = vb.pp("transformer");
+        let base_site = t.site(shape(BS, h), Layout::Replicated)?;
+        let word_embeddings = Embedding::new(t.pp("word_embeddings"), cfg.vocab_size, h, Layout::Replicated)?;
+        let layers_vb = t.pp("h");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let vb = layers_vb.pp(i);
+                let site = vb.site(shape(BS, h), Layout::Replicated)?;
+                let self_attention = Attention::new(vb.pp("self_attention"), h, heads, packing, cfg.bias)?;
+                let mlp = Mlp::new(vb.pp("mlp"), h, ffn, act, cfg.bias)?;
+                let norm = |name: &str| LayerNorm::new(vb.pp(name), h, eps, BS);
+                let (ln_attn, residual) = if two_norms {
+                    (norm("ln_attn")?, Residual::Parallel { ln_mlp: Some(norm("ln_mlp")?) })
+                } else if cfg.parallel_attn {
+                    (norm("input_layernorm")?, Residual::Parallel { ln_mlp: None })
+                } else {
+                    let ln = norm("input_layernorm")?;
+                    (ln, Residual::Sequential { post_attention_layernorm: norm("post_attention_layernorm")? })
+                };
+                Ok(Layer { ln_attn, self_attention, mlp, residual, site })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::new(t.pp("ln_f"), h, eps, BS)?;
+        let rotary_site = t.pp("rotary_emb").site(
+            vec![Dim::PosBatch, Dim::Seq, Dim::Size(rotary.dim)],
+            Layout::Replicated,
+        )?;
+        let lm_head = if cfg.tie_word_embeddings.unwrap_or(true) {
+            Linear::tied(vb.pp("lm_head"), word_embeddings.weight(), false)?
+        } else {
+            Linear::new(vb.pp("lm_head"), (h, cfg.vocab_size), false, BS, Layout::split_last(3, cfg.vocab_size))?
+        };
+        let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
+        let body = Self {
+            word_embeddings,
+            layers,
+            ln_f,
+            rotary,
+            rotary_site,
+            base_site,
+            lm_head,
+        };
+        Ok(Loaded::boxed(body, info, &vb))
+    }
+}
+
+impl Attention {
+    fn new(vb: Vb, h: usize, heads: Heads, packing: Packing, bias: bool) -> Result<Self> {
+        let site = vb.site(shape(BS, h), Layout::Replicated)?;
+        let Heads { heads: n, kv_heads, head_dim } = heads;
+        let (width, layout) = match packing {
+            Packing::Grouped => ((n + 2 * kv_heads) * head_dim, Layout::split_last(3, kv_heads)),
+            Packing::PerHead => (3 * n * head_dim, Layout::split_last(3, n)),
+            Packing::MultiQuery => (
+                (n + 2) * head_dim,
+                Layout::Fused {
+                    dim: 2,
+                    parts: vec![
+                        Part { size: n * head_dim, units: Some(n) },
+                        Part { size: head_dim, units: None },
+                        Part { size: head_dim, units: None },
+                    ],
+                },
+            ),
+        };
+        Ok(Self {
+            query_key_value: Linear::new(vb.pp("query_key_value"), (h, width), bias, BS, layout)?,
+            dense: Linear::new(vb.pp("dense"), (n * head_dim, h), bias, BS, Layout::Replicated)?,
+            sites: AttnSites::new(&vb, heads)?,
+            packing,
+            heads,
+            site,
+        })
+    }
+
+    /// Splits the fused projection into q `[b, s, heads, d]`, k and v `[b, s, kv_heads, d]`.
+    fn split(&self, qkv: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = qkv.dims3()?;
+        let Heads { heads, kv_heads, head_dim: d } = self.heads;
+        match self.packing {
+            Packing::Grouped => {
+                let per_group = heads / kv_heads;
+                let g = qkv.reshape((b, s, kv_heads, per_group + 2, d))?;
+                let q = g.narrow(3, 0, per_group)?.reshape((b, s, heads, d))?;
+                let k = g.narrow(3, per_group, 1)?.reshape((b, s, kv_heads, d))?;
+                let v = g.narrow(3, per_group + 1, 1)?.reshape((b, s, kv_heads, d))?;
+                Ok((q, k, v))
+            }
+            Packing::MultiQuery => {
+                let g = qkv.reshape((b, s, heads + 2, d))?;
+                Ok((g.narrow(2, 0, heads)?, g.narrow(2, heads, 1)?, g.narrow(2, heads + 1, 1)?))
+            }
+            Packing::PerHead => {
+                let g = qkv.reshape((b, s, heads, 3, d))?;
+                let part = |i| g.narrow(3, i, 1)?.reshape((b, s, heads, d));
+                Ok((part(0)?, part(1)?, part(2)?))
+            }
+        }
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let qkv = self.query_key_value.forward(x, run)?;
+        let (q, k, v) = self.split(&qkv)?;
+        let q = rope::apply(&q, cos, sin)?;
+        let k = rope::apply(&k, cos, sin)?;
+        let scale = (self.heads.head_dim as f64).powf(-0.5);
+        let out = attend(q, k, v, mask, scale, &self.sites, run)?;
+        let out = self.dense.forward(&out, run)?;
+        run.site(self.site, out)
+    }
+}
+
+impl Mlp {
+    fn new(vb: Vb, h: usize, ffn: usize, act: Activation, bias: bool) -> Result<Self> {
+        let site = vb.site(shape(BS, h), Layout::Replicated)?;
+        let column = Layout::split_last(3, ffn);
+        Ok(Self {
+            dense_h_to_4h: Linear::new(vb.pp("dense_h_to_4h"), (h, ffn), bias, BS, column.clone())?,
+            act: Act::new(vb.pp("act"), act, BS, ffn, column)?,
+            dense_4h_to_h: Linear::new(vb.pp("dense_4h_to_h"), (ffn, h), bias, BS, Layout::Replicated)?,
+            site,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let h = self.dense_h_to_4h.forward(x, run)?;
+        let h = self.act.forward(&h, run)?;
+        let out = self.dense_4h_to_h.forward(&h, run)?;
+        run.site(self.site, out)
+    }
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let h = self.ln_attn.forward(x, run)?;
+        // transformers runs both norms before the attention.
+        let mlp_in = match &self.residual {
+            Residual::Parallel { ln_mlp: Some(ln) } => Some(ln.forward(x, run)?),
+            _ => None,
+        };
+        let attn = self.self_attention.forward(&h, cos, sin, mask, run)?;
+        let out = match &self.residual {
+            Residual::Parallel { .. } => {
+                let m = mlp_in.unwrap_or(h);
+                ((self.mlp.forward(&m, run)? + attn)? + x)?
+            }
+            Residual::Sequential { post_attention_layernorm } => {
+                let x = (attn + x)?;
+                let m = post_attention_layernorm.forward(&x, run)?;
+                (self.mlp.forward(&m, run)? + x)?
+            }
+        };
+        run.site(self.site, out)
+    }
+}
+
+impl Family for Falcon {
+    fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
+        let device = self.word_embeddings.weight().device();
+        let pass = Pass::new(input, None, device)?;
+        let mut x = self.word_embeddings.forward(&input.input_ids, run)?;
+        let (cos, sin) = self.rotary.cos_sin(&pass.positions, x.dtype(), device)?;
+        let cos = run.site(self.rotary_site, cos)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, pass.mask(false), run)?;
+        }
+        let x = self.ln_f.forward(&x, run)?;
+        let x = run.site(self.base_site, x)?;
+        self.lm_head.forward(&x, run)
+    }
+}

@@ -1,1 +1,208 @@
-//! todo
+//! GPT-2: `GPT2LMHeadModel`. Learned positions, pre-LN blocks, a fused `c_attn` projection,
+//! `Conv1D` weights stored `[in, out]`.
+
+use candle_core::Tensor;
+use flexmodel_core::{Dim, Input, Layout, Model, Run, SiteId};
+use serde::Deserialize;
+
+use crate::attention::{AttnSites, Heads, Pass, attend};
+use crate::config::{RawConfig, require};
+use crate::error::Result;
+use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, shape};
+use crate::weights::Vb;
+use crate::{Family, FwdResult, Loaded};
+
+#[derive(Deserialize)]
+struct Config {
+    vocab_size: usize,
+    n_embd: usize,
+    n_layer: usize,
+    n_head: usize,
+    n_inner: Option<usize>,
+    n_positions: usize,
+    #[serde(default = "gelu_new")]
+    activation_function: String,
+    #[serde(default = "eps")]
+    layer_norm_epsilon: f64,
+    #[serde(default = "yes")]
+    scale_attn_weights: bool,
+    #[serde(default)]
+    scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default)]
+    add_cross_attention: bool,
+}
+
+fn gelu_new() -> String {
+    "gelu_new".into()
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+
+pub(crate) struct Gpt2 {
+    wte: Embedding,
+    wpe: Embedding,
+    drop: Identity,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    base_site: SiteId,
+    lm_head: Linear,
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+    site: SiteId,
+}
+
+struct Attention {
+    c_attn: Linear,
+    c_proj: Linear,
+    resid_dropout: Identity,
+    heads: Heads,
+    scale: f64,
+    sites: AttnSites,
+    site: SiteId,
+}
+
+struct Mlp {
+    c_fc: Linear,
+    act: Act,
+    c_proj: Linear,
+    dropout: Identity,
+    site: SiteId,
+}
+
+impl Gpt2 {
+    pub(crate) fn load(raw: &RawConfig, vb: Vb) -> Result<Box<dyn Model>> {
+        let cfg: Config = raw.parse()?;
+        require("add_cross_attention", cfg.add_cross_attention, false, "cross-attention (encoder-decoder GPT-2) is not supported")?;
+        let h = cfg.n_embd;
+        let inner = cfg.n_inner.unwrap_or(4 * h);
+        let act = Activation::from_name("activation_function", &cfg.activation_function)?;
+        let heads = Heads {
+            heads: cfg.n_head,
+            kv_heads: cfg.n_head,
+            head_dim: h / cfg.n_head,
+        };
+        let t = vb.pp("transformer");
+        let base_site = t.site(shape(BS, h), Layout::Replicated)?;
+        let wte = Embedding::new(t.pp("wte"), cfg.vocab_size, h, Layout::Replicated)?;
+        let wpe = Embedding::with_lead(t.pp("wpe"), cfg.n_positions, h, &[Dim::PosBatch, Dim::Seq], Layout::Replicated)?;
+        let drop = Identity::new(t.pp("drop"), BS, h)?;
+        let blocks_vb = t.pp("h");
+        let blocks = (0..cfg.n_layer)
+            .map(|i| {
+                let vb = blocks_vb.pp(i);
+                let mut scale = if cfg.scale_attn_weights { (heads.head_dim as f64).powf(-0.5) } else { 1.0 };
+                if cfg.scale_attn_by_inverse_layer_idx {
+                    scale /= (i + 1) as f64;
+                }
+                Ok(Block {
+                    site: vb.site(shape(BS, h), Layout::Replicated)?,
+                    ln_1: LayerNorm::new(vb.pp("ln_1"), h, cfg.layer_norm_epsilon, BS)?,
+                    attn: Attention::new(vb.pp("attn"), h, heads, scale)?,
+                    ln_2: LayerNorm::new(vb.pp("ln_2"), h, cfg.layer_norm_epsilon, BS)?,
+                    mlp: Mlp::new(vb.pp("mlp"), h, inner, act)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::new(t.pp("ln_f"), h, cfg.layer_norm_epsilon, BS)?;
+        let lm_head = Linear::tied(vb.pp("lm_head"), wte.weight(), false)?;
+        let info = crate::info(raw, &vb, cfg.vocab_size, h, &blocks_vb, blocks.len())?;
+        let body = Self {
+            wte,
+            wpe,
+            drop,
+            blocks,
+            ln_f,
+            base_site,
+            lm_head,
+        };
+        Ok(Loaded::boxed(body, info, &vb))
+    }
+}
+
+impl Attention {
+    fn new(vb: Vb, h: usize, heads: Heads, scale: f64) -> Result<Self> {
+        let site = vb.site(shape(BS, h), Layout::Replicated)?;
+        // [q | k | v], each split by head over tensor-parallel ranks.
+        let fused = Layout::Fused {
+            dim: 2,
+            parts: vec![flexmodel_core::layout::Part { size: h, units: Some(heads.heads) }; 3],
+        };
+        Ok(Self {
+            c_attn: Linear::conv1d(vb.pp("c_attn"), (h, 3 * h), BS, fused)?,
+            c_proj: Linear::conv1d(vb.pp("c_proj"), (h, h), BS, Layout::Replicated)?,
+            resid_dropout: Identity::new(vb.pp("resid_dropout"), BS, h)?,
+            sites: AttnSites::new(&vb, heads)?,
+            heads,
+            scale,
+            site,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let Heads { heads, head_dim, .. } = self.heads;
+        let qkv = self.c_attn.forward(x, run)?;
+        let split = |i: usize| qkv.narrow(2, i * h, h)?.reshape((b, s, heads, head_dim));
+        let out = attend(split(0)?, split(1)?, split(2)?, mask, self.scale, &self.sites, run)?;
+        let out = self.c_proj.forward(&out, run)?;
+        let out = self.resid_dropout.forward(out, run)?;
+        run.site(self.site, out)
+    }
+}
+
+impl Mlp {
+    fn new(vb: Vb, h: usize, inner: usize, act: Activation) -> Result<Self> {
+        let site = vb.site(shape(BS, h), Layout::Replicated)?;
+        let column = Layout::split_last(3, inner);
+        Ok(Self {
+            c_fc: Linear::conv1d(vb.pp("c_fc"), (h, inner), BS, column.clone())?,
+            c_proj: Linear::conv1d(vb.pp("c_proj"), (inner, h), BS, Layout::Replicated)?,
+            act: Act::new(vb.pp("act"), act, BS, inner, column)?,
+            dropout: Identity::new(vb.pp("dropout"), BS, h)?,
+            site,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let h = self.c_fc.forward(x, run)?;
+        let h = self.act.forward(&h, run)?;
+        let h = self.c_proj.forward(&h, run)?;
+        let out = self.dropout.forward(h, run)?;
+        run.site(self.site, out)
+    }
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let h = self.ln_1.forward(x, run)?;
+        let x = (self.attn.forward(&h, mask, run)? + x)?;
+        let h = self.ln_2.forward(&x, run)?;
+        let h = self.mlp.forward(&h, run)?;
+        run.site(self.site, (x + h)?)
+    }
+}
+
+impl Family for Gpt2 {
+    fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
+        let device = self.wte.weight().device();
+        let pass = Pass::new(input, None, device)?;
+        let tokens = self.wte.forward(&input.input_ids, run)?;
+        let positions = self.wpe.forward(&pass.position_ids(device)?, run)?;
+        let mut x = self.drop.forward(tokens.broadcast_add(&positions)?, run)?;
+        for block in &self.blocks {
+            x = block.forward(&x, pass.mask(false), run)?;
+        }
+        let x = self.ln_f.forward(&x, run)?;
+        let x = run.site(self.base_site, x)?;
+        self.lm_head.forward(&x, run)
+    }
+}

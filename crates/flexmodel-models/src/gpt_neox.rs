@@ -1,1 +1,234 @@
-//! todo
+//! GPT-NeoX: `GPTNeoXForCausalLM` (Pythia, GPT-NeoX-20B). Per-head interleaved fused QKV,
+//! partial rotary, parallel or sequential residual.
+
+use candle_core::Tensor;
+use flexmodel_core::{Dim, Input, Layout, Model, Run, SiteId};
+use serde::Deserialize;
+
+use crate::attention::{AttnSites, Heads, Pass, attend};
+use crate::config::RawConfig;
+use crate::error::Result;
+use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, shape};
+use crate::rope::{self, Rope};
+use crate::weights::Vb;
+use crate::{Family, FwdResult, Loaded};
+
+#[derive(Deserialize)]
+struct Config {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    #[serde(default = "gelu")]
+    hidden_act: String,
+    #[serde(default = "eps")]
+    layer_norm_eps: f64,
+    #[serde(default = "yes")]
+    use_parallel_residual: bool,
+    #[serde(default = "yes")]
+    attention_bias: bool,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default = "max_positions")]
+    max_position_embeddings: usize,
+}
+
+fn gelu() -> String {
+    "gelu".into()
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+fn max_positions() -> usize {
+    2048
+}
+
+pub(crate) struct GptNeox {
+    embed_in: Embedding,
+    emb_dropout: Identity,
+    layers: Vec<Layer>,
+    final_layer_norm: LayerNorm,
+    rotary: Rope,
+    rotary_site: SiteId,
+    base_site: SiteId,
+    lm_head: Linear,
+}
+
+struct Layer {
+    input_layernorm: LayerNorm,
+    post_attention_layernorm: LayerNorm,
+    post_attention_dropout: Identity,
+    post_mlp_dropout: Identity,
+    attention: Attention,
+    mlp: Mlp,
+    parallel_residual: bool,
+    site: SiteId,
+}
+
+struct Attention {
+    query_key_value: Linear,
+    dense: Linear,
+    heads: Heads,
+    sites: AttnSites,
+    site: SiteId,
+}
+
+struct Mlp {
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+    act: Act,
+    site: SiteId,
+}
+
+impl GptNeox {
+    pub(crate) fn load(raw: &RawConfig, vb: Vb) -> Result<Box<dyn Model>> {
+        let cfg: Config = raw.parse()?;
+        let h = cfg.hidden_size;
+        let heads = Heads {
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_attention_heads,
+            head_dim: h / cfg.num_attention_heads,
+        };
+        let act = Activation::from_name("hidden_act", &cfg.hidden_act)?;
+        let rotary = Rope::from_config(raw, heads.head_dim, cfg.max_position_embeddings)?;
+        let eps = cfg.layer_norm_eps;
+        let g = vb.pp("gpt_neox");
+        let base_site = g.site(shape(BS, h), Layout::Replicated)?;
+        let embed_in = Embedding::new(g.pp("embed_in"), cfg.vocab_size, h, Layout::Replicated)?;
+        let emb_dropout = Identity::new(g.pp("emb_dropout"), BS, h)?;
+        let layers_vb = g.pp("layers");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let vb = layers_vb.pp(i);
+                Ok(Layer {
+                    site: vb.site(shape(BS, h), Layout::Replicated)?,
+                    input_layernorm: LayerNorm::new(vb.pp("input_layernorm"), h, eps, BS)?,
+                    post_attention_layernorm: LayerNorm::new(vb.pp("post_attention_layernorm"), h, eps, BS)?,
+                    post_attention_dropout: Identity::new(vb.pp("post_attention_dropout"), BS, h)?,
+                    post_mlp_dropout: Identity::new(vb.pp("post_mlp_dropout"), BS, h)?,
+                    attention: Attention::new(vb.pp("attention"), h, heads, cfg.attention_bias)?,
+                    mlp: Mlp::new(vb.pp("mlp"), h, cfg.intermediate_size, act)?,
+                    parallel_residual: cfg.use_parallel_residual,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = LayerNorm::new(g.pp("final_layer_norm"), h, eps, BS)?;
+        let rotary_site = g.pp("rotary_emb").site(
+            vec![Dim::PosBatch, Dim::Seq, Dim::Size(rotary.dim)],
+            Layout::Replicated,
+        )?;
+        // transformers 5 calls the head `lm_head`; checkpoints store it as `embed_out`.
+        let head_vb = match vb.contains("lm_head.weight") {
+            true => vb.pp("lm_head"),
+            false => vb.pp("lm_head").weights_at("embed_out"),
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::tied(head_vb, embed_in.weight(), false)?
+        } else {
+            Linear::new(head_vb, (h, cfg.vocab_size), false, BS, Layout::split_last(3, cfg.vocab_size))?
+        };
+        let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
+        let body = Self {
+            embed_in,
+            emb_dropout,
+            layers,
+            final_layer_norm,
+            rotary,
+            rotary_site,
+            base_site,
+            lm_head,
+        };
+        Ok(Loaded::boxed(body, info, &vb))
+    }
+}
+
+impl Attention {
+    fn new(vb: Vb, h: usize, heads: Heads, bias: bool) -> Result<Self> {
+        let site = vb.site(shape(BS, h), Layout::Replicated)?;
+        // Output is [head0 (q k v), head1 (q k v), ...]: a contiguous split by head.
+        let qkv = Layout::split_last(3, heads.heads);
+        Ok(Self {
+            query_key_value: Linear::new(vb.pp("query_key_value"), (h, 3 * h), bias, BS, qkv)?,
+            dense: Linear::new(vb.pp("dense"), (h, h), bias, BS, Layout::Replicated)?,
+            sites: AttnSites::new(&vb, heads)?,
+            heads,
+            site,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let Heads { heads, head_dim, .. } = self.heads;
+        let qkv = self.query_key_value.forward(x, run)?.reshape((b, s, heads, 3 * head_dim))?;
+        let part = |i: usize| qkv.narrow(3, i * head_dim, head_dim);
+        let q = rope::apply(&part(0)?, cos, sin)?;
+        let k = rope::apply(&part(1)?, cos, sin)?;
+        let scale = (head_dim as f64).powf(-0.5);
+        let out = attend(q, k, part(2)?, mask, scale, &self.sites, run)?;
+        let out = self.dense.forward(&out, run)?;
+        run.site(self.site, out)
+    }
+}
+
+impl Mlp {
+    fn new(vb: Vb, h: usize, inter: usize, act: Activation) -> Result<Self> {
+        let site = vb.site(shape(BS, h), Layout::Replicated)?;
+        let column = Layout::split_last(3, inter);
+        Ok(Self {
+            dense_h_to_4h: Linear::new(vb.pp("dense_h_to_4h"), (h, inter), true, BS, column.clone())?,
+            dense_4h_to_h: Linear::new(vb.pp("dense_4h_to_h"), (inter, h), true, BS, Layout::Replicated)?,
+            act: Act::new(vb.pp("act"), act, BS, inter, column)?,
+            site,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let h = self.dense_h_to_4h.forward(x, run)?;
+        let h = self.act.forward(&h, run)?;
+        let out = self.dense_4h_to_h.forward(&h, run)?;
+        run.site(self.site, out)
+    }
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let h = self.input_layernorm.forward(x, run)?;
+        let attn = self.attention.forward(&h, cos, sin, mask, run)?;
+        let attn = self.post_attention_dropout.forward(attn, run)?;
+        let out = if self.parallel_residual {
+            // x + attn(ln1(x)) + mlp(ln2(x))
+            let h = self.post_attention_layernorm.forward(x, run)?;
+            let mlp = self.mlp.forward(&h, run)?;
+            let mlp = self.post_mlp_dropout.forward(mlp, run)?;
+            ((mlp + attn)? + x)?
+        } else {
+            let attn = (attn + x)?;
+            let h = self.post_attention_layernorm.forward(&attn, run)?;
+            let mlp = self.mlp.forward(&h, run)?;
+            let mlp = self.post_mlp_dropout.forward(mlp, run)?;
+            (mlp + attn)?
+        };
+        run.site(self.site, out)
+    }
+}
+
+impl Family for GptNeox {
+    fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
+        let device = self.embed_in.weight().device();
+        let pass = Pass::new(input, None, device)?;
+        let x = self.embed_in.forward(&input.input_ids, run)?;
+        let mut x = self.emb_dropout.forward(x, run)?;
+        let (cos, sin) = self.rotary.cos_sin(&pass.positions, x.dtype(), device)?;
+        let cos = run.site(self.rotary_site, cos)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, pass.mask(false), run)?;
+        }
+        let x = self.final_layer_norm.forward(&x, run)?;
+        let x = run.site(self.base_site, x)?;
+        self.lm_head.forward(&x, run)
+    }
+}

@@ -111,6 +111,11 @@ fn build(cfg: &RawConfig, vb: Vb) -> Result<Box<dyn Model>> {
     let model_type = cfg.model_type()?;
     match model_type {
         "llama" | "mistral" | "qwen2" | "gemma" => llama::Llama::load(cfg, vb),
+        "phi" => phi::Phi::load(cfg, vb),
+        "gpt2" => gpt2::Gpt2::load(cfg, vb),
+        "gpt_neox" => gpt_neox::GptNeox::load(cfg, vb),
+        "falcon" => falcon::Falcon::load(cfg, vb),
+        "opt" => opt::Opt::load(cfg, vb),
         other => Err(Error::UnknownArchitecture {
             model_type: other.to_string(),
             supported: SUPPORTED.to_vec(),

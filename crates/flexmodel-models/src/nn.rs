@@ -82,11 +82,6 @@ impl Linear {
         };
         y.reshape(out_dims)
     }
-
-    /// The weight as `[out, in]`.
-    pub(crate) fn weight(&self) -> CResult<Tensor> {
-        self.wt.t()
-    }
 }
 
 /// A token embedding table whose output is a site.
@@ -97,8 +92,13 @@ pub(crate) struct Embedding {
 
 impl Embedding {
     pub(crate) fn new(vb: Vb, rows: usize, dim: usize, layout: Layout) -> Result<Self> {
+        Self::with_lead(vb, rows, dim, BS, layout)
+    }
+
+    /// An embedding whose site has other leading dims (position embeddings: `PosBatch`).
+    pub(crate) fn with_lead(vb: Vb, rows: usize, dim: usize, lead: &[Dim], layout: Layout) -> Result<Self> {
         let weight = vb.get("weight", (rows, dim))?;
-        let site = vb.site(shape(BS, dim), layout)?;
+        let site = vb.site(shape(lead, dim), layout)?;
         Ok(Self { weight, site })
     }
 
@@ -178,16 +178,28 @@ pub(crate) struct LayerNorm {
 impl LayerNorm {
     /// A `LayerNorm(dim)` with weight and bias.
     pub(crate) fn new(vb: Vb, dim: usize, eps: f64, lead: &[Dim]) -> Result<Self> {
-        Self::with_options(vb, dim, eps, lead, true, true)
+        Self::with_affine(vb, dim, eps, lead, true)
     }
 
-    /// A `LayerNorm` whose weight and bias may be absent (OPT's `elementwise_affine`,
-    /// `enable_bias`).
-    pub(crate) fn with_options(vb: Vb, dim: usize, eps: f64, lead: &[Dim], affine: bool, bias: bool) -> Result<Self> {
+    /// A `LayerNorm(dim)` on a tensor split over ranks by `layout` (per-head norms).
+    pub(crate) fn with_layout(vb: Vb, dim: usize, eps: f64, lead: &[Dim], layout: Layout) -> Result<Self> {
+        Self::build(vb, dim, eps, lead, layout, true)
+    }
+
+    /// A `LayerNorm` without weight and bias when `affine` is false (OPT's
+    /// `layer_norm_elementwise_affine`).
+    pub(crate) fn with_affine(vb: Vb, dim: usize, eps: f64, lead: &[Dim], affine: bool) -> Result<Self> {
+        Self::build(vb, dim, eps, lead, Layout::Replicated, affine)
+    }
+
+    fn build(vb: Vb, dim: usize, eps: f64, lead: &[Dim], layout: Layout, affine: bool) -> Result<Self> {
         let device = vb.device().clone();
-        let weight = if affine { vb.get_f32("weight", dim)? } else { Tensor::ones(dim, DType::F32, &device)? };
-        let bias = if affine && bias { vb.get_f32("bias", dim)? } else { Tensor::zeros(dim, DType::F32, &device)? };
-        let site = vb.site(shape(lead, dim), Layout::Replicated)?;
+        let (weight, bias) = if affine {
+            (vb.get_f32("weight", dim)?, vb.get_f32("bias", dim)?)
+        } else {
+            (Tensor::ones(dim, DType::F32, &device)?, Tensor::zeros(dim, DType::F32, &device)?)
+        };
+        let site = vb.site(shape(lead, dim), layout)?;
         Ok(Self { weight, bias, eps, site })
     }
 

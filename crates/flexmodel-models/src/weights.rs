@@ -195,6 +195,9 @@ pub(crate) struct Vb {
     weights: Arc<Weights>,
     sites: Rc<RefCell<SiteTable>>,
     path: String,
+    /// Where this module's weights are stored, when a checkpoint keeps a legacy name
+    /// (GPT-NeoX's `embed_out` for `lm_head`); else `path`.
+    weight_path: String,
 }
 
 impl Vb {
@@ -203,19 +206,25 @@ impl Vb {
             weights: Arc::new(weights),
             sites: Rc::new(RefCell::new(SiteTable::new())),
             path: String::new(),
+            weight_path: String::new(),
         }
     }
 
     /// The sub-path `name`.
     pub(crate) fn pp(&self, name: impl std::fmt::Display) -> Self {
-        let path = match self.path.as_str() {
-            "" => name.to_string(),
-            p => format!("{p}.{name}"),
-        };
         Self {
             weights: self.weights.clone(),
             sites: self.sites.clone(),
-            path,
+            path: join(&self.path, &name),
+            weight_path: join(&self.weight_path, &name),
+        }
+    }
+
+    /// This module, with its weights read from `weight_path` instead.
+    pub(crate) fn weights_at(&self, weight_path: &str) -> Self {
+        Self {
+            weight_path: weight_path.to_string(),
+            ..self.clone()
         }
     }
 
@@ -225,7 +234,7 @@ impl Vb {
     }
 
     fn full(&self, name: &str) -> String {
-        self.pp(name).path
+        join(&self.weight_path, &name)
     }
 
     /// The weight `name` under this path, in the compute dtype.
@@ -261,12 +270,19 @@ impl Vb {
 
     /// Declares `<path>.<name>`, a site inside this module that is not a module itself.
     pub(crate) fn internal(&self, name: &str, shape: Vec<Dim>, layout: Layout) -> Result<SiteId> {
-        let full = self.full(name);
+        let full = join(&self.path, &name);
         Ok(self.sites.borrow_mut().add(full, SiteKind::Internal, shape, layout)?)
     }
 
     /// The sites declared so far (call once construction is complete).
     pub(crate) fn take_sites(&self) -> SiteTable {
         std::mem::take(&mut self.sites.borrow_mut())
+    }
+}
+
+fn join(prefix: &str, name: &dyn std::fmt::Display) -> String {
+    match prefix {
+        "" => name.to_string(),
+        p => format!("{p}.{name}"),
     }
 }

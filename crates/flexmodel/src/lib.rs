@@ -1,1 +1,35 @@
-//! placeholder
+//! flexmodel: read and edit any activation of a language model.
+//!
+//! The pipeline: [`load`] a Hugging Face model directory → wrap it in a [`FlexModel`] →
+//! [`register`](FlexModel::register) [`HookFunction`]s by site name or glob pattern → call
+//! [`forward`](FlexModel::forward) as on the plain model → read the [`OutputMap`] (captures on
+//! the host, taken before any edit) → [`restore`](FlexModel::restore) the untouched model.
+//!
+//! ```no_run
+//! use flexmodel::{FlexModel, HookFunction, LoadOptions, Tokenizer, load};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = "models/tiny-llama";
+//! let mut fm = FlexModel::new(load(dir, &LoadOptions::default())?);
+//! // Capture every layer's residual stream; zero layer 1's MLP.
+//! fm.register(HookFunction::new("model.layers.*").expected_shape(&[1, 6, 64]))?;
+//! fm.register(HookFunction::new("model.layers.1.mlp").edit(|x: &flexmodel::Tensor, _: &mut flexmodel::HookCtx| {
+//!     Ok(x.zeros_like()?)
+//! }))?;
+//! let ids = Tokenizer::from_dir(dir)?.encode("The capital of France")?;
+//! let ids = flexmodel::Tensor::new(ids.as_slice(), &flexmodel::Device::Cpu)?.unsqueeze(0)?;
+//! let logits = fm.forward(&ids)?;
+//! let layer0 = fm.output().last("model.layers.0");
+//! let model = fm.restore();
+//! # Ok(()) }
+//! ```
+//!
+//! Site names are Hugging Face module paths plus attention internals; see
+//! [`flexmodel_core`] for the list and [`Layout`] for how sites are split over ranks.
+
+pub use candle_core::{DType, Device, Tensor};
+pub use flexmodel_core::{
+    Dim, Edit, Error, FlexModel, HookCtx, HookFunction, HookHandle, Input, Layout, Model,
+    ModelInfo, OutputMap, Result, Run, SaveContext, SiteId, SiteInfo, SiteKind, SiteTable,
+};
+pub use flexmodel_core::site;
+pub use flexmodel_models::{Error as LoadError, LoadOptions, SUPPORTED, Tokenizer, load, pad_right, sites};

@@ -104,7 +104,7 @@ macro_rules! arch_tests {
     )*};
 }
 
-arch_tests!(llama, mistral, qwen2, gemma);
+arch_tests!(llama, mistral, qwen2, gemma, phi, gpt2, gpt_neox, falcon, opt);
 
 #[test]
 fn fixture_list_is_complete() {

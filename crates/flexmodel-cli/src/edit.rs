@@ -1,0 +1,103 @@
+//! `--edit SITE=OP`: the edit operations of the command line.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use flexmodel::{HookCtx, HookFunction, Tensor};
+
+use crate::safetensors_io;
+
+/// One `--edit`: a site name or pattern and what to do there.
+pub struct EditSpec {
+    pub site: String,
+    pub op: Op,
+}
+
+/// What an edit does to the activation.
+pub enum Op {
+    /// Multiply by zero.
+    Zero,
+    /// Multiply by a constant.
+    Scale(f64),
+    /// Add a tensor, broadcast over batch and positions (a steering vector).
+    Add(Tensor),
+    /// Replace by a tensor of the same shape (patching from an earlier capture).
+    Replace(Tensor),
+}
+
+const OPS: &str = "zero, scale:F, add:FILE.safetensors:KEY, replace:FILE.safetensors:KEY";
+
+impl EditSpec {
+    /// Parses `SITE=OP`, reading any tensor the op names.
+    pub fn parse(arg: &str) -> Result<Self> {
+        let Some((site, op)) = arg.split_once('=') else {
+            bail!("--edit {arg:?}: expected SITE=OP with OP one of {OPS}");
+        };
+        let op = Op::parse(op).with_context(|| format!("--edit {arg:?}"))?;
+        Ok(Self {
+            site: site.to_string(),
+            op,
+        })
+    }
+
+    /// The hook that applies this edit (without capturing).
+    pub fn hook(self) -> HookFunction {
+        let op = self.op;
+        HookFunction::new(self.site)
+            .capture(false)
+            .edit(move |x: &Tensor, cx: &mut HookCtx| op.apply(x, cx.site()))
+    }
+}
+
+impl Op {
+    fn parse(op: &str) -> Result<Self> {
+        let (name, arg) = op.split_once(':').unwrap_or((op, ""));
+        match (name, arg) {
+            ("zero", "") => Ok(Op::Zero),
+            ("scale", f) => {
+                let f: f64 = f.parse().with_context(|| format!("scale factor {f:?} is not a number"))?;
+                Ok(Op::Scale(f))
+            }
+            ("add", source) => Ok(Op::Add(tensor_arg(source)?)),
+            ("replace", source) => Ok(Op::Replace(tensor_arg(source)?)),
+            _ => bail!("unknown edit {op:?}; expected one of {OPS}"),
+        }
+    }
+
+    fn apply(&self, x: &Tensor, site: &str) -> flexmodel::Result<Tensor> {
+        Ok(match self {
+            Op::Zero => x.zeros_like()?,
+            Op::Scale(f) => (x * *f)?,
+            Op::Add(v) => {
+                let v = v.to_device(x.device())?.to_dtype(x.dtype())?;
+                x.broadcast_add(&v).map_err(|_| {
+                    flexmodel::Error::msg(format!(
+                        "add: the vector of shape {:?} does not broadcast to the activation of \
+                         `{site}`, shape {:?}; use its last dimension ({}) or the full shape",
+                        v.dims(),
+                        x.dims(),
+                        x.dims().last().copied().unwrap_or(0)
+                    ))
+                })?
+            }
+            Op::Replace(r) => {
+                if r.dims() != x.dims() {
+                    return Err(flexmodel::Error::ShapeMismatch {
+                        site: site.to_string(),
+                        expected: x.dims().to_vec(),
+                        got: r.dims().to_vec(),
+                    });
+                }
+                r.to_device(x.device())?.to_dtype(x.dtype())?
+            }
+        })
+    }
+}
+
+/// `FILE:KEY` → the tensor.
+fn tensor_arg(source: &str) -> Result<Tensor> {
+    let Some((file, key)) = source.rsplit_once(':') else {
+        bail!("expected FILE.safetensors:KEY, got {source:?}");
+    };
+    safetensors_io::read_key(&PathBuf::from(file), key)
+}
