@@ -55,7 +55,9 @@ impl Op {
         match (name, arg) {
             ("zero", "") => Ok(Op::Zero),
             ("scale", f) => {
-                let f: f64 = f.parse().with_context(|| format!("scale factor {f:?} is not a number"))?;
+                let f: f64 = f
+                    .parse()
+                    .with_context(|| format!("scale factor {f:?} is not a number"))?;
                 Ok(Op::Scale(f))
             }
             ("add", source) => Ok(Op::Add(tensor_arg(source)?)),

@@ -68,7 +68,11 @@ pub fn main(args: Args) -> Result<()> {
         Some(path) => read_input(path)?,
         None => {
             let tok = tokenizer.as_ref().context("tokenizer")?;
-            let rows = args.prompt.iter().map(|p| tok.encode(p)).collect::<Result<Vec<_>, _>>()?;
+            let rows = args
+                .prompt
+                .iter()
+                .map(|p| tok.encode(p))
+                .collect::<Result<Vec<_>, _>>()?;
             flexmodel::pad_right(&rows, 0, &flexmodel::Device::Cpu)?
         }
     };
@@ -77,7 +81,8 @@ pub fn main(args: Args) -> Result<()> {
         dtype: args.compute_dtype.into(),
         ..LoadOptions::default()
     };
-    let model = flexmodel::load(&dir, &options).with_context(|| format!("loading {}", dir.display()))?;
+    let model =
+        flexmodel::load(&dir, &options).with_context(|| format!("loading {}", dir.display()))?;
     let mut fm = FlexModel::new(model);
     // Captures first: hooks fire in registration order, so they see the pre-edit value.
     for pattern in &args.capture {
@@ -92,7 +97,11 @@ pub fn main(args: Args) -> Result<()> {
     let mut tensors = vec![("logits".to_string(), logits.to_dtype(out_dtype)?)];
     for (site, firings) in fm.take_output() {
         for (k, t) in firings.into_iter().enumerate() {
-            let name = if k == 0 { site.clone() } else { format!("{site}#{k}") };
+            let name = if k == 0 {
+                site.clone()
+            } else {
+                format!("{site}#{k}")
+            };
             tensors.push((name, t.to_dtype(out_dtype)?));
         }
     }
@@ -104,7 +113,11 @@ fn check_out_dir(out: &std::path::Path) -> Result<()> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(dir) = parent {
         if !dir.is_dir() {
-            bail!("--out {}: directory {} does not exist", out.display(), dir.display());
+            bail!(
+                "--out {}: directory {} does not exist",
+                out.display(),
+                dir.display()
+            );
         }
     }
     Ok(())
@@ -113,7 +126,10 @@ fn check_out_dir(out: &std::path::Path) -> Result<()> {
 fn read_input(path: &std::path::Path) -> Result<Input> {
     let mut tensors = safetensors_io::read(path)?;
     let ids = tensors.remove("input_ids").with_context(|| {
-        format!("{} has no `input_ids` tensor (an integer [batch, seq])", path.display())
+        format!(
+            "{} has no `input_ids` tensor (an integer [batch, seq])",
+            path.display()
+        )
     })?;
     if !ids.dtype().is_int() || ids.rank() != 2 {
         bail!(
@@ -130,28 +146,51 @@ fn read_input(path: &std::path::Path) -> Result<Input> {
 }
 
 /// What was written, and the model's next-token guesses for each row.
-fn report(tensors: &[(String, Tensor)], logits: &Tensor, input: &Input, tok: Option<&Tokenizer>, out: &std::path::Path) -> Result<()> {
+fn report(
+    tensors: &[(String, Tensor)],
+    logits: &Tensor,
+    input: &Input,
+    tok: Option<&Tokenizer>,
+    out: &std::path::Path,
+) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "wrote {} tensors to {}", tensors.len(), out.display())?;
+    writeln!(
+        stdout,
+        "wrote {} tensors to {}",
+        tensors.len(),
+        out.display()
+    )?;
     let width = tensors.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     for (name, t) in tensors {
         writeln!(stdout, "  {name:width$}  {:?}", t.dims())?;
     }
     let lengths: Vec<usize> = match &input.attention_mask {
         None => vec![input.input_ids.dim(1)?; input.input_ids.dim(0)?],
-        Some(m) => m.to_dtype(DType::F32)?.sum(1)?.to_vec1::<f32>()?.into_iter().map(|n| n as usize).collect(),
+        Some(m) => m
+            .to_dtype(DType::F32)?
+            .sum(1)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|n| n as usize)
+            .collect(),
     };
     for (row, len) in lengths.into_iter().enumerate() {
-        let last = logits.get(row)?.get(len.saturating_sub(1))?.to_dtype(DType::F32)?;
-        let mut ranked: Vec<(usize, f32)> = last.to_vec1::<f32>()?.into_iter().enumerate().collect();
+        let last = logits
+            .get(row)?
+            .get(len.saturating_sub(1))?
+            .to_dtype(DType::F32)?;
+        let mut ranked: Vec<(usize, f32)> =
+            last.to_vec1::<f32>()?.into_iter().enumerate().collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
         let top: Vec<String> = ranked
             .iter()
             .take(5)
-            .map(|&(id, _)| match tok.and_then(|t| t.decode(&[id as u32]).ok()) {
-                Some(text) => format!("{text:?}"),
-                None => id.to_string(),
-            })
+            .map(
+                |&(id, _)| match tok.and_then(|t| t.decode(&[id as u32]).ok()) {
+                    Some(text) => format!("{text:?}"),
+                    None => id.to_string(),
+                },
+            )
             .collect();
         writeln!(stdout, "row {row}: next token top-5 {}", top.join(" "))?;
     }

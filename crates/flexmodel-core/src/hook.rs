@@ -114,8 +114,12 @@ impl SaveContext {
     /// No value under `key`, or one of another type than `T`.
     pub fn get<T: Any>(&self, key: &str) -> Result<&T> {
         let item = self.items.get(key).ok_or_else(|| self.missing(key))?;
-        item.downcast_ref()
-            .ok_or_else(|| Error::msg(format!("save context: `{key}` is not a {}", type_name::<T>())))
+        item.downcast_ref().ok_or_else(|| {
+            Error::msg(format!(
+                "save context: `{key}` is not a {}",
+                type_name::<T>()
+            ))
+        })
     }
 
     /// The value under `key`, mutable.
@@ -125,8 +129,12 @@ impl SaveContext {
     pub fn get_mut<T: Any>(&mut self, key: &str) -> Result<&mut T> {
         let missing = self.missing(key);
         let item = self.items.get_mut(key).ok_or(missing)?;
-        item.downcast_mut()
-            .ok_or_else(|| Error::msg(format!("save context: `{key}` is not a {}", type_name::<T>())))
+        item.downcast_mut().ok_or_else(|| {
+            Error::msg(format!(
+                "save context: `{key}` is not a {}",
+                type_name::<T>()
+            ))
+        })
     }
 
     /// The value under `key`, inserting `init()` first if there is none.
@@ -177,9 +185,21 @@ mod tests {
         cx.insert("count", 1usize);
         *cx.get_mut::<usize>("count").unwrap() += 1;
         assert_eq!(*cx.get::<usize>("count").unwrap(), 2);
-        assert!(cx.get::<f32>("count").unwrap_err().to_string().contains("is not a f32"));
-        assert!(cx.get::<usize>("nope").unwrap_err().to_string().contains("no `nope`"));
-        cx.get_or_insert_with("list", Vec::<u32>::new).unwrap().push(7);
+        assert!(
+            cx.get::<f32>("count")
+                .unwrap_err()
+                .to_string()
+                .contains("is not a f32")
+        );
+        assert!(
+            cx.get::<usize>("nope")
+                .unwrap_err()
+                .to_string()
+                .contains("no `nope`")
+        );
+        cx.get_or_insert_with("list", Vec::<u32>::new)
+            .unwrap()
+            .push(7);
         assert_eq!(cx.remove::<Vec<u32>>("list"), Some(vec![7]));
         cx.clear();
         assert!(!cx.contains("count"));

@@ -180,7 +180,13 @@ fn local_size(size: usize, units: usize, world: usize) -> Result<usize> {
     Ok(size / deal(units, world)?.pieces)
 }
 
-fn split_piece(full: &Tensor, dim: usize, units: usize, rank: usize, world: usize) -> Result<Tensor> {
+fn split_piece(
+    full: &Tensor,
+    dim: usize,
+    units: usize,
+    rank: usize,
+    world: usize,
+) -> Result<Tensor> {
     let d = deal(units, world)?;
     let size = full.dim(dim)?;
     if size % d.pieces != 0 {
@@ -222,7 +228,10 @@ mod tests {
     fn assert_same(a: &Tensor, b: &Tensor) {
         assert_eq!(a.dims(), b.dims());
         let d = (a - b).unwrap().abs().unwrap().sum_all().unwrap();
-        assert_eq!(d.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            d.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap(),
+            0.0
+        );
     }
 
     #[test]
@@ -236,15 +245,30 @@ mod tests {
             // GPT-2's c_attn: q, k, v each split by head.
             Layout::Fused {
                 dim: 2,
-                parts: vec![Part { size: 8, units: Some(4) }; 3],
+                parts: vec![
+                    Part {
+                        size: 8,
+                        units: Some(4)
+                    };
+                    3
+                ],
             },
             // Falcon's multi-query fused QKV: q split, one shared k and v head replicated.
             Layout::Fused {
                 dim: 2,
                 parts: vec![
-                    Part { size: 16, units: Some(4) },
-                    Part { size: 4, units: None },
-                    Part { size: 4, units: None },
+                    Part {
+                        size: 16,
+                        units: Some(4),
+                    },
+                    Part {
+                        size: 4,
+                        units: None,
+                    },
+                    Part {
+                        size: 4,
+                        units: None,
+                    },
                 ],
             },
         ];
@@ -269,13 +293,18 @@ mod tests {
     #[test]
     fn partial_sums_add_up() {
         let t = full(&[2, 5]);
-        let pieces: Vec<Tensor> = (0..3).map(|r| Layout::PartialSum.shard(&t, r, 3).unwrap()).collect();
+        let pieces: Vec<Tensor> = (0..3)
+            .map(|r| Layout::PartialSum.shard(&t, r, 3).unwrap())
+            .collect();
         assert_same(&Layout::PartialSum.assemble(&pieces).unwrap(), &t);
     }
 
     #[test]
     fn indivisible_split_is_a_clear_error() {
         let err = Layout::split_last(3, 6).check(4).unwrap_err().to_string();
-        assert!(err.contains("6 blocks") && err.contains("4 tensor-parallel ranks"), "{err}");
+        assert!(
+            err.contains("6 blocks") && err.contains("4 tensor-parallel ranks"),
+            "{err}"
+        );
     }
 }

@@ -259,7 +259,10 @@ mod tests {
     fn glob_matches_whole_names_across_dots() {
         assert!(glob_match("model.layers.*.mlp", "model.layers.0.mlp"));
         assert!(glob_match("model.layers.*.mlp", "model.layers.12.mlp"));
-        assert!(!glob_match("model.layers.*.mlp", "model.layers.0.mlp.up_proj"));
+        assert!(!glob_match(
+            "model.layers.*.mlp",
+            "model.layers.0.mlp.up_proj"
+        ));
         assert!(glob_match("*", "lm_head"));
         assert!(glob_match("*mlp*", "model.layers.0.mlp.up_proj"));
         assert!(glob_match("model.*.up_proj", "model.layers.0.mlp.up_proj"));
@@ -272,9 +275,18 @@ mod tests {
 
     fn table() -> SiteTable {
         let mut t = SiteTable::new();
-        for name in ["model.embed_tokens", "model.layers.0.mlp", "model.layers.1.mlp", "lm_head"] {
-            t.module(name, vec![Dim::Batch, Dim::Seq, Dim::Size(8)], Layout::Replicated)
-                .unwrap();
+        for name in [
+            "model.embed_tokens",
+            "model.layers.0.mlp",
+            "model.layers.1.mlp",
+            "lm_head",
+        ] {
+            t.module(
+                name,
+                vec![Dim::Batch, Dim::Seq, Dim::Size(8)],
+                Layout::Replicated,
+            )
+            .unwrap();
         }
         t
     }
@@ -283,7 +295,10 @@ mod tests {
     fn unknown_site_suggests_nearest_names() {
         let err = table().resolve("model.layers.0.mpl").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.starts_with("unknown site `model.layers.0.mpl`; did you mean `model.layers.0.mlp`"), "{msg}");
+        assert!(
+            msg.starts_with("unknown site `model.layers.0.mpl`; did you mean `model.layers.0.mlp`"),
+            "{msg}"
+        );
     }
 
     #[test]

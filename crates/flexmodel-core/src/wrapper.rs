@@ -2,11 +2,11 @@
 
 use candle_core::Tensor;
 
+use crate::Result;
 use crate::hook::{HookFunction, SaveContext};
 use crate::model::{Input, Model};
 use crate::output::OutputMap;
 use crate::run::{HookHandle, Hooks, Run};
-use crate::Result;
 
 /// A model wrapped for hooks. It keeps the model's forward call, collects captures in an
 /// output map and hands the untouched model back with [`FlexModel::restore`].
@@ -66,7 +66,8 @@ impl<M: Model> FlexModel<M> {
     /// # Errors
     /// As [`Model::forward_with`].
     pub fn forward_input(&mut self, input: &Input) -> Result<Tensor> {
-        self.model.forward_with(input, &mut Run::hooked(&mut self.hooks))
+        self.model
+            .forward_with(input, &mut Run::hooked(&mut self.hooks))
     }
 
     /// Captured activations.

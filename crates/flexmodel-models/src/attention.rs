@@ -55,7 +55,13 @@ impl Pass {
         };
         let causal = additive_mask(valid.as_deref(), batch, seq, None, device)?;
         let sliding = match window {
-            Some(w) if w < seq => Some(additive_mask(valid.as_deref(), batch, seq, Some(w), device)?),
+            Some(w) if w < seq => Some(additive_mask(
+                valid.as_deref(),
+                batch,
+                seq,
+                Some(w),
+                device,
+            )?),
             _ => None,
         };
         Ok(Self {
@@ -86,15 +92,20 @@ impl Pass {
 /// `[batch|1, 1, seq, seq]` with 0 where query `i` may see key `j` (`j <= i`, key not padding,
 /// `i - j < window`) and the f32 minimum elsewhere. A query that sees nothing (left padding)
 /// gets a uniform row instead of NaN, like transformers.
-fn additive_mask(valid: Option<&[Vec<bool>]>, batch: usize, seq: usize, window: Option<usize>, device: &Device) -> FwdResult<Tensor> {
+fn additive_mask(
+    valid: Option<&[Vec<bool>]>,
+    batch: usize,
+    seq: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> FwdResult<Tensor> {
     let rows = if valid.is_some() { batch } else { 1 };
     let mut data = Vec::with_capacity(rows * seq * seq);
     for b in 0..rows {
         for i in 0..seq {
             for j in 0..seq {
-                let visible = j <= i
-                    && valid.is_none_or(|v| v[b][j])
-                    && window.is_none_or(|w| i - j < w);
+                let visible =
+                    j <= i && valid.is_none_or(|v| v[b][j]) && window.is_none_or(|w| i - j < w);
                 data.push(if visible { 0f32 } else { f32::MIN });
             }
         }
@@ -131,7 +142,10 @@ impl AttnSites {
             probs: vb.internal(
                 "hook_attn_probs",
                 vec![Dim::Batch, Dim::Size(h.heads), Dim::Seq, Dim::KeySeq],
-                Layout::Split { dim: 1, units: h.heads },
+                Layout::Split {
+                    dim: 1,
+                    units: h.heads,
+                },
             )?,
             head_out: vb.internal("hook_head_out", per_head(h.heads), by_head(h.heads))?,
         })
@@ -143,7 +157,15 @@ impl AttnSites {
 /// # Shapes
 /// `q`: `[b, s, heads, d]`; `k`, `v`: `[b, s, kv_heads, d]` (rotary applied);
 /// `mask`: `[b|1, 1, s, s]`; returns `[b, s, heads * d]`.
-pub(crate) fn attend(q: Tensor, k: Tensor, v: Tensor, mask: &Tensor, scale: f64, sites: &AttnSites, run: &mut Run) -> FwdResult<Tensor> {
+pub(crate) fn attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: &Tensor,
+    scale: f64,
+    sites: &AttnSites,
+    run: &mut Run,
+) -> FwdResult<Tensor> {
     let q = run.site(sites.q, q)?;
     let k = run.site(sites.k, k)?;
     let v = run.site(sites.v, v)?;
@@ -153,7 +175,10 @@ pub(crate) fn attend(q: Tensor, k: Tensor, v: Tensor, mask: &Tensor, scale: f64,
     // Heads of one KV group are adjacent, so [b, heads, s, d] regroups as
     // [b, kv_heads, n_rep * s, d] and meets its keys in one matmul without repeating them.
     let n_rep = heads / kv_heads;
-    let qg = q.transpose(1, 2)?.contiguous()?.reshape((b, kv_heads, n_rep * s, d))?;
+    let qg = q
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, kv_heads, n_rep * s, d))?;
     let kt = k.transpose(1, 2)?.contiguous()?;
     let vt = v.transpose(1, 2)?.contiguous()?;
     let scores = (qg.matmul(&kt.t()?)? * scale)?

@@ -46,7 +46,10 @@ pub enum Error {
     },
 
     /// A weight the architecture needs is not in the checkpoint.
-    #[error("tensor `{name}` is missing from the checkpoint{}", nearest_names(nearest))]
+    #[error(
+        "tensor `{name}` is missing from the checkpoint{}",
+        nearest_names(nearest)
+    )]
     MissingTensor {
         /// The weight's name.
         name: String,

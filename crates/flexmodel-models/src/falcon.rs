@@ -114,7 +114,12 @@ struct Mlp {
 impl Falcon {
     pub(crate) fn load(raw: &RawConfig, vb: Vb) -> Result<Box<dyn Model>> {
         let cfg: Config = raw.parse()?;
-        require("alibi", cfg.alibi, false, "ALiBi Falcon checkpoints are not supported; rotary ones are")?;
+        require(
+            "alibi",
+            cfg.alibi,
+            false,
+            "ALiBi Falcon checkpoints are not supported; rotary ones are",
+        )?;
         let h = cfg.hidden_size;
         let n = cfg.num_attention_heads;
         let (packing, kv_heads) = if cfg.new_decoder_architecture {
@@ -124,13 +129,24 @@ impl Falcon {
         } else {
             (Packing::PerHead, n)
         };
-        let heads = Heads { heads: n, kv_heads, head_dim: h / n };
+        let heads = Heads {
+            heads: n,
+            kv_heads,
+            head_dim: h / n,
+        };
         if heads.heads % heads.kv_heads != 0 {
-            return Err(raw.error(format!("num_attention_heads ({n}) must be a multiple of num_kv_heads ({kv_heads})")));
+            return Err(raw.error(format!(
+                "num_attention_heads ({n}) must be a multiple of num_kv_heads ({kv_heads})"
+            )));
         }
-        let two_norms = cfg.new_decoder_architecture && cfg.num_ln_in_parallel_attn.unwrap_or(2) == 2;
+        let two_norms =
+            cfg.new_decoder_architecture && cfg.num_ln_in_parallel_attn.unwrap_or(2) == 2;
         if cfg.new_decoder_architecture && !cfg.parallel_attn {
-            return Err(Error::unsupported("parallel_attn", false, "the new decoder architecture needs parallel_attn = true"));
+            return Err(Error::unsupported(
+                "parallel_attn",
+                false,
+                "the new decoder architecture needs parallel_attn = true",
+            ));
         }
         let act = Activation::from_name("activation", &cfg.activation)?;
         let ffn = cfg.ffn_hidden_size.unwrap_or(4 * h);
@@ -138,24 +154,49 @@ impl Falcon {
         let eps = cfg.layer_norm_epsilon;
         let t = vb.pp("transformer");
         let base_site = t.site(shape(BS, h), Layout::Replicated)?;
-        let word_embeddings = Embedding::new(t.pp("word_embeddings"), cfg.vocab_size, h, Layout::Replicated)?;
+        let word_embeddings = Embedding::new(
+            t.pp("word_embeddings"),
+            cfg.vocab_size,
+            h,
+            Layout::Replicated,
+        )?;
         let layers_vb = t.pp("h");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let vb = layers_vb.pp(i);
                 let site = vb.site(shape(BS, h), Layout::Replicated)?;
-                let self_attention = Attention::new(vb.pp("self_attention"), h, heads, packing, cfg.bias)?;
+                let self_attention =
+                    Attention::new(vb.pp("self_attention"), h, heads, packing, cfg.bias)?;
                 let mlp = Mlp::new(vb.pp("mlp"), h, ffn, act, cfg.bias)?;
                 let norm = |name: &str| LayerNorm::new(vb.pp(name), h, eps, BS);
                 let (ln_attn, residual) = if two_norms {
-                    (norm("ln_attn")?, Residual::Parallel { ln_mlp: Some(norm("ln_mlp")?) })
+                    (
+                        norm("ln_attn")?,
+                        Residual::Parallel {
+                            ln_mlp: Some(norm("ln_mlp")?),
+                        },
+                    )
                 } else if cfg.parallel_attn {
-                    (norm("input_layernorm")?, Residual::Parallel { ln_mlp: None })
+                    (
+                        norm("input_layernorm")?,
+                        Residual::Parallel { ln_mlp: None },
+                    )
                 } else {
                     let ln = norm("input_layernorm")?;
-                    (ln, Residual::Sequential { post_attention_layernorm: norm("post_attention_layernorm")? })
+                    (
+                        ln,
+                        Residual::Sequential {
+                            post_attention_layernorm: norm("post_attention_layernorm")?,
+                        },
+                    )
                 };
-                Ok(Layer { ln_attn, self_attention, mlp, residual, site })
+                Ok(Layer {
+                    ln_attn,
+                    self_attention,
+                    mlp,
+                    residual,
+                    site,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(t.pp("ln_f"), h, eps, BS)?;
@@ -166,7 +207,13 @@ impl Falcon {
         let lm_head = if cfg.tie_word_embeddings.unwrap_or(true) {
             Linear::tied(vb.pp("lm_head"), word_embeddings.weight(), false)?
         } else {
-            Linear::new(vb.pp("lm_head"), (h, cfg.vocab_size), false, BS, Layout::split_last(3, cfg.vocab_size))?
+            Linear::new(
+                vb.pp("lm_head"),
+                (h, cfg.vocab_size),
+                false,
+                BS,
+                Layout::split_last(3, cfg.vocab_size),
+            )?
         };
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let body = Self {
@@ -185,25 +232,47 @@ impl Falcon {
 impl Attention {
     fn new(vb: Vb, h: usize, heads: Heads, packing: Packing, bias: bool) -> Result<Self> {
         let site = vb.site(shape(BS, h), Layout::Replicated)?;
-        let Heads { heads: n, kv_heads, head_dim } = heads;
+        let Heads {
+            heads: n,
+            kv_heads,
+            head_dim,
+        } = heads;
         let (width, layout) = match packing {
-            Packing::Grouped => ((n + 2 * kv_heads) * head_dim, Layout::split_last(3, kv_heads)),
+            Packing::Grouped => (
+                (n + 2 * kv_heads) * head_dim,
+                Layout::split_last(3, kv_heads),
+            ),
             Packing::PerHead => (3 * n * head_dim, Layout::split_last(3, n)),
             Packing::MultiQuery => (
                 (n + 2) * head_dim,
                 Layout::Fused {
                     dim: 2,
                     parts: vec![
-                        Part { size: n * head_dim, units: Some(n) },
-                        Part { size: head_dim, units: None },
-                        Part { size: head_dim, units: None },
+                        Part {
+                            size: n * head_dim,
+                            units: Some(n),
+                        },
+                        Part {
+                            size: head_dim,
+                            units: None,
+                        },
+                        Part {
+                            size: head_dim,
+                            units: None,
+                        },
                     ],
                 },
             ),
         };
         Ok(Self {
             query_key_value: Linear::new(vb.pp("query_key_value"), (h, width), bias, BS, layout)?,
-            dense: Linear::new(vb.pp("dense"), (n * head_dim, h), bias, BS, Layout::Replicated)?,
+            dense: Linear::new(
+                vb.pp("dense"),
+                (n * head_dim, h),
+                bias,
+                BS,
+                Layout::Replicated,
+            )?,
             sites: AttnSites::new(&vb, heads)?,
             packing,
             heads,
@@ -214,19 +283,29 @@ impl Attention {
     /// Splits the fused projection into q `[b, s, heads, d]`, k and v `[b, s, kv_heads, d]`.
     fn split(&self, qkv: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = qkv.dims3()?;
-        let Heads { heads, kv_heads, head_dim: d } = self.heads;
+        let Heads {
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = self.heads;
         match self.packing {
             Packing::Grouped => {
                 let per_group = heads / kv_heads;
                 let g = qkv.reshape((b, s, kv_heads, per_group + 2, d))?;
                 let q = g.narrow(3, 0, per_group)?.reshape((b, s, heads, d))?;
                 let k = g.narrow(3, per_group, 1)?.reshape((b, s, kv_heads, d))?;
-                let v = g.narrow(3, per_group + 1, 1)?.reshape((b, s, kv_heads, d))?;
+                let v = g
+                    .narrow(3, per_group + 1, 1)?
+                    .reshape((b, s, kv_heads, d))?;
                 Ok((q, k, v))
             }
             Packing::MultiQuery => {
                 let g = qkv.reshape((b, s, heads + 2, d))?;
-                Ok((g.narrow(2, 0, heads)?, g.narrow(2, heads, 1)?, g.narrow(2, heads + 1, 1)?))
+                Ok((
+                    g.narrow(2, 0, heads)?,
+                    g.narrow(2, heads, 1)?,
+                    g.narrow(2, heads + 1, 1)?,
+                ))
             }
             Packing::PerHead => {
                 let g = qkv.reshape((b, s, heads, 3, d))?;
@@ -236,7 +315,14 @@ impl Attention {
         }
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
         let qkv = self.query_key_value.forward(x, run)?;
         let (q, k, v) = self.split(&qkv)?;
         let q = rope::apply(&q, cos, sin)?;
@@ -255,7 +341,13 @@ impl Mlp {
         Ok(Self {
             dense_h_to_4h: Linear::new(vb.pp("dense_h_to_4h"), (h, ffn), bias, BS, column.clone())?,
             act: Act::new(vb.pp("act"), act, BS, ffn, column)?,
-            dense_4h_to_h: Linear::new(vb.pp("dense_4h_to_h"), (ffn, h), bias, BS, Layout::Replicated)?,
+            dense_4h_to_h: Linear::new(
+                vb.pp("dense_4h_to_h"),
+                (ffn, h),
+                bias,
+                BS,
+                Layout::Replicated,
+            )?,
             site,
         })
     }
@@ -269,7 +361,14 @@ impl Mlp {
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
         let h = self.ln_attn.forward(x, run)?;
         // transformers runs both norms before the attention.
         let mlp_in = match &self.residual {
@@ -282,7 +381,9 @@ impl Layer {
                 let m = mlp_in.unwrap_or(h);
                 ((self.mlp.forward(&m, run)? + attn)? + x)?
             }
-            Residual::Sequential { post_attention_layernorm } => {
+            Residual::Sequential {
+                post_attention_layernorm,
+            } => {
                 let x = (attn + x)?;
                 let m = post_attention_layernorm.forward(&x, run)?;
                 (self.mlp.forward(&m, run)? + x)?

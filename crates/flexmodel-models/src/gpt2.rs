@@ -81,7 +81,12 @@ struct Mlp {
 impl Gpt2 {
     pub(crate) fn load(raw: &RawConfig, vb: Vb) -> Result<Box<dyn Model>> {
         let cfg: Config = raw.parse()?;
-        require("add_cross_attention", cfg.add_cross_attention, false, "cross-attention (encoder-decoder GPT-2) is not supported")?;
+        require(
+            "add_cross_attention",
+            cfg.add_cross_attention,
+            false,
+            "cross-attention (encoder-decoder GPT-2) is not supported",
+        )?;
         let h = cfg.n_embd;
         let inner = cfg.n_inner.unwrap_or(4 * h);
         let act = Activation::from_name("activation_function", &cfg.activation_function)?;
@@ -93,13 +98,23 @@ impl Gpt2 {
         let t = vb.pp("transformer");
         let base_site = t.site(shape(BS, h), Layout::Replicated)?;
         let wte = Embedding::new(t.pp("wte"), cfg.vocab_size, h, Layout::Replicated)?;
-        let wpe = Embedding::with_lead(t.pp("wpe"), cfg.n_positions, h, &[Dim::PosBatch, Dim::Seq], Layout::Replicated)?;
+        let wpe = Embedding::with_lead(
+            t.pp("wpe"),
+            cfg.n_positions,
+            h,
+            &[Dim::PosBatch, Dim::Seq],
+            Layout::Replicated,
+        )?;
         let drop = Identity::new(t.pp("drop"), BS, h)?;
         let blocks_vb = t.pp("h");
         let blocks = (0..cfg.n_layer)
             .map(|i| {
                 let vb = blocks_vb.pp(i);
-                let mut scale = if cfg.scale_attn_weights { (heads.head_dim as f64).powf(-0.5) } else { 1.0 };
+                let mut scale = if cfg.scale_attn_weights {
+                    (heads.head_dim as f64).powf(-0.5)
+                } else {
+                    1.0
+                };
                 if cfg.scale_attn_by_inverse_layer_idx {
                     scale /= (i + 1) as f64;
                 }
@@ -134,7 +149,13 @@ impl Attention {
         // [q | k | v], each split by head over tensor-parallel ranks.
         let fused = Layout::Fused {
             dim: 2,
-            parts: vec![flexmodel_core::layout::Part { size: h, units: Some(heads.heads) }; 3],
+            parts: vec![
+                flexmodel_core::layout::Part {
+                    size: h,
+                    units: Some(heads.heads)
+                };
+                3
+            ],
         };
         Ok(Self {
             c_attn: Linear::conv1d(vb.pp("c_attn"), (h, 3 * h), BS, fused)?,
@@ -149,10 +170,20 @@ impl Attention {
 
     fn forward(&self, x: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
         let (b, s, h) = x.dims3()?;
-        let Heads { heads, head_dim, .. } = self.heads;
+        let Heads {
+            heads, head_dim, ..
+        } = self.heads;
         let qkv = self.c_attn.forward(x, run)?;
         let split = |i: usize| qkv.narrow(2, i * h, h)?.reshape((b, s, heads, head_dim));
-        let out = attend(split(0)?, split(1)?, split(2)?, mask, self.scale, &self.sites, run)?;
+        let out = attend(
+            split(0)?,
+            split(1)?,
+            split(2)?,
+            mask,
+            self.scale,
+            &self.sites,
+            run,
+        )?;
         let out = self.c_proj.forward(&out, run)?;
         let out = self.resid_dropout.forward(out, run)?;
         run.site(self.site, out)

@@ -107,7 +107,12 @@ impl GptNeox {
                 Ok(Layer {
                     site: vb.site(shape(BS, h), Layout::Replicated)?,
                     input_layernorm: LayerNorm::new(vb.pp("input_layernorm"), h, eps, BS)?,
-                    post_attention_layernorm: LayerNorm::new(vb.pp("post_attention_layernorm"), h, eps, BS)?,
+                    post_attention_layernorm: LayerNorm::new(
+                        vb.pp("post_attention_layernorm"),
+                        h,
+                        eps,
+                        BS,
+                    )?,
                     post_attention_dropout: Identity::new(vb.pp("post_attention_dropout"), BS, h)?,
                     post_mlp_dropout: Identity::new(vb.pp("post_mlp_dropout"), BS, h)?,
                     attention: Attention::new(vb.pp("attention"), h, heads, cfg.attention_bias)?,
@@ -129,7 +134,13 @@ impl GptNeox {
         let lm_head = if cfg.tie_word_embeddings {
             Linear::tied(head_vb, embed_in.weight(), false)?
         } else {
-            Linear::new(head_vb, (h, cfg.vocab_size), false, BS, Layout::split_last(3, cfg.vocab_size))?
+            Linear::new(
+                head_vb,
+                (h, cfg.vocab_size),
+                false,
+                BS,
+                Layout::split_last(3, cfg.vocab_size),
+            )?
         };
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let body = Self {
@@ -160,10 +171,22 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let Heads { heads, head_dim, .. } = self.heads;
-        let qkv = self.query_key_value.forward(x, run)?.reshape((b, s, heads, 3 * head_dim))?;
+        let Heads {
+            heads, head_dim, ..
+        } = self.heads;
+        let qkv = self
+            .query_key_value
+            .forward(x, run)?
+            .reshape((b, s, heads, 3 * head_dim))?;
         let part = |i: usize| qkv.narrow(3, i * head_dim, head_dim);
         let q = rope::apply(&part(0)?, cos, sin)?;
         let k = rope::apply(&part(1)?, cos, sin)?;
@@ -179,8 +202,20 @@ impl Mlp {
         let site = vb.site(shape(BS, h), Layout::Replicated)?;
         let column = Layout::split_last(3, inter);
         Ok(Self {
-            dense_h_to_4h: Linear::new(vb.pp("dense_h_to_4h"), (h, inter), true, BS, column.clone())?,
-            dense_4h_to_h: Linear::new(vb.pp("dense_4h_to_h"), (inter, h), true, BS, Layout::Replicated)?,
+            dense_h_to_4h: Linear::new(
+                vb.pp("dense_h_to_4h"),
+                (h, inter),
+                true,
+                BS,
+                column.clone(),
+            )?,
+            dense_4h_to_h: Linear::new(
+                vb.pp("dense_4h_to_h"),
+                (inter, h),
+                true,
+                BS,
+                Layout::Replicated,
+            )?,
             act: Act::new(vb.pp("act"), act, BS, inter, column)?,
             site,
         })
@@ -195,7 +230,14 @@ impl Mlp {
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
         let h = self.input_layernorm.forward(x, run)?;
         let attn = self.attention.forward(&h, cos, sin, mask, run)?;
         let attn = self.post_attention_dropout.forward(attn, run)?;

@@ -167,7 +167,14 @@ impl<F: Family> Model for Loaded<F> {
 }
 
 /// Facts every family reports.
-pub(crate) fn info(cfg: &RawConfig, vb: &Vb, vocab: usize, hidden: usize, layers: &Vb, n: usize) -> Result<ModelInfo> {
+pub(crate) fn info(
+    cfg: &RawConfig,
+    vb: &Vb,
+    vocab: usize,
+    hidden: usize,
+    layers: &Vb,
+    n: usize,
+) -> Result<ModelInfo> {
     Ok(ModelInfo {
         model_type: cfg.model_type()?.to_string(),
         vocab_size: vocab,

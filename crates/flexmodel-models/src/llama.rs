@@ -115,7 +115,9 @@ impl Llama {
         let heads = Heads {
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads),
-            head_dim: cfg.head_dim.unwrap_or(cfg.hidden_size / cfg.num_attention_heads),
+            head_dim: cfg
+                .head_dim
+                .unwrap_or(cfg.hidden_size / cfg.num_attention_heads),
         };
         if heads.kv_heads == 0 || heads.heads % heads.kv_heads != 0 {
             return Err(raw.error(format!(
@@ -163,7 +165,13 @@ impl Llama {
         let lm_head = if tie {
             Linear::tied(vb.pp("lm_head"), embed.weight(), false)?
         } else {
-            Linear::new(vb.pp("lm_head"), (h, cfg.vocab_size), false, BS, Layout::split_last(3, cfg.vocab_size))?
+            Linear::new(
+                vb.pp("lm_head"),
+                (h, cfg.vocab_size),
+                false,
+                BS,
+                Layout::split_last(3, cfg.vocab_size),
+            )?
         };
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let window = cfg.sliding_window.filter(|_| sliding.iter().any(|&s| s));
@@ -190,21 +198,31 @@ fn sliding_layers(cfg: &Config, variant: Variant) -> Result<Vec<bool>> {
     }
     if let Some(types) = &cfg.layer_types {
         if types.len() != n {
-            return Err(Error::unsupported("layer_types", format!("{types:?}"), format!("need one entry per layer ({n})")));
+            return Err(Error::unsupported(
+                "layer_types",
+                format!("{types:?}"),
+                format!("need one entry per layer ({n})"),
+            ));
         }
         return types
             .iter()
             .map(|t| match t.as_str() {
                 "full_attention" => Ok(false),
                 "sliding_attention" => Ok(true),
-                other => Err(Error::unsupported("layer_types", format!("{other:?}"), "supported: full_attention, sliding_attention")),
+                other => Err(Error::unsupported(
+                    "layer_types",
+                    format!("{other:?}"),
+                    "supported: full_attention, sliding_attention",
+                )),
             })
             .collect();
     }
     Ok(match variant {
         Variant::Qwen2 => {
             let from = cfg.max_window_layers.unwrap_or(0);
-            (0..n).map(|i| cfg.use_sliding_window == Some(true) && i >= from).collect()
+            (0..n)
+                .map(|i| cfg.use_sliding_window == Some(true) && i >= from)
+                .collect()
         }
         Variant::Mistral => vec![true; n],
         Variant::Llama | Variant::Gemma => vec![false; n],
@@ -223,9 +241,27 @@ impl Attention {
         let kv_dim = heads.kv_heads * heads.head_dim;
         let column = |units| Layout::split_last(3, units);
         Ok(Self {
-            q_proj: Linear::new(vb.pp("q_proj"), (h, q_dim), qkv_bias, BS, column(heads.heads))?,
-            k_proj: Linear::new(vb.pp("k_proj"), (h, kv_dim), qkv_bias, BS, column(heads.kv_heads))?,
-            v_proj: Linear::new(vb.pp("v_proj"), (h, kv_dim), qkv_bias, BS, column(heads.kv_heads))?,
+            q_proj: Linear::new(
+                vb.pp("q_proj"),
+                (h, q_dim),
+                qkv_bias,
+                BS,
+                column(heads.heads),
+            )?,
+            k_proj: Linear::new(
+                vb.pp("k_proj"),
+                (h, kv_dim),
+                qkv_bias,
+                BS,
+                column(heads.kv_heads),
+            )?,
+            v_proj: Linear::new(
+                vb.pp("v_proj"),
+                (h, kv_dim),
+                qkv_bias,
+                BS,
+                column(heads.kv_heads),
+            )?,
             o_proj: Linear::new(vb.pp("o_proj"), (q_dim, h), o_bias, BS, Layout::Replicated)?,
             sites: AttnSites::new(&vb, heads)?,
             heads,
@@ -233,12 +269,32 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let Heads { heads, kv_heads, head_dim } = self.heads;
-        let q = self.q_proj.forward(x, run)?.reshape((b, s, heads, head_dim))?;
-        let k = self.k_proj.forward(x, run)?.reshape((b, s, kv_heads, head_dim))?;
-        let v = self.v_proj.forward(x, run)?.reshape((b, s, kv_heads, head_dim))?;
+        let Heads {
+            heads,
+            kv_heads,
+            head_dim,
+        } = self.heads;
+        let q = self
+            .q_proj
+            .forward(x, run)?
+            .reshape((b, s, heads, head_dim))?;
+        let k = self
+            .k_proj
+            .forward(x, run)?
+            .reshape((b, s, kv_heads, head_dim))?;
+        let v = self
+            .v_proj
+            .forward(x, run)?
+            .reshape((b, s, kv_heads, head_dim))?;
         let q = rope::apply(&q, cos, sin)?;
         let k = rope::apply(&k, cos, sin)?;
         let scale = (head_dim as f64).powf(-0.5);
@@ -271,9 +327,18 @@ impl Mlp {
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, pass: &Pass, run: &mut Run) -> FwdResult<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        pass: &Pass,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
         let h = self.input_layernorm.forward(x, run)?;
-        let h = self.self_attn.forward(&h, cos, sin, pass.mask(self.sliding), run)?;
+        let h = self
+            .self_attn
+            .forward(&h, cos, sin, pass.mask(self.sliding), run)?;
         let x = (x + h)?;
         let h = self.post_attention_layernorm.forward(&x, run)?;
         let h = self.mlp.forward(&h, run)?;

@@ -7,8 +7,8 @@
 use candle_core::{D, DType, Tensor};
 use flexmodel_core::{Dim, Layout, Run, SiteId};
 
-use crate::error::{Error, Result};
 use crate::FwdResult;
+use crate::error::{Error, Result};
 use crate::weights::Vb;
 
 /// Leading dims of a per-token activation.
@@ -36,13 +36,24 @@ pub(crate) struct Linear {
 
 impl Linear {
     /// A Hugging Face `nn.Linear(d_in, d_out)` (weight `[out, in]`).
-    pub(crate) fn new(vb: Vb, (d_in, d_out): (usize, usize), bias: bool, lead: &[Dim], layout: Layout) -> Result<Self> {
+    pub(crate) fn new(
+        vb: Vb,
+        (d_in, d_out): (usize, usize),
+        bias: bool,
+        lead: &[Dim],
+        layout: Layout,
+    ) -> Result<Self> {
         let wt = vb.get("weight", (d_out, d_in))?.t()?;
         Self::with_weight(vb, wt, bias, lead, layout)
     }
 
     /// A GPT-2 `Conv1D(d_out, d_in)` (weight `[in, out]`).
-    pub(crate) fn conv1d(vb: Vb, (d_in, d_out): (usize, usize), lead: &[Dim], layout: Layout) -> Result<Self> {
+    pub(crate) fn conv1d(
+        vb: Vb,
+        (d_in, d_out): (usize, usize),
+        lead: &[Dim],
+        layout: Layout,
+    ) -> Result<Self> {
         let wt = vb.get("weight", (d_in, d_out))?;
         Self::with_weight(vb, wt, true, lead, layout)
     }
@@ -56,7 +67,11 @@ impl Linear {
 
     fn with_weight(vb: Vb, wt: Tensor, bias: bool, lead: &[Dim], layout: Layout) -> Result<Self> {
         let d_out = wt.dim(1)?;
-        let bias = if bias { Some(vb.get("bias", d_out)?) } else { None };
+        let bias = if bias {
+            Some(vb.get("bias", d_out)?)
+        } else {
+            None
+        };
         let site = vb.site(shape(lead, d_out), layout)?;
         Ok(Self { wt, bias, site })
     }
@@ -96,7 +111,13 @@ impl Embedding {
     }
 
     /// An embedding whose site has other leading dims (position embeddings: `PosBatch`).
-    pub(crate) fn with_lead(vb: Vb, rows: usize, dim: usize, lead: &[Dim], layout: Layout) -> Result<Self> {
+    pub(crate) fn with_lead(
+        vb: Vb,
+        rows: usize,
+        dim: usize,
+        lead: &[Dim],
+        layout: Layout,
+    ) -> Result<Self> {
         let weight = vb.get("weight", (rows, dim))?;
         let site = vb.site(shape(lead, dim), layout)?;
         Ok(Self { weight, site })
@@ -182,25 +203,52 @@ impl LayerNorm {
     }
 
     /// A `LayerNorm(dim)` on a tensor split over ranks by `layout` (per-head norms).
-    pub(crate) fn with_layout(vb: Vb, dim: usize, eps: f64, lead: &[Dim], layout: Layout) -> Result<Self> {
+    pub(crate) fn with_layout(
+        vb: Vb,
+        dim: usize,
+        eps: f64,
+        lead: &[Dim],
+        layout: Layout,
+    ) -> Result<Self> {
         Self::build(vb, dim, eps, lead, layout, true)
     }
 
     /// A `LayerNorm` without weight and bias when `affine` is false (OPT's
     /// `layer_norm_elementwise_affine`).
-    pub(crate) fn with_affine(vb: Vb, dim: usize, eps: f64, lead: &[Dim], affine: bool) -> Result<Self> {
+    pub(crate) fn with_affine(
+        vb: Vb,
+        dim: usize,
+        eps: f64,
+        lead: &[Dim],
+        affine: bool,
+    ) -> Result<Self> {
         Self::build(vb, dim, eps, lead, Layout::Replicated, affine)
     }
 
-    fn build(vb: Vb, dim: usize, eps: f64, lead: &[Dim], layout: Layout, affine: bool) -> Result<Self> {
+    fn build(
+        vb: Vb,
+        dim: usize,
+        eps: f64,
+        lead: &[Dim],
+        layout: Layout,
+        affine: bool,
+    ) -> Result<Self> {
         let device = vb.device().clone();
         let (weight, bias) = if affine {
             (vb.get_f32("weight", dim)?, vb.get_f32("bias", dim)?)
         } else {
-            (Tensor::ones(dim, DType::F32, &device)?, Tensor::zeros(dim, DType::F32, &device)?)
+            (
+                Tensor::ones(dim, DType::F32, &device)?,
+                Tensor::zeros(dim, DType::F32, &device)?,
+            )
         };
         let site = vb.site(shape(lead, dim), layout)?;
-        Ok(Self { weight, bias, eps, site })
+        Ok(Self {
+            weight,
+            bias,
+            eps,
+            site,
+        })
     }
 
     pub(crate) fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
@@ -211,9 +259,16 @@ impl LayerNorm {
             let centered = x32.broadcast_sub(&mean)?;
             let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
             let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-            normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?
+            normed
+                .broadcast_mul(&self.weight)?
+                .broadcast_add(&self.bias)?
         } else {
-            candle_nn::ops::layer_norm(&x32.contiguous()?, &self.weight, &self.bias, self.eps as f32)?
+            candle_nn::ops::layer_norm(
+                &x32.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            )?
         };
         run.site(self.site, y.to_dtype(dtype)?)
     }
@@ -278,7 +333,13 @@ pub(crate) struct Act {
 }
 
 impl Act {
-    pub(crate) fn new(vb: Vb, act: Activation, lead: &[Dim], dim: usize, layout: Layout) -> Result<Self> {
+    pub(crate) fn new(
+        vb: Vb,
+        act: Activation,
+        lead: &[Dim],
+        dim: usize,
+        layout: Layout,
+    ) -> Result<Self> {
         let site = vb.site(shape(lead, dim), layout)?;
         Ok(Self { act, site })
     }

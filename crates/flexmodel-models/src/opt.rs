@@ -97,19 +97,43 @@ impl Opt {
         let act = Activation::from_name("activation_function", &cfg.activation_function)?;
         let d = vb.pp("model").pp("decoder");
         let decoder_site = d.site(shape(BS, proj), Layout::Replicated)?;
-        let embed_tokens = Embedding::new(d.pp("embed_tokens"), cfg.vocab_size, proj, Layout::Replicated)?;
+        let embed_tokens = Embedding::new(
+            d.pp("embed_tokens"),
+            cfg.vocab_size,
+            proj,
+            Layout::Replicated,
+        )?;
         let positions = cfg.max_position_embeddings + POSITION_OFFSET as usize;
-        let embed_positions = Embedding::new(d.pp("embed_positions"), positions, h, Layout::Replicated)?;
+        let embed_positions =
+            Embedding::new(d.pp("embed_positions"), positions, h, Layout::Replicated)?;
         let (project_out, project_in) = if proj != h {
             (
-                Some(Linear::new(d.pp("project_out"), (h, proj), false, BS, Layout::Replicated)?),
-                Some(Linear::new(d.pp("project_in"), (proj, h), false, BS, Layout::Replicated)?),
+                Some(Linear::new(
+                    d.pp("project_out"),
+                    (h, proj),
+                    false,
+                    BS,
+                    Layout::Replicated,
+                )?),
+                Some(Linear::new(
+                    d.pp("project_in"),
+                    (proj, h),
+                    false,
+                    BS,
+                    Layout::Replicated,
+                )?),
             )
         } else {
             (None, None)
         };
         let final_layer_norm = if cfg.do_layer_norm_before && !cfg.remove_final_layer_norm {
-            Some(LayerNorm::with_affine(d.pp("final_layer_norm"), h, EPS, BS, cfg.layer_norm_elementwise_affine)?)
+            Some(LayerNorm::with_affine(
+                d.pp("final_layer_norm"),
+                h,
+                EPS,
+                BS,
+                cfg.layer_norm_elementwise_affine,
+            )?)
         } else {
             None
         };
@@ -120,7 +144,13 @@ impl Opt {
         let lm_head = if cfg.tie_word_embeddings.unwrap_or(true) {
             Linear::tied(vb.pp("lm_head"), embed_tokens.weight(), false)?
         } else {
-            Linear::new(vb.pp("lm_head"), (proj, cfg.vocab_size), false, BS, Layout::split_last(3, cfg.vocab_size))?
+            Linear::new(
+                vb.pp("lm_head"),
+                (proj, cfg.vocab_size),
+                false,
+                BS,
+                Layout::split_last(3, cfg.vocab_size),
+            )?
         };
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let body = Self {
@@ -148,11 +178,35 @@ impl Layer {
         let column = Layout::split_last(2, cfg.ffn_dim);
         Ok(Self {
             self_attn: Attention::new(vb.pp("self_attn"), h, heads, bias)?,
-            activation_fn: Act::new(vb.pp("activation_fn"), act, TOKENS, cfg.ffn_dim, column.clone())?,
-            self_attn_layer_norm: LayerNorm::with_affine(vb.pp("self_attn_layer_norm"), h, EPS, BS, affine)?,
+            activation_fn: Act::new(
+                vb.pp("activation_fn"),
+                act,
+                TOKENS,
+                cfg.ffn_dim,
+                column.clone(),
+            )?,
+            self_attn_layer_norm: LayerNorm::with_affine(
+                vb.pp("self_attn_layer_norm"),
+                h,
+                EPS,
+                BS,
+                affine,
+            )?,
             fc1: Linear::new(vb.pp("fc1"), (h, cfg.ffn_dim), bias, TOKENS, column)?,
-            fc2: Linear::new(vb.pp("fc2"), (cfg.ffn_dim, h), bias, TOKENS, Layout::Replicated)?,
-            final_layer_norm: LayerNorm::with_affine(vb.pp("final_layer_norm"), h, EPS, final_lead, affine)?,
+            fc2: Linear::new(
+                vb.pp("fc2"),
+                (cfg.ffn_dim, h),
+                bias,
+                TOKENS,
+                Layout::Replicated,
+            )?,
+            final_layer_norm: LayerNorm::with_affine(
+                vb.pp("final_layer_norm"),
+                h,
+                EPS,
+                final_lead,
+                affine,
+            )?,
             pre_ln,
             site,
         })
@@ -201,12 +255,23 @@ impl Attention {
 
     fn forward(&self, x: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let Heads { heads, head_dim, .. } = self.heads;
+        let Heads {
+            heads, head_dim, ..
+        } = self.heads;
         // transformers calls q_proj first and scales its output by head_dim^-0.5; the scale
         // is applied to the scores here, so `hook_q` is the unscaled query.
-        let q = self.q_proj.forward(x, run)?.reshape((b, s, heads, head_dim))?;
-        let k = self.k_proj.forward(x, run)?.reshape((b, s, heads, head_dim))?;
-        let v = self.v_proj.forward(x, run)?.reshape((b, s, heads, head_dim))?;
+        let q = self
+            .q_proj
+            .forward(x, run)?
+            .reshape((b, s, heads, head_dim))?;
+        let k = self
+            .k_proj
+            .forward(x, run)?
+            .reshape((b, s, heads, head_dim))?;
+        let v = self
+            .v_proj
+            .forward(x, run)?
+            .reshape((b, s, heads, head_dim))?;
         let scale = (head_dim as f64).powf(-0.5);
         let out = attend(q, k, v, mask, scale, &self.sites, run)?;
         let out = self.out_proj.forward(&out, run)?;
@@ -242,4 +307,3 @@ impl Family for Opt {
         self.lm_head.forward(&x, run)
     }
 }
-

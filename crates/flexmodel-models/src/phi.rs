@@ -103,7 +103,12 @@ impl Phi {
                     site: vb.site(shape(BS, h), Layout::Replicated)?,
                     self_attn: Attention::new(vb.pp("self_attn"), h, heads, &cfg)?,
                     mlp: Mlp::new(vb.pp("mlp"), h, cfg.intermediate_size, act)?,
-                    input_layernorm: LayerNorm::new(vb.pp("input_layernorm"), h, cfg.layer_norm_eps, BS)?,
+                    input_layernorm: LayerNorm::new(
+                        vb.pp("input_layernorm"),
+                        h,
+                        cfg.layer_norm_eps,
+                        BS,
+                    )?,
                     resid_dropout: Identity::new(vb.pp("resid_dropout"), BS, h)?,
                 })
             })
@@ -117,7 +122,13 @@ impl Phi {
         let lm_head = if cfg.tie_word_embeddings {
             Linear::tied(vb.pp("lm_head"), embed.weight(), true)?
         } else {
-            Linear::new(vb.pp("lm_head"), (h, cfg.vocab_size), true, BS, Layout::split_last(3, cfg.vocab_size))?
+            Linear::new(
+                vb.pp("lm_head"),
+                (h, cfg.vocab_size),
+                true,
+                BS,
+                Layout::split_last(3, cfg.vocab_size),
+            )?
         };
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let body = Self {
@@ -141,16 +152,37 @@ impl Attention {
         let kv_dim = heads.kv_heads * heads.head_dim;
         let column = |units| Layout::split_last(3, units);
         let q_proj = Linear::new(vb.pp("q_proj"), (h, q_dim), true, BS, column(heads.heads))?;
-        let k_proj = Linear::new(vb.pp("k_proj"), (h, kv_dim), true, BS, column(heads.kv_heads))?;
-        let v_proj = Linear::new(vb.pp("v_proj"), (h, kv_dim), true, BS, column(heads.kv_heads))?;
+        let k_proj = Linear::new(
+            vb.pp("k_proj"),
+            (h, kv_dim),
+            true,
+            BS,
+            column(heads.kv_heads),
+        )?;
+        let v_proj = Linear::new(
+            vb.pp("v_proj"),
+            (h, kv_dim),
+            true,
+            BS,
+            column(heads.kv_heads),
+        )?;
         let dense = Linear::new(vb.pp("dense"), (q_dim, h), true, BS, Layout::Replicated)?;
         let qk_layernorm = if cfg.qk_layernorm {
             // Applied per head on [batch, heads, seq, head_dim].
             let lead = |n| [Dim::Batch, Dim::Size(n), Dim::Seq];
             let norm = |name: &str, n: usize| {
-                LayerNorm::with_layout(vb.pp(name), heads.head_dim, cfg.layer_norm_eps, &lead(n), Layout::Split { dim: 1, units: n })
+                LayerNorm::with_layout(
+                    vb.pp(name),
+                    heads.head_dim,
+                    cfg.layer_norm_eps,
+                    &lead(n),
+                    Layout::Split { dim: 1, units: n },
+                )
             };
-            Some((norm("q_layernorm", heads.heads)?, norm("k_layernorm", heads.kv_heads)?))
+            Some((
+                norm("q_layernorm", heads.heads)?,
+                norm("k_layernorm", heads.kv_heads)?,
+            ))
         } else {
             None
         };
@@ -166,12 +198,32 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let Heads { heads, kv_heads, head_dim } = self.heads;
-        let mut q = self.q_proj.forward(x, run)?.reshape((b, s, heads, head_dim))?;
-        let mut k = self.k_proj.forward(x, run)?.reshape((b, s, kv_heads, head_dim))?;
-        let v = self.v_proj.forward(x, run)?.reshape((b, s, kv_heads, head_dim))?;
+        let Heads {
+            heads,
+            kv_heads,
+            head_dim,
+        } = self.heads;
+        let mut q = self
+            .q_proj
+            .forward(x, run)?
+            .reshape((b, s, heads, head_dim))?;
+        let mut k = self
+            .k_proj
+            .forward(x, run)?
+            .reshape((b, s, kv_heads, head_dim))?;
+        let v = self
+            .v_proj
+            .forward(x, run)?
+            .reshape((b, s, kv_heads, head_dim))?;
         if let Some((q_norm, k_norm)) = &self.qk_layernorm {
             q = q_norm.forward(&q.transpose(1, 2)?, run)?.transpose(1, 2)?;
             k = k_norm.forward(&k.transpose(1, 2)?, run)?.transpose(1, 2)?;
@@ -206,7 +258,14 @@ impl Mlp {
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
         let h = self.input_layernorm.forward(x, run)?;
         let attn = self.self_attn.forward(&h, cos, sin, mask, run)?;
         let attn = self.resid_dropout.forward(attn, run)?;

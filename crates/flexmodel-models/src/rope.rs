@@ -13,10 +13,29 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug, PartialEq)]
 enum Scaling {
     Default,
-    Linear { factor: f64 },
-    Dynamic { factor: f64, original_max: f64 },
-    Llama3 { factor: f64, low: f64, high: f64, original_max: f64 },
-    Yarn { factor: f64, original_max: f64, beta_fast: f64, beta_slow: f64, attention_factor: Option<f64>, mscale: Option<f64>, mscale_all_dim: Option<f64>, truncate: bool },
+    Linear {
+        factor: f64,
+    },
+    Dynamic {
+        factor: f64,
+        original_max: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low: f64,
+        high: f64,
+        original_max: f64,
+    },
+    Yarn {
+        factor: f64,
+        original_max: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: Option<f64>,
+        mscale: Option<f64>,
+        mscale_all_dim: Option<f64>,
+        truncate: bool,
+    },
 }
 
 /// Rotary embedding of one model: the rotated width and the frequencies.
@@ -37,7 +56,11 @@ const ROPE_TYPES: &str = "default, linear, dynamic, llama3, yarn";
 impl Rope {
     /// Reads the rope settings of `cfg` (5.x `rope_parameters`, or 4.x `rope_theta`,
     /// `rope_scaling`, `partial_rotary_factor`, GPT-NeoX's `rotary_pct`/`rotary_emb_base`).
-    pub(crate) fn from_config(cfg: &RawConfig, head_dim: usize, max_positions: usize) -> Result<Self> {
+    pub(crate) fn from_config(
+        cfg: &RawConfig,
+        head_dim: usize,
+        max_positions: usize,
+    ) -> Result<Self> {
         let params = cfg
             .get("rope_parameters")
             .or_else(|| cfg.get("rope_scaling"))
@@ -61,7 +84,9 @@ impl Rope {
             return Err(Error::unsupported(
                 "partial_rotary_factor",
                 partial,
-                format!("the rotary width (head_dim {head_dim} x factor) must be even and positive"),
+                format!(
+                    "the rotary width (head_dim {head_dim} x factor) must be even and positive"
+                ),
             ));
         }
         let rope_type = params
@@ -70,7 +95,8 @@ impl Rope {
             .and_then(Value::as_str)
             .unwrap_or("default");
         let factor = || {
-            num("factor").ok_or_else(|| cfg.error(format!("rope type `{rope_type}` needs a `factor`")))
+            num("factor")
+                .ok_or_else(|| cfg.error(format!("rope type `{rope_type}` needs a `factor`")))
         };
         let original_max = num("original_max_position_embeddings").unwrap_or(max_positions as f64);
         let scaling = match rope_type {
@@ -82,10 +108,13 @@ impl Rope {
             },
             "llama3" => Scaling::Llama3 {
                 factor: factor()?,
-                low: num("low_freq_factor").ok_or_else(|| cfg.error("llama3 rope needs `low_freq_factor`"))?,
-                high: num("high_freq_factor").ok_or_else(|| cfg.error("llama3 rope needs `high_freq_factor`"))?,
-                original_max: num("original_max_position_embeddings")
-                    .ok_or_else(|| cfg.error("llama3 rope needs `original_max_position_embeddings`"))?,
+                low: num("low_freq_factor")
+                    .ok_or_else(|| cfg.error("llama3 rope needs `low_freq_factor`"))?,
+                high: num("high_freq_factor")
+                    .ok_or_else(|| cfg.error("llama3 rope needs `high_freq_factor`"))?,
+                original_max: num("original_max_position_embeddings").ok_or_else(|| {
+                    cfg.error("llama3 rope needs `original_max_position_embeddings`")
+                })?,
             },
             "yarn" => Scaling::Yarn {
                 factor: factor()?,
@@ -95,7 +124,10 @@ impl Rope {
                 attention_factor: num("attention_factor"),
                 mscale: num("mscale"),
                 mscale_all_dim: num("mscale_all_dim"),
-                truncate: params.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                truncate: params
+                    .get("truncate")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true),
             },
             other => {
                 return Err(Error::unsupported(
@@ -118,7 +150,12 @@ impl Rope {
     /// `(cos, sin)`, each `[pos_batch, seq, dim]`, for integer `positions` `[pos_batch, seq]`,
     /// as Hugging Face's rotary module returns them (`cat(freqs, freqs)`, times the attention
     /// factor).
-    pub(crate) fn cos_sin(&self, positions: &[Vec<u32>], dtype: DType, device: &Device) -> crate::FwdResult<(Tensor, Tensor)> {
+    pub(crate) fn cos_sin(
+        &self,
+        positions: &[Vec<u32>],
+        dtype: DType,
+        device: &Device,
+    ) -> crate::FwdResult<(Tensor, Tensor)> {
         let max_pos = positions.iter().flatten().copied().max().unwrap_or(0) as f64;
         let dynamic;
         let inv_freq = match self.scaling {
@@ -163,7 +200,10 @@ pub(crate) fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Resu
     let (x_rot, x_pass) = if rot == head_dim {
         (x.clone(), None)
     } else {
-        (x.narrow(D::Minus1, 0, rot)?, Some(x.narrow(D::Minus1, rot, head_dim - rot)?))
+        (
+            x.narrow(D::Minus1, 0, rot)?,
+            Some(x.narrow(D::Minus1, rot, head_dim - rot)?),
+        )
     };
     let half = rot / 2;
     let x1 = x_rot.narrow(D::Minus1, 0, half)?;
@@ -179,17 +219,29 @@ pub(crate) fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Resu
 /// Inverse frequencies (f64, converted to f32 where torch would) and the attention factor.
 fn frequencies(theta: f64, dim: usize, scaling: &Scaling, seq_len: Option<f64>) -> (Vec<f64>, f64) {
     let exponents = (0..dim).step_by(2).map(|i| i as f64 / dim as f64);
-    let base_freq = |base: f64| -> Vec<f64> { exponents.clone().map(|e| 1.0 / base.powf(e)).collect() };
+    let base_freq =
+        |base: f64| -> Vec<f64> { exponents.clone().map(|e| 1.0 / base.powf(e)).collect() };
     match *scaling {
         Scaling::Default => (base_freq(theta), 1.0),
-        Scaling::Linear { factor } => (base_freq(theta).into_iter().map(|f| f / factor).collect(), 1.0),
-        Scaling::Dynamic { factor, original_max } => {
+        Scaling::Linear { factor } => (
+            base_freq(theta).into_iter().map(|f| f / factor).collect(),
+            1.0,
+        ),
+        Scaling::Dynamic {
+            factor,
+            original_max,
+        } => {
             let seq = seq_len.unwrap_or(original_max).max(original_max);
             let d = dim as f64;
             let base = theta * ((factor * seq / original_max) - (factor - 1.0)).powf(d / (d - 2.0));
             (base_freq(base), 1.0)
         }
-        Scaling::Llama3 { factor, low, high, original_max } => {
+        Scaling::Llama3 {
+            factor,
+            low,
+            high,
+            original_max,
+        } => {
             let low_wavelen = original_max / low;
             let high_wavelen = original_max / high;
             let freqs = base_freq(theta)
@@ -208,14 +260,33 @@ fn frequencies(theta: f64, dim: usize, scaling: &Scaling, seq_len: Option<f64>) 
                 .collect();
             (freqs, 1.0)
         }
-        Scaling::Yarn { factor, original_max, beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim, truncate } => {
-            let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+        Scaling::Yarn {
+            factor,
+            original_max,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            mscale,
+            mscale_all_dim,
+            truncate,
+        } => {
+            let get_mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
+            };
             let attention = attention_factor.unwrap_or_else(|| match (mscale, mscale_all_dim) {
-                (Some(m), Some(a)) if m != 0.0 && a != 0.0 => get_mscale(factor, m) / get_mscale(factor, a),
+                (Some(m), Some(a)) if m != 0.0 && a != 0.0 => {
+                    get_mscale(factor, m) / get_mscale(factor, a)
+                }
                 _ => get_mscale(factor, 1.0),
             });
             let d = dim as f64;
-            let correction = |rotations: f64| d * (original_max / (rotations * 2.0 * PI)).ln() / (2.0 * theta.ln());
+            let correction = |rotations: f64| {
+                d * (original_max / (rotations * 2.0 * PI)).ln() / (2.0 * theta.ln())
+            };
             let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
             if truncate {
                 low = low.floor();
@@ -232,7 +303,8 @@ fn frequencies(theta: f64, dim: usize, scaling: &Scaling, seq_len: Option<f64>) 
                     let interpolation = extrapolation / factor;
                     let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
                     let extrapolation_factor = 1.0 - ramp;
-                    interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
+                    interpolation * (1.0 - extrapolation_factor)
+                        + extrapolation * extrapolation_factor
                 })
                 .collect();
             (freqs, attention)

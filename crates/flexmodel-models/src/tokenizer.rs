@@ -63,7 +63,9 @@ impl Tokenizer {
 pub fn pad_right(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Input> {
     let width = rows.iter().map(Vec::len).max().unwrap_or(0);
     if rows.is_empty() || rows.iter().any(Vec::is_empty) {
-        return Err(flexmodel_core::Error::Input("every prompt needs at least one token".into()).into());
+        return Err(
+            flexmodel_core::Error::Input("every prompt needs at least one token".into()).into(),
+        );
     }
     let mut ids = Vec::with_capacity(rows.len() * width);
     let mut mask = Vec::with_capacity(rows.len() * width);
@@ -78,5 +80,8 @@ pub fn pad_right(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Inpu
     if rows.iter().all(|r| r.len() == width) {
         return Ok(Input::new(input_ids));
     }
-    Ok(Input::with_mask(input_ids, Tensor::from_vec(mask, shape, device)?))
+    Ok(Input::with_mask(
+        input_ids,
+        Tensor::from_vec(mask, shape, device)?,
+    ))
 }

@@ -71,8 +71,12 @@ impl Weights {
             })?;
             let data_start = 8 + header;
             for (name, info) in metadata.tensors() {
-                let dtype = to_dtype(info.dtype)
-                    .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {:?}", info.dtype)))?;
+                let dtype = to_dtype(info.dtype).ok_or_else(|| {
+                    bad(format!(
+                        "tensor `{name}` has unsupported dtype {:?}",
+                        info.dtype
+                    ))
+                })?;
                 let (start, end) = info.data_offsets;
                 entries.insert(
                     name,
@@ -103,7 +107,9 @@ impl Weights {
             return Some((k, e));
         }
         let (_, rest) = name.split_once('.')?;
-        self.entries.get_key_value(rest).map(|(k, e)| (k.as_str(), e))
+        self.entries
+            .get_key_value(rest)
+            .map(|(k, e)| (k.as_str(), e))
     }
 
     pub(crate) fn contains(&self, name: &str) -> bool {
@@ -245,7 +251,8 @@ impl Vb {
 
     /// The weight `name` under this path in f32 (norm weights: normalisation runs in f32).
     pub(crate) fn get_f32(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
-        self.weights.get(&self.full(name), &shape.into(), DType::F32)
+        self.weights
+            .get(&self.full(name), &shape.into(), DType::F32)
     }
 
     /// Whether the checkpoint has `name` under this path.
@@ -271,7 +278,10 @@ impl Vb {
     /// Declares `<path>.<name>`, a site inside this module that is not a module itself.
     pub(crate) fn internal(&self, name: &str, shape: Vec<Dim>, layout: Layout) -> Result<SiteId> {
         let full = join(&self.path, &name);
-        Ok(self.sites.borrow_mut().add(full, SiteKind::Internal, shape, layout)?)
+        Ok(self
+            .sites
+            .borrow_mut()
+            .add(full, SiteKind::Internal, shape, layout)?)
     }
 
     /// The sites declared so far (call once construction is complete).

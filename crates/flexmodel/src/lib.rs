@@ -27,9 +27,11 @@
 //! [`flexmodel_core`] for the list and [`Layout`] for how sites are split over ranks.
 
 pub use candle_core::{DType, Device, Tensor};
+pub use flexmodel_core::site;
 pub use flexmodel_core::{
     Dim, Edit, Error, FlexModel, HookCtx, HookFunction, HookHandle, Input, Layout, Model,
     ModelInfo, OutputMap, Result, Run, SaveContext, SiteId, SiteInfo, SiteKind, SiteTable,
 };
-pub use flexmodel_core::site;
-pub use flexmodel_models::{Error as LoadError, LoadOptions, SUPPORTED, Tokenizer, load, pad_right, sites};
+pub use flexmodel_models::{
+    Error as LoadError, LoadOptions, SUPPORTED, Tokenizer, load, pad_right, sites,
+};

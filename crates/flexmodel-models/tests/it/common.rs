@@ -24,19 +24,29 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
-pub fn model_dir(arch: &str) -> PathBuf {
-    fixtures().join(arch)
+/// The directory of a fixture: a base architecture from `shared/fixtures`, or a variant
+/// (an architecture with other config options) from this repository's `fixtures/variants`.
+pub fn model_dir(name: &str) -> PathBuf {
+    let variant = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/variants/models")
+        .join(name);
+    if variant.exists() {
+        variant
+    } else {
+        fixtures().join(name)
+    }
 }
 
-/// The reference tensors of `arch`.
-pub fn reference(arch: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(model_dir(arch).join("reference.safetensors"), &Device::Cpu)
+/// The reference tensors of a fixture.
+pub fn reference(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(model_dir(name).join("reference.safetensors"), &Device::Cpu)
         .expect("reference.safetensors")
 }
 
-/// `reference.json` of `arch`.
-pub fn reference_json(arch: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(model_dir(arch).join("reference.json")).expect("reference.json");
+/// `reference.json` of a fixture.
+pub fn reference_json(name: &str) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(model_dir(name).join("reference.json")).expect("reference.json");
     serde_json::from_str(&text).expect("valid json")
 }
 
@@ -45,8 +55,21 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
-    let diff = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    let norm = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let diff = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let norm = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     (diff / norm.max(1e-30)).sqrt()
 }
 

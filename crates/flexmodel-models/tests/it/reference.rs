@@ -46,7 +46,9 @@ fn check_site_list(arch: &str) {
     let sites = flexmodel_models::sites(model_dir(arch)).unwrap();
     for key in module_keys(arch) {
         let (site, _) = site_and_call(&key);
-        let id = sites.id(site).unwrap_or_else(|| panic!("{arch}: no site {site}"));
+        let id = sites
+            .id(site)
+            .unwrap_or_else(|| panic!("{arch}: no site {site}"));
         assert_eq!(sites.get(id).kind, SiteKind::Module, "{arch}: {site}");
     }
     let json = reference_json(arch);
@@ -61,12 +63,22 @@ fn check_site_list(arch: &str) {
         let attn = sites
             .iter()
             .map(|(_, s)| s.name.to_string())
-            .find(|n| n.starts_with(&format!("{prefix}.{layer}.")) && n.ends_with(".hook_attn_probs"))
+            .find(|n| {
+                n.starts_with(&format!("{prefix}.{layer}.")) && n.ends_with(".hook_attn_probs")
+            })
             .unwrap_or_else(|| panic!("{arch}: layer {layer} has no hook_attn_probs"));
         let module = attn.trim_end_matches(".hook_attn_probs");
-        for extra in ["hook_q", "hook_k", "hook_v", "hook_attn_probs", "hook_head_out"] {
+        for extra in [
+            "hook_q",
+            "hook_k",
+            "hook_v",
+            "hook_attn_probs",
+            "hook_head_out",
+        ] {
             let name = format!("{module}.{extra}");
-            let id = sites.id(&name).unwrap_or_else(|| panic!("{arch}: no {name}"));
+            let id = sites
+                .id(&name)
+                .unwrap_or_else(|| panic!("{arch}: no {name}"));
             assert_eq!(sites.get(id).kind, SiteKind::Internal);
         }
     }
@@ -77,12 +89,25 @@ fn check_edit(arch: &str) {
     let json = reference_json(arch);
     let module = json["edit"]["module"].as_str().unwrap();
     let mut fm = FlexModel::new(load(model_dir(arch), &LoadOptions::default()).unwrap());
-    fm.register(HookFunction::new(module).edit(|x: &Tensor, _: &mut flexmodel_core::HookCtx| Ok((x * 0.0)?)))
-        .unwrap();
+    fm.register(
+        HookFunction::new(module)
+            .edit(|x: &Tensor, _: &mut flexmodel_core::HookCtx| Ok((x * 0.0)?)),
+    )
+    .unwrap();
     let logits = fm.forward(&refs["input_ids"]).unwrap();
-    assert_close(&format!("{arch} edit.mlp_zero.logits"), &logits, &refs["edit.mlp_zero.logits"], 1e-4);
+    assert_close(
+        &format!("{arch} edit.mlp_zero.logits"),
+        &logits,
+        &refs["edit.mlp_zero.logits"],
+        1e-4,
+    );
     // The capture is the value before the edit.
-    assert_close(&format!("{arch} pre-edit capture"), fm.output().last(module).unwrap(), &refs[module], 1e-4);
+    assert_close(
+        &format!("{arch} pre-edit capture"),
+        fm.output().last(module).unwrap(),
+        &refs[module],
+        1e-4,
+    );
 }
 
 macro_rules! arch_tests {
@@ -104,7 +129,26 @@ macro_rules! arch_tests {
     )*};
 }
 
-arch_tests!(llama, mistral, qwen2, gemma, phi, gpt2, gpt_neox, falcon, opt);
+arch_tests!(
+    llama, mistral, qwen2, gemma, phi, gpt2, gpt_neox, falcon, opt
+);
+
+// Config options the base fixtures do not use (fixtures/variants.py says what each turns on).
+arch_tests!(
+    llama_rope_llama3,
+    llama_rope_linear,
+    llama_rope_dynamic,
+    qwen2_rope_yarn,
+    llama_bias_tied_mqa,
+    mistral_sliding,
+    qwen2_sliding,
+    gpt_neox_sequential,
+    falcon_new_arch,
+    falcon_sequential,
+    opt_post_ln_proj,
+    phi_qk_layernorm,
+    gpt2_inverse_layer_idx
+);
 
 #[test]
 fn fixture_list_is_complete() {
