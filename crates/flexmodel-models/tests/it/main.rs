@@ -1,4 +1,6 @@
 //! Integration tests of flexmodel-models against the Hugging Face reference fixtures.
+// Test helpers fail by panicking, like the tests that call them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 mod dtype;
