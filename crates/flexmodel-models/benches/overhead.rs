@@ -1,0 +1,167 @@
+//! Hook overhead on a random ≈125M-parameter Llama (12 layers, hidden 768, 12 heads, 4 KV
+//! heads, intermediate 2048, vocab 32000: the shape of `shared/tools/peers/cpu_baseline.py`).
+//!
+//! ```text
+//! RAYON_NUM_THREADS=2 cargo bench -p flexmodel-models --bench overhead [-- --repeats N --smoke]
+//! ```
+//!
+//! Variants run round-robin (every round times each variant once, so all see the same machine
+//! load) after one warm-up round; the table reports the median and each variant's ratio to the
+//! plain forward of the same round set. Only the forward call is timed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails by panicking
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use flexmodel_core::{FlexModel, HookCtx, HookFunction, HookHandle};
+use flexmodel_models::{LoadOptions, load};
+
+struct Shape {
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    inter: usize,
+    vocab: usize,
+}
+
+const LLAMA_125M: Shape = Shape { layers: 12, hidden: 768, heads: 12, kv_heads: 4, inter: 2048, vocab: 32000 };
+const SMOKE: Shape = Shape { layers: 2, hidden: 64, heads: 4, kv_heads: 2, inter: 128, vocab: 512 };
+
+/// Writes a random Llama checkpoint once (reused across runs).
+fn checkpoint(s: &Shape, dir: &Path) -> PathBuf {
+    if dir.join("model.safetensors").exists() {
+        return dir.to_path_buf();
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "vocab_size": s.vocab, "hidden_size": s.hidden, "intermediate_size": s.inter,
+        "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
+        "hidden_act": "silu", "torch_dtype": "float32"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let dev = Device::Cpu;
+    let hd = s.hidden / s.heads;
+    let mut w: HashMap<String, Tensor> = HashMap::new();
+    let mut randn = |name: String, shape: (usize, usize)| {
+        w.insert(name, Tensor::randn(0f32, 0.02, shape, &dev).unwrap());
+    };
+    randn("model.embed_tokens.weight".into(), (s.vocab, s.hidden));
+    randn("lm_head.weight".into(), (s.vocab, s.hidden));
+    for i in 0..s.layers {
+        let p = format!("model.layers.{i}");
+        randn(format!("{p}.self_attn.q_proj.weight"), (s.heads * hd, s.hidden));
+        randn(format!("{p}.self_attn.k_proj.weight"), (s.kv_heads * hd, s.hidden));
+        randn(format!("{p}.self_attn.v_proj.weight"), (s.kv_heads * hd, s.hidden));
+        randn(format!("{p}.self_attn.o_proj.weight"), (s.hidden, s.heads * hd));
+        randn(format!("{p}.mlp.gate_proj.weight"), (s.inter, s.hidden));
+        randn(format!("{p}.mlp.up_proj.weight"), (s.inter, s.hidden));
+        randn(format!("{p}.mlp.down_proj.weight"), (s.hidden, s.inter));
+    }
+    let ones = Tensor::ones(s.hidden, DType::F32, &dev).unwrap();
+    for i in 0..s.layers {
+        w.insert(format!("model.layers.{i}.input_layernorm.weight"), ones.clone());
+        w.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), ones.clone());
+    }
+    w.insert("model.norm.weight".into(), ones);
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    dir.to_path_buf()
+}
+
+/// A set of hooks to time, registered before and removed after its forward call.
+struct Variant {
+    name: &'static str,
+    register: fn(&mut FlexModel) -> Vec<HookHandle>,
+}
+
+fn identity(x: &Tensor, _: &mut HookCtx) -> flexmodel_core::Result<Tensor> {
+    Ok(x.clone())
+}
+
+const VARIANTS: &[Variant] = &[
+    Variant { name: "plain forward", register: |_| Vec::new() },
+    Variant {
+        name: "one capture (lm_head), every other site un-hooked",
+        register: |fm| vec![fm.register(HookFunction::new("lm_head")).unwrap()],
+    },
+    Variant {
+        name: "every site, pass-through hook (no capture)",
+        register: |fm| vec![fm.register(HookFunction::new("*").capture(false).edit(identity)).unwrap()],
+    },
+    Variant {
+        name: "capture every decoder layer",
+        register: |fm| {
+            let layers = fm.model().info().decoder_layers.clone();
+            layers.into_iter().map(|l| fm.register(HookFunction::new(l)).unwrap()).collect()
+        },
+    },
+    Variant { name: "capture every site", register: |fm| vec![fm.register(HookFunction::new("*")).unwrap()] },
+];
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let repeats: usize = args
+        .iter()
+        .position(|a| a == "--repeats")
+        .map(|i| args[i + 1].parse().unwrap())
+        .unwrap_or(if smoke { 1 } else { 5 });
+    let (shape, shapes, name) = if smoke {
+        (&SMOKE, vec![(1, 8)], "smoke")
+    } else {
+        (&LLAMA_125M, vec![(1, 128), (4, 128)], "llama-125m")
+    };
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/flexmodel-bench").join(name);
+    let dir = checkpoint(shape, &target);
+    let model = load(&dir, &LoadOptions::default()).unwrap();
+    let params: usize = shape.vocab * shape.hidden * 2
+        + shape.layers * (2 * shape.hidden * shape.hidden + 2 * shape.hidden * shape.kv_heads * (shape.hidden / shape.heads) + 3 * shape.hidden * shape.inter);
+    println!(
+        "model: {name} ({:.1}M parameters, {} sites), threads: {}, repeats: {repeats} (+1 warm-up)",
+        params as f64 / 1e6,
+        model.sites().len(),
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into())
+    );
+    let mut fm = FlexModel::new(model);
+    for (batch, seq) in shapes {
+        let ids = Tensor::rand(0f32, shape.vocab as f32, (batch, seq), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::U32)
+            .unwrap();
+        let mut times = vec![Vec::new(); VARIANTS.len()];
+        for round in 0..=repeats {
+            for (v, variant) in VARIANTS.iter().enumerate() {
+                let handles = (variant.register)(&mut fm);
+                let start = Instant::now();
+                let logits = fm.forward(&ids).unwrap();
+                let elapsed = start.elapsed().as_secs_f64();
+                assert_eq!(logits.dims(), &[batch, seq, shape.vocab]);
+                for h in handles {
+                    fm.remove(h).unwrap();
+                }
+                fm.clear_output();
+                if round > 0 {
+                    times[v].push(elapsed);
+                }
+            }
+        }
+        let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
+        println!("\nbatch {batch} x seq {seq}");
+        println!("| variant | median s | ratio to plain |");
+        println!("| --- | ---: | ---: |");
+        for (variant, m) in VARIANTS.iter().zip(&medians) {
+            println!("| {} | {m:.4} | {:.3} |", variant.name, m / medians[0]);
+        }
+    }
+}
