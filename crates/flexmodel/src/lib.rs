@@ -11,7 +11,7 @@
 //! let dir = "models/tiny-llama";
 //! let mut fm = FlexModel::new(load(dir, &LoadOptions::default())?);
 //! // Capture every layer's residual stream; zero layer 1's MLP.
-//! fm.register(HookFunction::new("model.layers.*").expected_shape(&[1, 6, 64]))?;
+//! fm.register(HookFunction::new("model.layers.*").expected_shape(&[1, 7, 64]))?;
 //! fm.register(HookFunction::new("model.layers.1.mlp").edit(|x: &flexmodel::Tensor, _: &mut flexmodel::HookCtx| {
 //!     Ok(x.zeros_like()?)
 //! }))?;
@@ -26,7 +26,7 @@
 //! Site names are Hugging Face module paths plus attention internals; see
 //! [`flexmodel_core`] for the list and [`Layout`] for how sites are split over ranks.
 
-pub use candle_core::{DType, Device, Tensor};
+pub use candle_core::{D, DType, Device, Tensor};
 pub use flexmodel_core::site;
 pub use flexmodel_core::{
     Dim, Edit, Error, FlexModel, HookCtx, HookFunction, HookHandle, Input, Layout, Model,
@@ -35,3 +35,8 @@ pub use flexmodel_core::{
 pub use flexmodel_models::{
     Error as LoadError, LoadOptions, SUPPORTED, Tokenizer, load, pad_right, sites,
 };
+
+/// The README's Rust examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
