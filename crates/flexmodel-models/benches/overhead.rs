@@ -17,7 +17,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use flexmodel_core::{
-    Dim, FlexModel, HookCtx, HookFunction, HookHandle, Input, Layout, Model, ModelInfo, Run, SiteId, SiteTable,
+    Dim, FlexModel, HookCtx, HookFunction, HookHandle, Input, Layout, Model, ModelInfo, Run,
+    SiteId, SiteTable,
 };
 use flexmodel_models::{LoadOptions, load};
 
@@ -30,8 +31,22 @@ struct Shape {
     vocab: usize,
 }
 
-const LLAMA_125M: Shape = Shape { layers: 12, hidden: 768, heads: 12, kv_heads: 4, inter: 2048, vocab: 32000 };
-const SMOKE: Shape = Shape { layers: 2, hidden: 64, heads: 4, kv_heads: 2, inter: 128, vocab: 512 };
+const LLAMA_125M: Shape = Shape {
+    layers: 12,
+    hidden: 768,
+    heads: 12,
+    kv_heads: 4,
+    inter: 2048,
+    vocab: 32000,
+};
+const SMOKE: Shape = Shape {
+    layers: 2,
+    hidden: 64,
+    heads: 4,
+    kv_heads: 2,
+    inter: 128,
+    vocab: 512,
+};
 
 /// Writes a random Llama checkpoint once (reused across runs).
 fn checkpoint(s: &Shape, dir: &Path) -> PathBuf {
@@ -58,18 +73,36 @@ fn checkpoint(s: &Shape, dir: &Path) -> PathBuf {
     randn("lm_head.weight".into(), (s.vocab, s.hidden));
     for i in 0..s.layers {
         let p = format!("model.layers.{i}");
-        randn(format!("{p}.self_attn.q_proj.weight"), (s.heads * hd, s.hidden));
-        randn(format!("{p}.self_attn.k_proj.weight"), (s.kv_heads * hd, s.hidden));
-        randn(format!("{p}.self_attn.v_proj.weight"), (s.kv_heads * hd, s.hidden));
-        randn(format!("{p}.self_attn.o_proj.weight"), (s.hidden, s.heads * hd));
+        randn(
+            format!("{p}.self_attn.q_proj.weight"),
+            (s.heads * hd, s.hidden),
+        );
+        randn(
+            format!("{p}.self_attn.k_proj.weight"),
+            (s.kv_heads * hd, s.hidden),
+        );
+        randn(
+            format!("{p}.self_attn.v_proj.weight"),
+            (s.kv_heads * hd, s.hidden),
+        );
+        randn(
+            format!("{p}.self_attn.o_proj.weight"),
+            (s.hidden, s.heads * hd),
+        );
         randn(format!("{p}.mlp.gate_proj.weight"), (s.inter, s.hidden));
         randn(format!("{p}.mlp.up_proj.weight"), (s.inter, s.hidden));
         randn(format!("{p}.mlp.down_proj.weight"), (s.hidden, s.inter));
     }
     let ones = Tensor::ones(s.hidden, DType::F32, &dev).unwrap();
     for i in 0..s.layers {
-        w.insert(format!("model.layers.{i}.input_layernorm.weight"), ones.clone());
-        w.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), ones.clone());
+        w.insert(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            ones.clone(),
+        );
+        w.insert(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            ones.clone(),
+        );
     }
     w.insert("model.norm.weight".into(), ones);
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
@@ -87,23 +120,37 @@ fn identity(x: &Tensor, _: &mut HookCtx) -> flexmodel_core::Result<Tensor> {
 }
 
 const VARIANTS: &[Variant] = &[
-    Variant { name: "plain forward", register: |_| Vec::new() },
+    Variant {
+        name: "plain forward",
+        register: |_| Vec::new(),
+    },
     Variant {
         name: "one capture (lm_head), every other site un-hooked",
         register: |fm| vec![fm.register(HookFunction::new("lm_head")).unwrap()],
     },
     Variant {
         name: "every site, pass-through hook (no capture)",
-        register: |fm| vec![fm.register(HookFunction::new("*").capture(false).edit(identity)).unwrap()],
+        register: |fm| {
+            vec![
+                fm.register(HookFunction::new("*").capture(false).edit(identity))
+                    .unwrap(),
+            ]
+        },
     },
     Variant {
         name: "capture every decoder layer",
         register: |fm| {
             let layers = fm.model().info().decoder_layers.clone();
-            layers.into_iter().map(|l| fm.register(HookFunction::new(l)).unwrap()).collect()
+            layers
+                .into_iter()
+                .map(|l| fm.register(HookFunction::new(l)).unwrap())
+                .collect()
         },
     },
-    Variant { name: "capture every site", register: |fm| vec![fm.register(HookFunction::new("*")).unwrap()] },
+    Variant {
+        name: "capture every site",
+        register: |fm| vec![fm.register(HookFunction::new("*")).unwrap()],
+    },
 ];
 
 fn median(v: &mut [f64]) -> f64 {
@@ -126,8 +173,12 @@ impl SiteLoop {
     fn new() -> Self {
         let mut sites = SiteTable::new();
         let shape = vec![Dim::Batch, Dim::Seq, Dim::Size(768)];
-        let probe = sites.module("probe", shape.clone(), Layout::Replicated).unwrap();
-        sites.module("elsewhere", shape, Layout::Replicated).unwrap();
+        let probe = sites
+            .module("probe", shape.clone(), Layout::Replicated)
+            .unwrap();
+        sites
+            .module("elsewhere", shape, Layout::Replicated)
+            .unwrap();
         let info = ModelInfo {
             model_type: "site-loop".into(),
             vocab_size: 0,
@@ -135,7 +186,12 @@ impl SiteLoop {
             decoder_layers: Vec::new(),
             dtype: DType::F32,
         };
-        Self { sites, info, device: Device::Cpu, probe }
+        Self {
+            sites,
+            info,
+            device: Device::Cpu,
+            probe,
+        }
     }
 }
 
@@ -164,7 +220,10 @@ fn site_costs() -> [f64; 3] {
     let x = Tensor::zeros((1, 128, 768), DType::F32, &Device::Cpu).unwrap();
     let setups: [fn(&mut FlexModel<SiteLoop>) -> HookHandle; 3] = [
         |fm| fm.register(HookFunction::new("elsewhere")).unwrap(),
-        |fm| fm.register(HookFunction::new("probe").capture(false).edit(identity)).unwrap(),
+        |fm| {
+            fm.register(HookFunction::new("probe").capture(false).edit(identity))
+                .unwrap()
+        },
         |fm| fm.register(HookFunction::new("probe")).unwrap(),
     ];
     let mut best = [f64::INFINITY; 3];
@@ -195,11 +254,16 @@ fn main() {
     } else {
         (&LLAMA_125M, vec![(1, 128), (4, 128)], "llama-125m")
     };
-    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/flexmodel-bench").join(name);
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/flexmodel-bench")
+        .join(name);
     let dir = checkpoint(shape, &target);
     let model = load(&dir, &LoadOptions::default()).unwrap();
     let params: usize = shape.vocab * shape.hidden * 2
-        + shape.layers * (2 * shape.hidden * shape.hidden + 2 * shape.hidden * shape.kv_heads * (shape.hidden / shape.heads) + 3 * shape.hidden * shape.inter);
+        + shape.layers
+            * (2 * shape.hidden * shape.hidden
+                + 2 * shape.hidden * shape.kv_heads * (shape.hidden / shape.heads)
+                + 3 * shape.hidden * shape.inter);
     println!(
         "model: {name} ({:.1}M parameters, {} sites), threads: {}, repeats: {repeats} (+1 warm-up)",
         params as f64 / 1e6,
@@ -230,13 +294,21 @@ fn main() {
                 }
             }
         }
-        let mins: Vec<f64> = times.iter().map(|t| t.iter().copied().fold(f64::INFINITY, f64::min)).collect();
+        let mins: Vec<f64> = times
+            .iter()
+            .map(|t| t.iter().copied().fold(f64::INFINITY, f64::min))
+            .collect();
         let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
         println!("\nbatch {batch} x seq {seq}: wall clock, round-robin");
         println!("| variant | median s | min s | median / plain | min / plain |");
         println!("| --- | ---: | ---: | ---: | ---: |");
         for ((variant, m), lo) in VARIANTS.iter().zip(&medians).zip(&mins) {
-            println!("| {} | {m:.4} | {lo:.4} | {:.3} | {:.3} |", variant.name, m / medians[0], lo / mins[0]);
+            println!(
+                "| {} | {m:.4} | {lo:.4} | {:.3} | {:.3} |",
+                variant.name,
+                m / medians[0],
+                lo / mins[0]
+            );
         }
         plain_times.push(((batch, seq), medians[0]));
     }
@@ -246,8 +318,12 @@ fn main() {
     let [unhooked, passthrough, capture] = site_costs();
     let sites = fm.model().sites().len() as f64;
     let layers = fm.model().info().decoder_layers.len() as f64;
-    println!("\nsite costs (best of 5 x {CALLS} calls): un-hooked {unhooked:.1} ns, pass-through edit {passthrough:.1} ns, capture {capture:.1} ns");
-    println!("| batch x seq | plain s | un-hooked sites ({sites}) | every decoder layer captured ({layers}) | every site pass-through |");
+    println!(
+        "\nsite costs (best of 5 x {CALLS} calls): un-hooked {unhooked:.1} ns, pass-through edit {passthrough:.1} ns, capture {capture:.1} ns"
+    );
+    println!(
+        "| batch x seq | plain s | un-hooked sites ({sites}) | every decoder layer captured ({layers}) | every site pass-through |"
+    );
     println!("| --- | ---: | ---: | ---: | ---: |");
     for ((batch, seq), plain) in plain_times {
         let pct = |ns: f64| 100.0 * ns * 1e-9 / plain;

@@ -3,11 +3,15 @@
 //!
 //! `cargo run --release -p flexmodel --example ablate_head -- [MODEL_DIR] [HEAD]`
 
-use flexmodel::{D, Device, FlexModel, HookCtx, HookFunction, LoadOptions, Tensor, Tokenizer, load};
+use flexmodel::{
+    D, Device, FlexModel, HookCtx, HookFunction, LoadOptions, Tensor, Tokenizer, load,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let dir = args.next().unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/tiny-llama").into());
+    let dir = args
+        .next()
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/tiny-llama").into());
     let head: usize = args.next().map_or(Ok(0), |h| h.parse())?;
 
     let mut fm = FlexModel::new(load(&dir, &LoadOptions::default())?);
@@ -25,14 +29,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for site in sites {
         // hook_head_out is [batch, seq, heads, head_dim]: zero one slice of dim 2.
         let ablate = move |x: &Tensor, _: &mut HookCtx| -> flexmodel::Result<Tensor> {
-            let keep = Tensor::ones(x.dim(2)?, x.dtype(), x.device())?.slice_assign(&[head..head + 1], &Tensor::zeros(1, x.dtype(), x.device())?)?;
-            Ok(x.broadcast_mul(&keep.reshape((1, 1, x.dim(2)?, 1))?)?)
+            let heads = x.dim(2)?;
+            let keep: Vec<f32> = (0..heads)
+                .map(|h| if h == head { 0.0 } else { 1.0 })
+                .collect();
+            let keep = Tensor::from_vec(keep, (1, 1, heads, 1), x.device())?.to_dtype(x.dtype())?;
+            Ok(x.broadcast_mul(&keep)?)
         };
         let handle = fm.register(HookFunction::new(site.as_str()).capture(false).edit(ablate))?;
         let ablated = last_log_probs(&fm.forward(&ids)?)?;
         fm.remove(handle)?;
         // KL(clean || ablated) = sum p (log p - log q)
-        let kl = (clean.exp()? * (&clean - &ablated)?)?.sum_all()?.to_scalar::<f32>()?;
+        let kl = (clean.exp()? * (&clean - &ablated)?)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         println!("{site} head {head}: KL = {kl:.5}");
     }
     Ok(())
@@ -41,10 +51,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Log-probabilities of the next token after the last position.
 fn last_log_probs(logits: &Tensor) -> flexmodel::Result<Tensor> {
     let last = logits.get(0)?.get(logits.dim(1)? - 1)?;
-    Ok(candle_nn_log_softmax(&last)?)
+    log_softmax(&last)
 }
 
-fn candle_nn_log_softmax(x: &Tensor) -> flexmodel::Result<Tensor> {
+fn log_softmax(x: &Tensor) -> flexmodel::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

@@ -6,8 +6,12 @@ use flexmodel::{Device, FlexModel, HookFunction, LoadOptions, Tensor, Tokenizer,
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let dir = args.next().unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/tiny-llama").into());
-    let prompt = args.next().unwrap_or_else(|| "The capital of France is".into());
+    let dir = args
+        .next()
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/tiny-llama").into());
+    let prompt = args
+        .next()
+        .unwrap_or_else(|| "The capital of France is".into());
 
     let model = load(&dir, &LoadOptions::default())?;
     let layers = model.info().decoder_layers.clone();

@@ -8,7 +8,9 @@ use flexmodel::{Device, FlexModel, HookCtx, HookFunction, LoadOptions, Tensor, T
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let dir = args.next().unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/tiny-llama").into());
+    let dir = args
+        .next()
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/tiny-llama").into());
     let layer: usize = args.next().map_or(Ok(0), |l| l.parse())?;
     let scale: f64 = args.next().map_or(Ok(4.0), |s| s.parse())?;
 
@@ -25,7 +27,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut means = Vec::new();
     for text in ["I love this, wonderful", "I hate this, terrible"] {
         fm.forward(&ids(text)?)?;
-        let h = fm.take_output().remove(&site).ok_or("not captured")?.remove(0); // [1, seq, hidden]
+        let h = fm
+            .take_output()
+            .remove(&site)
+            .ok_or("not captured")?
+            .remove(0); // [1, seq, hidden]
         means.push(h.mean(1)?.squeeze(0)?);
     }
     fm.remove(capture)?;
@@ -33,11 +39,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let prompt = ids("The movie was")?;
     let before = top5(&fm.forward(&prompt)?, &tok)?;
-    fm.register(HookFunction::new(site.as_str()).capture(false).edit(move |x: &Tensor, _: &mut HookCtx| {
-        Ok(x.broadcast_add(&steer)?)
-    }))?;
+    fm.register(
+        HookFunction::new(site.as_str())
+            .capture(false)
+            .edit(move |x: &Tensor, _: &mut HookCtx| Ok(x.broadcast_add(&steer)?)),
+    )?;
     let after = top5(&fm.forward(&prompt)?, &tok)?;
-    println!("steering {site} by {scale} x (love - hate)\n  before: {before:?}\n  after:  {after:?}");
+    println!(
+        "steering {site} by {scale} x (love - hate)\n  before: {before:?}\n  after:  {after:?}"
+    );
     Ok(())
 }
 
@@ -45,5 +55,9 @@ fn top5(logits: &Tensor, tok: &Tokenizer) -> Result<Vec<String>, Box<dyn std::er
     let last: Vec<f32> = logits.get(0)?.get(logits.dim(1)? - 1)?.to_vec1()?;
     let mut ranked: Vec<(usize, f32)> = last.into_iter().enumerate().collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-    ranked.iter().take(5).map(|&(id, _)| Ok(tok.decode(&[id as u32])?)).collect()
+    ranked
+        .iter()
+        .take(5)
+        .map(|&(id, _)| Ok(tok.decode(&[id as u32])?))
+        .collect()
 }

@@ -11,7 +11,8 @@
 //! let dir = "models/tiny-llama";
 //! let mut fm = FlexModel::new(load(dir, &LoadOptions::default())?);
 //! // Capture every layer's residual stream; zero layer 1's MLP.
-//! fm.register(HookFunction::new("model.layers.*").expected_shape(&[1, 7, 64]))?;
+//! fm.register(HookFunction::new("model.layers.0").expected_shape(&[1, 7, 64]))?;
+//! fm.register(HookFunction::new("model.layers.1").expected_shape(&[1, 7, 64]))?;
 //! fm.register(HookFunction::new("model.layers.1.mlp").edit(|x: &flexmodel::Tensor, _: &mut flexmodel::HookCtx| {
 //!     Ok(x.zeros_like()?)
 //! }))?;
