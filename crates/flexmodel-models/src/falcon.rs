@@ -4,14 +4,14 @@
 
 use candle_core::Tensor;
 use flexmodel_core::layout::Part;
-use flexmodel_core::{Dim, Input, Layout, Model, Run, SiteId};
+use flexmodel_core::{Input, Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::{RawConfig, require};
 use crate::error::{Error, Result};
 use crate::nn::{Act, Activation, BS, Embedding, LayerNorm, Linear, shape};
-use crate::rope::{self, Rope};
+use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded};
 
@@ -71,8 +71,7 @@ pub(crate) struct Falcon {
     word_embeddings: Embedding,
     layers: Vec<Layer>,
     ln_f: LayerNorm,
-    rotary: Rope,
-    rotary_site: SiteId,
+    rotary: RotaryEmb,
     base_site: SiteId,
     lm_head: Linear,
 }
@@ -200,28 +199,19 @@ impl Falcon {
             })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(t.pp("ln_f"), h, eps, BS)?;
-        let rotary_site = t.pp("rotary_emb").site(
-            vec![Dim::PosBatch, Dim::Seq, Dim::Size(rotary.dim)],
-            Layout::Replicated,
+        let rotary = RotaryEmb::new(t.pp("rotary_emb"), rotary)?;
+        let lm_head = Linear::head(
+            vb.pp("lm_head"),
+            &word_embeddings,
+            cfg.tie_word_embeddings.unwrap_or(true),
+            false,
         )?;
-        let lm_head = if cfg.tie_word_embeddings.unwrap_or(true) {
-            Linear::tied(vb.pp("lm_head"), word_embeddings.weight(), false)?
-        } else {
-            Linear::new(
-                vb.pp("lm_head"),
-                (h, cfg.vocab_size),
-                false,
-                BS,
-                Layout::split_last(3, cfg.vocab_size),
-            )?
-        };
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let body = Self {
             word_embeddings,
             layers,
             ln_f,
             rotary,
-            rotary_site,
             base_site,
             lm_head,
         };
@@ -398,8 +388,7 @@ impl Family for Falcon {
         let device = self.word_embeddings.weight().device();
         let pass = Pass::new(input, None, device)?;
         let mut x = self.word_embeddings.forward(&input.input_ids, run)?;
-        let (cos, sin) = self.rotary.cos_sin(&pass.positions, x.dtype(), device)?;
-        let cos = run.site(self.rotary_site, cos)?;
+        let (cos, sin) = self.rotary.forward(&pass, x.dtype(), device, run)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, pass.mask(false), run)?;
         }

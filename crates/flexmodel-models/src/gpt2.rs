@@ -128,7 +128,7 @@ impl Gpt2 {
             })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(t.pp("ln_f"), h, cfg.layer_norm_epsilon, BS)?;
-        let lm_head = Linear::tied(vb.pp("lm_head"), wte.weight(), false)?;
+        let lm_head = Linear::head(vb.pp("lm_head"), &wte, true, false)?;
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &blocks_vb, blocks.len())?;
         let body = Self {
             wte,

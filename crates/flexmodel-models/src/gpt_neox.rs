@@ -2,14 +2,14 @@
 //! partial rotary, parallel or sequential residual.
 
 use candle_core::Tensor;
-use flexmodel_core::{Dim, Input, Layout, Model, Run, SiteId};
+use flexmodel_core::{Input, Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::Result;
 use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, shape};
-use crate::rope::{self, Rope};
+use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded};
 
@@ -52,8 +52,7 @@ pub(crate) struct GptNeox {
     emb_dropout: Identity,
     layers: Vec<Layer>,
     final_layer_norm: LayerNorm,
-    rotary: Rope,
-    rotary_site: SiteId,
+    rotary: RotaryEmb,
     base_site: SiteId,
     lm_head: Linear,
 }
@@ -122,26 +121,13 @@ impl GptNeox {
             })
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::new(g.pp("final_layer_norm"), h, eps, BS)?;
-        let rotary_site = g.pp("rotary_emb").site(
-            vec![Dim::PosBatch, Dim::Seq, Dim::Size(rotary.dim)],
-            Layout::Replicated,
-        )?;
+        let rotary = RotaryEmb::new(g.pp("rotary_emb"), rotary)?;
         // transformers 5 calls the head `lm_head`; checkpoints store it as `embed_out`.
         let head_vb = match vb.contains("lm_head.weight") {
             true => vb.pp("lm_head"),
             false => vb.pp("lm_head").weights_at("embed_out"),
         };
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::tied(head_vb, embed_in.weight(), false)?
-        } else {
-            Linear::new(
-                head_vb,
-                (h, cfg.vocab_size),
-                false,
-                BS,
-                Layout::split_last(3, cfg.vocab_size),
-            )?
-        };
+        let lm_head = Linear::head(head_vb, &embed_in, cfg.tie_word_embeddings, false)?;
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let body = Self {
             embed_in,
@@ -149,7 +135,6 @@ impl GptNeox {
             layers,
             final_layer_norm,
             rotary,
-            rotary_site,
             base_site,
             lm_head,
         };
@@ -264,8 +249,7 @@ impl Family for GptNeox {
         let pass = Pass::new(input, None, device)?;
         let x = self.embed_in.forward(&input.input_ids, run)?;
         let mut x = self.emb_dropout.forward(x, run)?;
-        let (cos, sin) = self.rotary.cos_sin(&pass.positions, x.dtype(), device)?;
-        let cos = run.site(self.rotary_site, cos)?;
+        let (cos, sin) = self.rotary.forward(&pass, x.dtype(), device, run)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, pass.mask(false), run)?;
         }

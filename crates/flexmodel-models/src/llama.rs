@@ -3,14 +3,14 @@
 //! embedding and `1 + w` norms).
 
 use candle_core::Tensor;
-use flexmodel_core::{Dim, Input, Layout, Model, Run, SiteId};
+use flexmodel_core::{Input, Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::{Error, Result};
 use crate::nn::{Act, Activation, BS, Embedding, Linear, RmsNorm, shape};
-use crate::rope::{self, Rope};
+use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded};
 
@@ -67,8 +67,7 @@ pub(crate) struct Llama {
     embed: Embedding,
     /// Gemma multiplies embeddings by `sqrt(hidden)`.
     embed_scale: Option<f64>,
-    rotary: Rope,
-    rotary_site: SiteId,
+    rotary: RotaryEmb,
     layers: Vec<Layer>,
     norm: RmsNorm,
     base_site: SiteId,
@@ -157,29 +156,15 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = norm(m.pp("norm"))?;
-        let rotary_site = m.pp("rotary_emb").site(
-            vec![Dim::PosBatch, Dim::Seq, Dim::Size(rotary.dim)],
-            Layout::Replicated,
-        )?;
+        let rotary = RotaryEmb::new(m.pp("rotary_emb"), rotary)?;
         let tie = cfg.tie_word_embeddings.unwrap_or(variant == Variant::Gemma);
-        let lm_head = if tie {
-            Linear::tied(vb.pp("lm_head"), embed.weight(), false)?
-        } else {
-            Linear::new(
-                vb.pp("lm_head"),
-                (h, cfg.vocab_size),
-                false,
-                BS,
-                Layout::split_last(3, cfg.vocab_size),
-            )?
-        };
+        let lm_head = Linear::head(vb.pp("lm_head"), &embed, tie, false)?;
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let window = cfg.sliding_window.filter(|_| sliding.iter().any(|&s| s));
         let body = Self {
             embed,
             embed_scale: (variant == Variant::Gemma).then(|| (h as f64).sqrt()),
             rotary,
-            rotary_site,
             layers,
             norm,
             base_site,
@@ -357,8 +342,7 @@ impl Family for Llama {
             x = x.broadcast_mul(&scale)?;
         }
         let mut x = run.site(self.embed.site(), x)?;
-        let (cos, sin) = self.rotary.cos_sin(&pass.positions, x.dtype(), device)?;
-        let cos = run.site(self.rotary_site, cos)?;
+        let (cos, sin) = self.rotary.forward(&pass, x.dtype(), device, run)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, &pass, run)?;
         }

@@ -58,11 +58,16 @@ impl Linear {
         Self::with_weight(vb, wt, true, lead, layout)
     }
 
-    /// An output head whose weight is `weight` `[out, in]` (tied to the embedding) and whose
-    /// site is `vb`'s path.
-    pub(crate) fn tied(vb: Vb, weight: &Tensor, bias: bool) -> Result<Self> {
-        let vocab = weight.dim(0)?;
-        Self::with_weight(vb, weight.t()?, bias, BS, Layout::split_last(3, vocab))
+    /// The output head (`lm_head`): the embedding's weight when `tied`, else its own
+    /// `[vocab, in]` weight. Split over ranks by vocabulary.
+    pub(crate) fn head(vb: Vb, embed: &Embedding, tied: bool, bias: bool) -> Result<Self> {
+        let (vocab, d_in) = embed.weight.dims2()?;
+        let layout = Layout::split_last(3, vocab);
+        if tied {
+            Self::with_weight(vb, embed.weight.t()?, bias, BS, layout)
+        } else {
+            Self::new(vb, (d_in, vocab), bias, BS, layout)
+        }
     }
 
     fn with_weight(vb: Vb, wt: Tensor, bias: bool, lead: &[Dim], layout: Layout) -> Result<Self> {

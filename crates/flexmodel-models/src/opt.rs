@@ -141,17 +141,12 @@ impl Opt {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::new(layers_vb.pp(i), h, heads, &cfg, act))
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if cfg.tie_word_embeddings.unwrap_or(true) {
-            Linear::tied(vb.pp("lm_head"), embed_tokens.weight(), false)?
-        } else {
-            Linear::new(
-                vb.pp("lm_head"),
-                (proj, cfg.vocab_size),
-                false,
-                BS,
-                Layout::split_last(3, cfg.vocab_size),
-            )?
-        };
+        let lm_head = Linear::head(
+            vb.pp("lm_head"),
+            &embed_tokens,
+            cfg.tie_word_embeddings.unwrap_or(true),
+            false,
+        )?;
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let body = Self {
             embed_tokens,

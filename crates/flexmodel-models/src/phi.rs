@@ -9,7 +9,7 @@ use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::Result;
 use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, shape};
-use crate::rope::{self, Rope};
+use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded};
 
@@ -46,8 +46,7 @@ fn max_positions() -> usize {
 pub(crate) struct Phi {
     embed: Embedding,
     embed_dropout: Identity,
-    rotary: Rope,
-    rotary_site: SiteId,
+    rotary: RotaryEmb,
     layers: Vec<Layer>,
     final_layernorm: LayerNorm,
     base_site: SiteId,
@@ -113,29 +112,15 @@ impl Phi {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let rotary_site = m.pp("rotary_emb").site(
-            vec![Dim::PosBatch, Dim::Seq, Dim::Size(rotary.dim)],
-            Layout::Replicated,
-        )?;
+        let rotary = RotaryEmb::new(m.pp("rotary_emb"), rotary)?;
         let embed_dropout = Identity::new(m.pp("embed_dropout"), BS, h)?;
         let final_layernorm = LayerNorm::new(m.pp("final_layernorm"), h, cfg.layer_norm_eps, BS)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::tied(vb.pp("lm_head"), embed.weight(), true)?
-        } else {
-            Linear::new(
-                vb.pp("lm_head"),
-                (h, cfg.vocab_size),
-                true,
-                BS,
-                Layout::split_last(3, cfg.vocab_size),
-            )?
-        };
+        let lm_head = Linear::head(vb.pp("lm_head"), &embed, cfg.tie_word_embeddings, true)?;
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let body = Self {
             embed,
             embed_dropout,
             rotary,
-            rotary_site,
             layers,
             final_layernorm,
             base_site,
@@ -281,8 +266,7 @@ impl Family for Phi {
         let pass = Pass::new(input, None, device)?;
         let x = self.embed.forward(&input.input_ids, run)?;
         let mut x = self.embed_dropout.forward(x, run)?;
-        let (cos, sin) = self.rotary.cos_sin(&pass.positions, x.dtype(), device)?;
-        let cos = run.site(self.rotary_site, cos)?;
+        let (cos, sin) = self.rotary.forward(&pass, x.dtype(), device, run)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, pass.mask(false), run)?;
         }

@@ -6,8 +6,13 @@ use std::f64::consts::PI;
 use candle_core::{D, DType, Device, Tensor};
 use serde_json::Value;
 
+use flexmodel_core::{Dim, Layout, Run, SiteId};
+
+use crate::FwdResult;
+use crate::attention::Pass;
 use crate::config::RawConfig;
 use crate::error::{Error, Result};
+use crate::weights::Vb;
 
 /// How the inverse frequencies are derived.
 #[derive(Clone, Debug, PartialEq)]
@@ -150,12 +155,12 @@ impl Rope {
     /// `(cos, sin)`, each `[pos_batch, seq, dim]`, for integer `positions` `[pos_batch, seq]`,
     /// as Hugging Face's rotary module returns them (`cat(freqs, freqs)`, times the attention
     /// factor).
-    pub(crate) fn cos_sin(
+    fn cos_sin(
         &self,
         positions: &[Vec<u32>],
         dtype: DType,
         device: &Device,
-    ) -> crate::FwdResult<(Tensor, Tensor)> {
+    ) -> FwdResult<(Tensor, Tensor)> {
         let max_pos = positions.iter().flatten().copied().max().unwrap_or(0) as f64;
         let dynamic;
         let inv_freq = match self.scaling {
@@ -184,6 +189,35 @@ impl Rope {
         let cos = Tensor::from_vec(cos, (rows, seq, self.dim), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (rows, seq, self.dim), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
+    }
+}
+
+/// A rotary module (`model.rotary_emb`, ...): computes the tables once per forward pass; its
+/// site fires with the cosine table, element 0 of what transformers' module returns.
+pub(crate) struct RotaryEmb {
+    rope: Rope,
+    site: SiteId,
+}
+
+impl RotaryEmb {
+    pub(crate) fn new(vb: Vb, rope: Rope) -> Result<Self> {
+        let site = vb.site(
+            vec![Dim::PosBatch, Dim::Seq, Dim::Size(rope.dim)],
+            Layout::Replicated,
+        )?;
+        Ok(Self { rope, site })
+    }
+
+    /// `(cos, sin)`, each `[pos_batch, seq, rot]`.
+    pub(crate) fn forward(
+        &self,
+        pass: &Pass,
+        dtype: DType,
+        device: &Device,
+        run: &mut Run,
+    ) -> FwdResult<(Tensor, Tensor)> {
+        let (cos, sin) = self.rope.cos_sin(&pass.positions, dtype, device)?;
+        Ok((run.site(self.site, cos)?, sin))
     }
 }
 
