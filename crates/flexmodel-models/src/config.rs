@@ -45,6 +45,33 @@ impl RawConfig {
         self.json.get(key).filter(|v| !v.is_null())
     }
 
+    /// Fails on options of related architectures that change the model and that no family
+    /// here implements, so such a config cannot load as a silently different model.
+    pub(crate) fn reject_foreign_options(&self) -> Result<()> {
+        const FOREIGN: &[&str] = &[
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "query_pre_attn_scalar",
+            "logits_scaling",
+            "residual_multiplier",
+            "embedding_multiplier",
+            "attention_multiplier",
+            "use_qk_norm",
+            "qk_layernorm_per_head",
+        ];
+        match FOREIGN.iter().find(|k| self.get(k).is_some()) {
+            Some(key) => Err(Error::unsupported(
+                *key,
+                self.json[*key].to_string(),
+                format!(
+                    "`{}` models do not use this option; the checkpoint is probably of another architecture",
+                    self.model_type()?
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub(crate) fn error(&self, message: impl Into<String>) -> Error {
         Error::Config {
             path: self.path.clone(),

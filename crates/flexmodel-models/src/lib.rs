@@ -109,6 +109,14 @@ fn check_dtype(dtype: DType) -> Result<()> {
 
 fn build(cfg: &RawConfig, vb: Vb) -> Result<Box<dyn Model>> {
     let model_type = cfg.model_type()?;
+    let unknown = || Error::UnknownArchitecture {
+        model_type: model_type.to_string(),
+        supported: SUPPORTED.to_vec(),
+    };
+    if !SUPPORTED.contains(&model_type) {
+        return Err(unknown());
+    }
+    cfg.reject_foreign_options()?;
     match model_type {
         "llama" | "mistral" | "qwen2" | "gemma" => llama::Llama::load(cfg, vb),
         "phi" => phi::Phi::load(cfg, vb),
@@ -116,10 +124,7 @@ fn build(cfg: &RawConfig, vb: Vb) -> Result<Box<dyn Model>> {
         "gpt_neox" => gpt_neox::GptNeox::load(cfg, vb),
         "falcon" => falcon::Falcon::load(cfg, vb),
         "opt" => opt::Opt::load(cfg, vb),
-        other => Err(Error::UnknownArchitecture {
-            model_type: other.to_string(),
-            supported: SUPPORTED.to_vec(),
-        }),
+        _ => Err(unknown()),
     }
 }
 

@@ -219,6 +219,13 @@ fn unsupported_config_options_fail_at_load() {
         "{err}"
     );
 
+    edit_config(dir.path(), |c| {
+        c["hidden_act"] = "silu".into();
+        c["final_logit_softcapping"] = 30.0.into();
+    });
+    let err = load_err(dir.path());
+    assert!(err.contains("final_logit_softcapping = 30.0"), "{err}");
+
     edit_config(dir.path(), |c| c["model_type"] = "mamba".into());
     let err = load_err(dir.path());
     assert!(
