@@ -54,9 +54,19 @@ fn check_site_list(arch: &str) {
     let json = reference_json(arch);
     let layers = json["num_layers"].as_u64().unwrap();
     let prefix = json["decoder_layers"].as_str().unwrap();
+    // And the other way round: every module site is a module transformers calls.
+    let called: Vec<String> = module_keys(arch)
+        .iter()
+        .map(|k| site_and_call(k).0.to_string())
+        .collect();
     for (_, info) in sites.iter() {
-        if info.kind == SiteKind::Internal {
-            assert!(info.name.contains(".hook_"), "{arch}: {}", info.name);
+        match info.kind {
+            SiteKind::Internal => assert!(info.name.contains(".hook_"), "{arch}: {}", info.name),
+            _ => assert!(
+                called.iter().any(|c| **c == *info.name),
+                "{arch}: {} is not a called HF module",
+                info.name
+            ),
         }
     }
     for layer in 0..layers {
