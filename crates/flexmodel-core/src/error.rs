@@ -67,6 +67,35 @@ pub enum Error {
     #[error("no hook with handle {0}")]
     UnknownHook(u64),
 
+    /// A pre-hook was registered on a site that is not a module (it has no input).
+    #[error(
+        "`{0}` is not a module, so it has no input to pre-hook; pre-hooks attach to Hugging Face \
+         modules (use a forward hook for attention internals)"
+    )]
+    NotAModule(String),
+
+    /// A group name that was never created.
+    #[error("no hook group `{name}` (groups: {groups:?})")]
+    UnknownGroup {
+        /// The name as given.
+        name: String,
+        /// The groups that exist.
+        groups: Vec<String>,
+    },
+
+    /// A parameter name the model does not have.
+    #[error("no parameter `{name}`{}", did_you_mean(suggestions))]
+    UnknownParameter {
+        /// The name as given.
+        name: String,
+        /// The closest parameter names.
+        suggestions: Vec<String>,
+    },
+
+    /// A backward pass that cannot run or did not reach a hook.
+    #[error("backward: {0}")]
+    Backward(String),
+
     /// A tensor layout cannot be split over the requested number of ranks.
     #[error("{0}")]
     Layout(String),

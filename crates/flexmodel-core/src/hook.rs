@@ -3,18 +3,18 @@
 use std::any::{Any, type_name};
 use std::collections::HashMap;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 use crate::{Error, Result};
 
-/// An editing function: receives the full activation at a site and returns its replacement
-/// (return `x.clone()` to keep it). Implemented for every closure
+/// An editing function: receives the full activation (or gradient) at a site and returns its
+/// replacement (return `x.clone()` to keep it). Implemented for every closure
 /// `FnMut(&Tensor, &mut HookCtx) -> Result<Tensor>`.
 pub trait Edit: Send {
     /// Returns the tensor that replaces `activation` in the running model.
     ///
     /// # Errors
-    /// Whatever the function reports; the forward pass stops with [`Error::Hook`].
+    /// Whatever the function reports; the pass stops with [`Error::Hook`].
     fn edit(&mut self, activation: &Tensor, cx: &mut HookCtx<'_>) -> Result<Tensor>;
 }
 
@@ -27,11 +27,38 @@ where
     }
 }
 
+/// Where at a site a hook runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Point {
+    /// The site's output, in the forward pass (a forward hook).
+    Output,
+    /// The module's input, in the forward pass (a forward pre-hook). Captures are keyed
+    /// `input.<site>`.
+    Input,
+    /// The gradient of the loss with respect to the site's output, in the backward pass.
+    /// Captures are keyed `grad.<site>`.
+    Grad,
+}
+
+impl Point {
+    /// Prefix of this point's keys in the output map.
+    pub fn key_prefix(self) -> &'static str {
+        match self {
+            Point::Output => "",
+            Point::Input => "input.",
+            Point::Grad => "grad.",
+        }
+    }
+}
+
 /// What an editing function knows besides the activation.
 pub struct HookCtx<'a> {
     pub(crate) site: &'a str,
+    pub(crate) point: Point,
     /// State shared by every hook function of the wrapper, kept across forward passes.
     pub state: &'a mut SaveContext,
+    /// Trainable modules registered on the wrapper.
+    pub modules: &'a Modules,
 }
 
 impl HookCtx<'_> {
@@ -39,53 +66,90 @@ impl HookCtx<'_> {
     pub fn site(&self) -> &str {
         self.site
     }
+
+    /// Whether this is an output, input or gradient hook.
+    pub fn point(&self) -> Point {
+        self.point
+    }
 }
 
-/// A hook to register on a [`FlexModel`](crate::FlexModel): a site name or pattern, an optional
-/// expected shape, an optional editing function, and whether to capture.
+/// A hook to register on a [`FlexModel`](crate::FlexModel): a site name or pattern, where it
+/// runs (output, module input, gradient), an optional expected shape, an optional editing
+/// function, whether to capture, and the groups it belongs to.
 ///
 /// ```
-/// use flexmodel_core::HookFunction;
+/// use flexmodel_core::{HookCtx, HookFunction};
+/// use candle_core::Tensor;
 /// // Capture every layer's MLP output and zero the one of layer 1.
 /// let capture = HookFunction::new("model.layers.*.mlp");
 /// let ablate = HookFunction::new("model.layers.1.mlp")
 ///     .expected_shape(&[2, 16, 64])
-///     .edit(|x: &candle_core::Tensor, _: &mut flexmodel_core::HookCtx| Ok(x.zeros_like()?));
+///     .edit(|x: &Tensor, _: &mut HookCtx| Ok(x.zeros_like()?))
+///     .group("ablations");
+/// // Read the gradient at layer 0's output; halve it on its way to earlier layers.
+/// let grad = HookFunction::backward("model.layers.0").edit(|g: &Tensor, _: &mut HookCtx| Ok((g * 0.5)?));
 /// ```
 pub struct HookFunction {
     pub(crate) pattern: String,
+    pub(crate) point: Point,
     pub(crate) expected_shape: Option<Vec<usize>>,
     pub(crate) edit: Option<Box<dyn Edit>>,
     pub(crate) capture: bool,
+    pub(crate) groups: Vec<String>,
 }
 
 impl HookFunction {
-    /// A hook that captures the activation of every site `pattern` selects (a full name, or a
-    /// glob where `*` matches any characters, dots included).
+    /// A forward hook that captures the output of every site `pattern` selects (a full name,
+    /// or a glob where `*` matches any characters, dots included).
     pub fn new(pattern: impl Into<String>) -> Self {
+        Self::at(pattern, Point::Output)
+    }
+
+    /// A forward pre-hook on the input of every module `pattern` selects (its first argument,
+    /// as PyTorch's `register_forward_pre_hook` sees it: token ids for embeddings and the base
+    /// model, position ids for position embeddings).
+    pub fn pre(pattern: impl Into<String>) -> Self {
+        Self::at(pattern, Point::Input)
+    }
+
+    /// A backward hook on the gradient of the loss with respect to the output of every site
+    /// `pattern` selects; runs during [`FlexModel::backward`](crate::FlexModel::backward).
+    pub fn backward(pattern: impl Into<String>) -> Self {
+        Self::at(pattern, Point::Grad)
+    }
+
+    fn at(pattern: impl Into<String>, point: Point) -> Self {
         Self {
             pattern: pattern.into(),
+            point,
             expected_shape: None,
             edit: None,
             capture: true,
+            groups: Vec::new(),
         }
     }
 
-    /// Fails the forward pass with both shapes if the activation has another shape.
+    /// Fails the pass with both shapes if the tensor has another shape.
     pub fn expected_shape(mut self, shape: &[usize]) -> Self {
         self.expected_shape = Some(shape.to_vec());
         self
     }
 
-    /// Runs `f` on the activation and puts its result back into the model.
+    /// Runs `f` on the tensor and puts its result back into the model.
     pub fn edit(mut self, f: impl Edit + 'static) -> Self {
         self.edit = Some(Box::new(f));
         self
     }
 
-    /// Whether the activation is stored in the output map (default: yes, before the edit).
+    /// Whether the tensor is stored in the output map (default: yes, before the edit).
     pub fn capture(mut self, capture: bool) -> Self {
         self.capture = capture;
+        self
+    }
+
+    /// Adds the hook to group `name` (created if needed); may be called several times.
+    pub fn group(mut self, name: impl Into<String>) -> Self {
+        self.groups.push(name.into());
         self
     }
 
@@ -113,13 +177,11 @@ impl SaveContext {
     /// # Errors
     /// No value under `key`, or one of another type than `T`.
     pub fn get<T: Any>(&self, key: &str) -> Result<&T> {
-        let item = self.items.get(key).ok_or_else(|| self.missing(key))?;
-        item.downcast_ref().ok_or_else(|| {
-            Error::msg(format!(
-                "save context: `{key}` is not a {}",
-                type_name::<T>()
-            ))
-        })
+        let item = self
+            .items
+            .get(key)
+            .ok_or_else(|| missing(&self.items, key))?;
+        item.downcast_ref().ok_or_else(|| wrong_type::<T>(key))
     }
 
     /// The value under `key`, mutable.
@@ -127,14 +189,9 @@ impl SaveContext {
     /// # Errors
     /// As [`SaveContext::get`].
     pub fn get_mut<T: Any>(&mut self, key: &str) -> Result<&mut T> {
-        let missing = self.missing(key);
-        let item = self.items.get_mut(key).ok_or(missing)?;
-        item.downcast_mut().ok_or_else(|| {
-            Error::msg(format!(
-                "save context: `{key}` is not a {}",
-                type_name::<T>()
-            ))
-        })
+        let err = missing(&self.items, key);
+        let item = self.items.get_mut(key).ok_or(err)?;
+        item.downcast_mut().ok_or_else(|| wrong_type::<T>(key))
     }
 
     /// The value under `key`, inserting `init()` first if there is none.
@@ -167,12 +224,56 @@ impl SaveContext {
     pub fn clear(&mut self) {
         self.items.clear();
     }
+}
 
-    fn missing(&self, key: &str) -> Error {
-        let mut keys: Vec<&str> = self.items.keys().map(String::as_str).collect();
-        keys.sort_unstable();
-        Error::msg(format!("save context has no `{key}` (keys: {keys:?})"))
+/// Trainable modules (probes, steering modules, any candle-nn module) that editing functions
+/// call by name, with the variables an optimizer trains. The model's own weights are not
+/// among them, so they stay frozen.
+#[derive(Default)]
+pub struct Modules {
+    items: HashMap<String, (Box<dyn Any + Send>, Vec<Var>)>,
+}
+
+impl Modules {
+    pub(crate) fn insert<M: Any + Send>(&mut self, name: String, module: M, vars: Vec<Var>) {
+        self.items.insert(name, (Box::new(module), vars));
     }
+
+    /// The module registered as `name`.
+    ///
+    /// # Errors
+    /// No module `name`, or one of another type than `M`.
+    pub fn get<M: Any>(&self, name: &str) -> Result<&M> {
+        let (module, _) = self
+            .items
+            .get(name)
+            .ok_or_else(|| missing(&self.items, name))?;
+        module.downcast_ref().ok_or_else(|| wrong_type::<M>(name))
+    }
+
+    pub(crate) fn remove(&mut self, name: &str) -> bool {
+        self.items.remove(name).is_some()
+    }
+
+    /// Every trainable variable, module by module in name order.
+    pub fn vars(&self) -> Vec<Var> {
+        let mut names: Vec<&String> = self.items.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .flat_map(|n| self.items[n].1.iter().cloned())
+            .collect()
+    }
+}
+
+fn missing<V>(items: &HashMap<String, V>, key: &str) -> Error {
+    let mut keys: Vec<&str> = items.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    Error::msg(format!("nothing stored under `{key}` (keys: {keys:?})"))
+}
+
+fn wrong_type<T>(key: &str) -> Error {
+    Error::msg(format!("`{key}` is not a {}", type_name::<T>()))
 }
 
 #[cfg(test)]
@@ -195,7 +296,7 @@ mod tests {
             cx.get::<usize>("nope")
                 .unwrap_err()
                 .to_string()
-                .contains("no `nope`")
+                .contains("nothing stored under `nope`")
         );
         cx.get_or_insert_with("list", Vec::<u32>::new)
             .unwrap()

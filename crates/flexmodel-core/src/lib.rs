@@ -24,6 +24,7 @@
 mod error;
 mod hook;
 pub mod layout;
+mod loss;
 mod model;
 mod output;
 mod run;
@@ -31,10 +32,11 @@ pub mod site;
 mod wrapper;
 
 pub use error::{Error, Result};
-pub use hook::{Edit, HookCtx, HookFunction, SaveContext};
+pub use hook::{Edit, HookCtx, HookFunction, Modules, Point, SaveContext};
 pub use layout::Layout;
-pub use model::{Input, Model, ModelInfo};
+pub use loss::causal_lm_loss;
+pub use model::{Input, Model, ModelInfo, Parameters};
 pub use output::OutputMap;
-pub use run::{HookHandle, Run};
+pub use run::{Groups, HookHandle, Run};
 pub use site::{Dim, SiteId, SiteInfo, SiteKind, SiteTable};
-pub use wrapper::FlexModel;
+pub use wrapper::{FlexModel, Guard};

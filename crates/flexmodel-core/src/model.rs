@@ -87,6 +87,46 @@ fn serialize_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result
     s.serialize_str(d.as_str())
 }
 
+/// The parameters of a model by Hugging Face name (`model.layers.0.mlp.up_proj.weight`), in
+/// load order. A tied weight appears under both names, as `named_parameters` would resolve
+/// `get_parameter`.
+#[derive(Clone, Debug, Default)]
+pub struct Parameters {
+    names: Vec<String>,
+    by_name: std::collections::HashMap<String, Tensor>,
+}
+
+impl Parameters {
+    /// Records `tensor` as parameter `name` (the first record of a name wins).
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
+        let name = name.into();
+        if !self.by_name.contains_key(&name) {
+            self.names.push(name.clone());
+            self.by_name.insert(name, tensor);
+        }
+    }
+
+    /// The parameter `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.by_name.get(name)
+    }
+
+    /// Names and tensors in load order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.names.iter().map(|n| (n.as_str(), &self.by_name[n]))
+    }
+
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
 /// A causal language model whose forward pass fires sites.
 ///
 /// Implemented by every family in `flexmodel-models`; wrap one in a
@@ -97,6 +137,9 @@ pub trait Model: Send + Sync {
 
     /// Every site, in Hugging Face module order.
     fn sites(&self) -> &SiteTable;
+
+    /// Every parameter by Hugging Face name.
+    fn parameters(&self) -> &Parameters;
 
     /// Where the weights live.
     fn device(&self) -> &Device;
@@ -128,6 +171,9 @@ impl<M: Model + ?Sized> Model for Box<M> {
     }
     fn sites(&self) -> &SiteTable {
         (**self).sites()
+    }
+    fn parameters(&self) -> &Parameters {
+        (**self).parameters()
     }
     fn device(&self) -> &Device {
         (**self).device()

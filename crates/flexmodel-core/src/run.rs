@@ -1,57 +1,124 @@
-//! The hook runtime: the registry of hooks per site, and the [`Run`] context that model code
-//! passes every activation through.
+//! The hook runtime: hooks per site and point, groups, the [`Run`] context that model code
+//! passes every activation through, and the identity op that runs gradient hooks.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use candle_core::{Device, Tensor};
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout as CLayout, Shape, Tensor, Var};
 
-use crate::hook::{Edit, HookCtx, HookFunction, SaveContext};
+use crate::hook::{Edit, HookCtx, HookFunction, Modules, Point, SaveContext};
 use crate::output::OutputMap;
-use crate::site::{SiteId, SiteTable};
+use crate::site::{SiteId, SiteKind, SiteTable};
 use crate::{Error, Result};
 
-/// Identifies a registered hook, for [`FlexModel::remove`](crate::FlexModel::remove).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Identifies a registered hook, for [`FlexModel::remove`](crate::FlexModel::remove) and
+/// groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HookHandle(u64);
+
+/// Which hooks a forward pass runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Groups {
+    /// Every registered hook.
+    #[default]
+    All,
+    /// Only hooks in at least one of these groups.
+    Only(Vec<String>),
+    /// Every hook except those in any of these groups.
+    Except(Vec<String>),
+}
+
+impl Groups {
+    /// Only the hooks of these groups.
+    pub fn only<S: Into<String>>(names: impl IntoIterator<Item = S>) -> Self {
+        Groups::Only(names.into_iter().map(Into::into).collect())
+    }
+
+    /// Every hook except those of these groups (the complement).
+    pub fn except<S: Into<String>>(names: impl IntoIterator<Item = S>) -> Self {
+        Groups::Except(names.into_iter().map(Into::into).collect())
+    }
+}
 
 struct Entry {
     handle: HookHandle,
+    point: Point,
     expected_shape: Option<Vec<usize>>,
     capture: bool,
 }
 
-/// Hooks registered per site, the output map and the save context of one wrapper.
+const fn bit(point: Point) -> u8 {
+    match point {
+        Point::Output => 1,
+        Point::Input => 2,
+        Point::Grad => 4,
+    }
+}
+
+/// Hooks registered per site, their groups, the output map, the save context and the
+/// trainable modules of one wrapper.
 pub(crate) struct Hooks {
     names: Vec<Arc<str>>,
+    kinds: Vec<SiteKind>,
     /// Hooks of each site, in registration order; indexed by [`SiteId`].
     per_site: Vec<Vec<Entry>>,
     /// Editing functions by hook; one function serves every site its pattern selected.
     edits: HashMap<HookHandle, Box<dyn Edit>>,
+    groups: BTreeMap<String, BTreeSet<HookHandle>>,
     next_handle: u64,
-    pub(crate) output: OutputMap,
+    /// Points with an enabled hook, per site (bits of [`bit`]), for the current pass.
+    active: Vec<u8>,
+    /// Hooks the current pass's group selection disables.
+    disabled: HashSet<HookHandle>,
+    /// Firings of each gradient-hooked site in the current forward pass.
+    grad_calls: Vec<u32>,
+    /// Gradient captures of a backward pass, flushed in forward order once it completes.
+    pending_grads: Vec<(SiteId, u32, Tensor)>,
+    /// The first error a gradient hook raised (candle's backward carries only strings).
+    pending_error: Option<Error>,
+    /// Gradient sites reached by the current backward pass.
+    grad_fired: usize,
     pub(crate) state: SaveContext,
+    pub(crate) modules: Modules,
 }
 
 impl Hooks {
     pub(crate) fn new(sites: &SiteTable) -> Self {
         Self {
             names: sites.iter().map(|(_, s)| s.name.clone()).collect(),
+            kinds: sites.iter().map(|(_, s)| s.kind).collect(),
             per_site: sites.iter().map(|_| Vec::new()).collect(),
             edits: HashMap::new(),
+            groups: BTreeMap::new(),
             next_handle: 0,
-            output: OutputMap::default(),
+            active: vec![0; sites.len()],
+            disabled: HashSet::new(),
+            grad_calls: vec![0; sites.len()],
+            pending_grads: Vec::new(),
+            pending_error: None,
+            grad_fired: 0,
             state: SaveContext::default(),
+            modules: Modules::default(),
         }
     }
 
     pub(crate) fn register(&mut self, sites: &SiteTable, hook: HookFunction) -> Result<HookHandle> {
         let ids = sites.resolve(&hook.pattern)?;
+        if hook.point == Point::Input {
+            if let Some(id) = ids
+                .iter()
+                .find(|id| self.kinds[id.index()] != SiteKind::Module)
+            {
+                return Err(Error::NotAModule(self.names[id.index()].to_string()));
+            }
+        }
         let handle = HookHandle(self.next_handle);
         self.next_handle += 1;
         for id in ids {
             self.per_site[id.index()].push(Entry {
                 handle,
+                point: hook.point,
                 expected_shape: hook.expected_shape.clone(),
                 capture: hook.capture,
             });
@@ -59,6 +126,10 @@ impl Hooks {
         if let Some(edit) = hook.edit {
             self.edits.insert(handle, edit);
         }
+        for group in hook.groups {
+            self.groups.entry(group).or_default().insert(handle);
+        }
+        self.select(&Groups::All)?;
         Ok(handle)
     }
 
@@ -69,50 +140,175 @@ impl Hooks {
             list.retain(|e| e.handle != handle);
             found |= list.len() != before;
         }
+        if !found {
+            return Err(Error::UnknownHook(handle.0));
+        }
         self.edits.remove(&handle);
-        if found {
+        for members in self.groups.values_mut() {
+            members.remove(&handle);
+        }
+        self.select(&Groups::All)
+    }
+
+    pub(crate) fn create_group(&mut self, name: &str) {
+        self.groups.entry(name.to_string()).or_default();
+    }
+
+    pub(crate) fn add_to_group(&mut self, name: &str, handle: HookHandle) -> Result<()> {
+        if !self.per_site.iter().flatten().any(|e| e.handle == handle) {
+            return Err(Error::UnknownHook(handle.0));
+        }
+        self.groups
+            .entry(name.to_string())
+            .or_default()
+            .insert(handle);
+        Ok(())
+    }
+
+    pub(crate) fn remove_from_group(&mut self, name: &str, handle: HookHandle) -> Result<()> {
+        let members = self.group_mut(name)?;
+        if members.remove(&handle) {
             Ok(())
         } else {
             Err(Error::UnknownHook(handle.0))
         }
     }
 
-    fn is_active(&self, id: SiteId) -> bool {
-        !self.per_site[id.index()].is_empty()
+    /// Removes group `name` and every hook in it; returns how many hooks went.
+    pub(crate) fn remove_group(&mut self, name: &str) -> Result<usize> {
+        let members = std::mem::take(self.group_mut(name)?);
+        self.groups.remove(name);
+        for &handle in &members {
+            self.remove(handle)?;
+        }
+        Ok(members.len())
     }
 
-    fn fire(&mut self, id: SiteId, mut x: Tensor) -> Result<Tensor> {
+    pub(crate) fn group_names(&self) -> Vec<String> {
+        self.groups.keys().cloned().collect()
+    }
+
+    pub(crate) fn group_members(&self, name: &str) -> Result<Vec<HookHandle>> {
+        let members = self
+            .groups
+            .get(name)
+            .ok_or_else(|| self.unknown_group(name))?;
+        Ok(members.iter().copied().collect())
+    }
+
+    fn group_mut(&mut self, name: &str) -> Result<&mut BTreeSet<HookHandle>> {
+        let err = self.unknown_group(name);
+        self.groups.get_mut(name).ok_or(err)
+    }
+
+    fn unknown_group(&self, name: &str) -> Error {
+        Error::UnknownGroup {
+            name: name.to_string(),
+            groups: self.group_names(),
+        }
+    }
+
+    /// Enables the hooks `groups` selects for the next pass.
+    pub(crate) fn select(&mut self, groups: &Groups) -> Result<()> {
+        self.disabled.clear();
+        let chosen = |names: &[String], hooks: &Self| -> Result<BTreeSet<HookHandle>> {
+            let mut set = BTreeSet::new();
+            for name in names {
+                set.extend(
+                    hooks
+                        .groups
+                        .get(name)
+                        .ok_or_else(|| hooks.unknown_group(name))?,
+                );
+            }
+            Ok(set)
+        };
+        let all = self.per_site.iter().flatten().map(|e| e.handle);
+        match groups {
+            Groups::All => {}
+            Groups::Only(names) => {
+                let keep = chosen(names, self)?;
+                self.disabled = all.filter(|h| !keep.contains(h)).collect();
+            }
+            Groups::Except(names) => self.disabled = chosen(names, self)?.into_iter().collect(),
+        }
+        for (mask, entries) in self.active.iter_mut().zip(&self.per_site) {
+            *mask = entries
+                .iter()
+                .filter(|e| !self.disabled.contains(&e.handle))
+                .fold(0, |m, e| m | bit(e.point));
+        }
+        self.grad_calls.iter_mut().for_each(|c| *c = 0);
+        Ok(())
+    }
+
+    /// Whether any enabled hook wants gradients.
+    fn wants_grad(&self) -> bool {
+        self.active.iter().any(|m| m & bit(Point::Grad) != 0)
+    }
+
+    fn is_active(&self, id: SiteId, point: Point) -> bool {
+        self.active[id.index()] & bit(point) != 0
+    }
+
+    /// Runs the enabled hooks at `(id, point)` on `x`; returns the (possibly edited) tensor.
+    /// Forward captures go to `output`; gradient captures (`call` numbers the firings of a
+    /// gradient site within its forward pass) wait in `pending_grads` for the pass to end.
+    fn fire(
+        &mut self,
+        id: SiteId,
+        point: Point,
+        call: u32,
+        mut x: Tensor,
+        output: &mut OutputMap,
+    ) -> Result<Tensor> {
         let Hooks {
             names,
             per_site,
             edits,
-            output,
+            disabled,
             state,
+            modules,
+            pending_grads,
             ..
         } = self;
         let site = &*names[id.index()];
-        for entry in &per_site[id.index()] {
+        for entry in per_site[id.index()].iter().filter(|e| e.point == point) {
+            if disabled.contains(&entry.handle) {
+                continue;
+            }
             if let Some(expected) = &entry.expected_shape {
                 if x.dims() != expected.as_slice() {
                     return Err(Error::ShapeMismatch {
-                        site: site.to_string(),
+                        site: format!("{}{site}", point.key_prefix()),
                         expected: expected.clone(),
                         got: x.dims().to_vec(),
                     });
                 }
             }
             if entry.capture {
-                output.push(site, to_host(&x)?);
+                let t = to_host(&x)?;
+                match point {
+                    Point::Output => output.push(site, t),
+                    Point::Input => output.push(&format!("input.{site}"), t),
+                    // Gradients arrive last firing first; kept aside and flushed in order.
+                    Point::Grad => pending_grads.push((id, call, t)),
+                }
             }
             if let Some(edit) = edits.get_mut(&entry.handle) {
-                let mut cx = HookCtx { site, state };
+                let mut cx = HookCtx {
+                    site,
+                    point,
+                    state,
+                    modules,
+                };
                 let y = edit.edit(&x, &mut cx).map_err(|e| Error::Hook {
-                    site: site.to_string(),
+                    site: format!("{}{site}", point.key_prefix()),
                     source: Box::new(e),
                 })?;
                 if y.dims() != x.dims() || y.dtype() != x.dtype() {
                     return Err(Error::BadEdit {
-                        site: site.to_string(),
+                        site: format!("{}{site}", point.key_prefix()),
                         expected: x.dims().to_vec(),
                         expected_dtype: x.dtype(),
                         got: y.dims().to_vec(),
@@ -124,20 +320,107 @@ impl Hooks {
         }
         Ok(x)
     }
+
+    /// Moves the gradients captured by a backward pass into the output map as `grad.<site>`,
+    /// in the order the sites fired in the forward pass; returns how many gradient sites the
+    /// pass reached, or the first hook error.
+    pub(crate) fn finish_backward(&mut self, output: &mut OutputMap) -> Result<usize> {
+        if let Some(e) = self.pending_error.take() {
+            self.pending_grads.clear();
+            return Err(e);
+        }
+        let mut grads = std::mem::take(&mut self.pending_grads);
+        grads.sort_by_key(|(id, call, _)| (*id, *call));
+        for (id, _, t) in grads {
+            let key = format!("grad.{}", self.names[id.index()]);
+            output.push(&key, t);
+        }
+        Ok(self.grad_fired)
+    }
+
+    pub(crate) fn begin_backward(&mut self) {
+        self.pending_grads.clear();
+        self.pending_error = None;
+        self.grad_fired = 0;
+    }
+
+    pub(crate) fn has_grad_hooks(&self) -> bool {
+        self.wants_grad()
+    }
 }
 
-/// A host copy of an activation, cut from the autograd graph. Tensors are immutable, so on
-/// the CPU this shares the storage instead of copying it.
+/// A host copy of a tensor, cut from the autograd graph. Tensors are immutable, so on the
+/// CPU this shares the storage instead of copying it.
 fn to_host(x: &Tensor) -> Result<Tensor> {
     let x = if x.track_op() { x.detach() } else { x.clone() };
     Ok(x.to_device(&Device::Cpu)?)
 }
 
+/// Locks the hooks; a poisoned lock (a hook panicked) still holds usable hooks.
+pub(crate) fn lock(hooks: &Mutex<Hooks>) -> MutexGuard<'_, Hooks> {
+    hooks.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The identity in the forward pass; in the backward pass it runs the gradient hooks of its
+/// site on the incoming gradient and passes their result on.
+struct GradSite {
+    hooks: Arc<Mutex<Hooks>>,
+    site: SiteId,
+    call: u32,
+}
+
+impl CustomOp1 for GradSite {
+    fn name(&self) -> &'static str {
+        "flexmodel-gradient-site"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &CLayout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut out = storage
+            .device()
+            .zeros_impl(layout.shape(), storage.dtype())?;
+        storage.copy_strided_src(&mut out, 0, layout)?;
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let mut hooks = lock(&self.hooks);
+        hooks.grad_fired += 1;
+        // Gradient captures never reach the output map from here (see `fire`).
+        let mut unused = OutputMap::default();
+        match hooks.fire(self.site, Point::Grad, self.call, grad.clone(), &mut unused) {
+            Ok(g) => Ok(Some(g)),
+            Err(e) => {
+                let message = e.to_string();
+                hooks.pending_error.get_or_insert(e);
+                Err(candle_core::Error::Msg(message))
+            }
+        }
+    }
+}
+
 /// The context a model's forward pass threads through its blocks. Model code passes each
-/// activation through [`Run::site`]; with no hook at that site, that is a bounds-checked
-/// load and a branch (no clone, no allocation, no string work).
+/// module's input through [`Run::input`] and each activation through [`Run::site`]; with no
+/// hook there, that is a bounds-checked load and a branch (no clone, no allocation, no string
+/// work).
 pub struct Run<'a> {
-    hooks: Option<&'a mut Hooks>,
+    hooks: Option<Hooked<'a>>,
+}
+
+struct Hooked<'a> {
+    hooks: &'a mut Hooks,
+    shared: &'a Arc<Mutex<Hooks>>,
+    output: &'a mut OutputMap,
+    /// A gradient hook is enabled: every site's activation joins the autograd graph.
+    grad: bool,
 }
 
 impl Run<'static> {
@@ -148,19 +431,45 @@ impl Run<'static> {
 }
 
 impl<'a> Run<'a> {
-    pub(crate) fn hooked(hooks: &'a mut Hooks) -> Self {
-        Run { hooks: Some(hooks) }
+    pub(crate) fn hooked(
+        hooks: &'a mut Hooks,
+        shared: &'a Arc<Mutex<Hooks>>,
+        output: &'a mut OutputMap,
+    ) -> Self {
+        let grad = hooks.wants_grad();
+        Run {
+            hooks: Some(Hooked {
+                hooks,
+                shared,
+                output,
+                grad,
+            }),
+        }
     }
 
-    /// Passes the activation at site `id` through the hooks registered there.
+    /// Passes the output of site `id` through the hooks registered there.
     ///
     /// # Errors
     /// A hook's shape check, its editing function, or the edit's shape and dtype check.
     #[inline]
     pub fn site(&mut self, id: SiteId, x: Tensor) -> Result<Tensor> {
         match &mut self.hooks {
-            Some(hooks) if hooks.is_active(id) => hooks.fire(id, x),
+            Some(h) if h.grad || h.hooks.active[id.index()] != 0 => h.fire_output(id, x),
             _ => Ok(x),
+        }
+    }
+
+    /// Passes the input of the module at site `id` through the pre-hooks registered there.
+    ///
+    /// # Errors
+    /// As [`Run::site`].
+    #[inline]
+    pub fn input(&mut self, id: SiteId, x: &Tensor) -> Result<Tensor> {
+        match &mut self.hooks {
+            Some(h) if h.hooks.is_active(id, Point::Input) => {
+                h.hooks.fire(id, Point::Input, 0, x.clone(), h.output)
+            }
+            _ => Ok(x.clone()),
         }
     }
 
@@ -168,6 +477,33 @@ impl<'a> Run<'a> {
     /// nobody looks at.
     #[inline]
     pub fn is_hooked(&self, id: SiteId) -> bool {
-        self.hooks.as_ref().is_some_and(|h| h.is_active(id))
+        self.hooks
+            .as_ref()
+            .is_some_and(|h| h.hooks.active[id.index()] != 0)
+    }
+}
+
+impl Hooked<'_> {
+    fn fire_output(&mut self, id: SiteId, x: Tensor) -> Result<Tensor> {
+        let mut x = x;
+        if self.grad && !x.track_op() && x.dtype().is_float() {
+            // The first differentiable value of the pass (the embeddings) becomes a leaf so
+            // that gradients reach every later site.
+            x = Var::from_tensor(&x)?.as_tensor().clone();
+        }
+        if self.hooks.is_active(id, Point::Output) {
+            x = self.hooks.fire(id, Point::Output, 0, x, self.output)?;
+        }
+        if self.hooks.is_active(id, Point::Grad) {
+            let calls = &mut self.hooks.grad_calls[id.index()];
+            let op = GradSite {
+                hooks: self.shared.clone(),
+                site: id,
+                call: *calls,
+            };
+            *calls += 1;
+            x = x.apply_op1_arc(Arc::new(Box::new(op)))?;
+        }
+        Ok(x)
     }
 }

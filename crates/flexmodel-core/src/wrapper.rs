@@ -1,12 +1,17 @@
 //! [`FlexModel`]: a model with hooks.
 
-use candle_core::Tensor;
+use std::any::Any;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::Result;
-use crate::hook::{HookFunction, SaveContext};
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::hook::{HookFunction, Modules, SaveContext};
 use crate::model::{Input, Model};
 use crate::output::OutputMap;
-use crate::run::{HookHandle, Hooks, Run};
+use crate::run::{Groups, HookHandle, Hooks, Run, lock};
+use crate::{Error, Result};
 
 /// A model wrapped for hooks. It keeps the model's forward call, collects captures in an
 /// output map and hands the untouched model back with [`FlexModel::restore`].
@@ -23,34 +28,44 @@ use crate::run::{HookHandle, Hooks, Run};
 /// ```
 pub struct FlexModel<M: Model = Box<dyn Model>> {
     model: M,
-    hooks: Hooks,
+    /// Shared with the gradient ops of the last forward pass, which run the backward hooks.
+    hooks: Arc<Mutex<Hooks>>,
+    output: OutputMap,
 }
 
 impl<M: Model> FlexModel<M> {
     /// Wraps `model`; no hook is registered yet.
     pub fn new(model: M) -> Self {
-        let hooks = Hooks::new(model.sites());
-        Self { model, hooks }
+        let hooks = Arc::new(Mutex::new(Hooks::new(model.sites())));
+        Self {
+            model,
+            hooks,
+            output: OutputMap::default(),
+        }
+    }
+
+    fn hooks(&self) -> MutexGuard<'_, Hooks> {
+        lock(&self.hooks)
     }
 
     /// Registers `hook` at every site its pattern selects.
     ///
     /// # Errors
-    /// [`Error::UnknownSite`](crate::Error::UnknownSite) or
-    /// [`Error::NoMatch`](crate::Error::NoMatch), with the nearest valid names.
+    /// [`Error::UnknownSite`] or [`Error::NoMatch`] with the nearest valid names;
+    /// [`Error::NotAModule`] for a pre-hook on an attention internal.
     pub fn register(&mut self, hook: HookFunction) -> Result<HookHandle> {
-        self.hooks.register(self.model.sites(), hook)
+        self.hooks().register(self.model.sites(), hook)
     }
 
-    /// Removes a hook from every site it was registered at.
+    /// Removes a hook from every site it was registered at, and from its groups.
     ///
     /// # Errors
-    /// [`Error::UnknownHook`](crate::Error::UnknownHook) if it was removed already.
+    /// [`Error::UnknownHook`] if it was removed already.
     pub fn remove(&mut self, handle: HookHandle) -> Result<()> {
-        self.hooks.remove(handle)
+        self.hooks().remove(handle)
     }
 
-    /// The model's forward pass with the hooks applied.
+    /// The model's forward pass with every hook applied.
     ///
     /// # Shapes
     /// `input_ids`: `[batch, seq]`; returns the logits `[batch, seq, vocab]`.
@@ -58,7 +73,7 @@ impl<M: Model> FlexModel<M> {
     /// # Errors
     /// As [`Model::forward_with`].
     pub fn forward(&mut self, input_ids: &Tensor) -> Result<Tensor> {
-        self.forward_input(&Input::new(input_ids.clone()))
+        self.forward_groups(&Input::new(input_ids.clone()), &Groups::All)
     }
 
     /// The forward pass on a padded batch (or any [`Input`]).
@@ -66,28 +81,174 @@ impl<M: Model> FlexModel<M> {
     /// # Errors
     /// As [`Model::forward_with`].
     pub fn forward_input(&mut self, input: &Input) -> Result<Tensor> {
-        self.model
-            .forward_with(input, &mut Run::hooked(&mut self.hooks))
+        self.forward_groups(input, &Groups::All)
     }
 
-    /// Captured activations.
+    /// The forward pass with only the hooks `groups` selects; the next pass runs every hook
+    /// again unless it selects too.
+    ///
+    /// # Errors
+    /// [`Error::UnknownGroup`], or as [`Model::forward_with`].
+    pub fn forward_groups(&mut self, input: &Input, groups: &Groups) -> Result<Tensor> {
+        let mut hooks = lock(&self.hooks);
+        hooks.select(groups)?;
+        let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output);
+        self.model.forward_with(input, &mut run)
+    }
+
+    /// Backpropagates `loss`, running the backward hooks of the forward pass that produced it;
+    /// their captures land in the output map as `grad.<site>`. Returns candle's gradients
+    /// (of trainable modules' variables, and of the model's weights when loaded with
+    /// gradients).
+    ///
+    /// # Errors
+    /// A loss that is not a scalar or does not depend on anything differentiable, a failing or
+    /// shape-changing gradient hook, or backward hooks that no gradient reached.
+    pub fn backward(&mut self, loss: &Tensor) -> Result<GradStore> {
+        if loss.elem_count() != 1 {
+            return Err(Error::Backward(format!(
+                "the loss must be a scalar, got shape {:?} (reduce it first, e.g. with mean_all)",
+                loss.dims()
+            )));
+        }
+        let wants_grad = self.hooks().has_grad_hooks();
+        if !loss.track_op() {
+            return Err(Error::Backward(
+                "the loss does not depend on anything differentiable: register a backward hook \
+                 (HookFunction::backward) before the forward pass, use a trainable module, or \
+                 load the model with gradients"
+                    .into(),
+            ));
+        }
+        self.hooks().begin_backward();
+        // The gradient ops lock the hooks themselves: no lock may be held here.
+        let grads = loss.backward();
+        let fired = lock(&self.hooks).finish_backward(&mut self.output)?;
+        let grads = grads?;
+        if wants_grad && fired == 0 {
+            return Err(Error::Backward(
+                "no backward hook fired: the loss does not depend on the hooked sites' \
+                 activations of the last forward pass"
+                    .into(),
+            ));
+        }
+        Ok(grads)
+    }
+
+    /// Creates an empty hook group (hooks join with [`HookFunction::group`] or
+    /// [`FlexModel::add_to_group`]).
+    pub fn create_group(&mut self, name: &str) {
+        self.hooks().create_group(name);
+    }
+
+    /// Adds a registered hook to group `name` (created if needed).
+    ///
+    /// # Errors
+    /// [`Error::UnknownHook`].
+    pub fn add_to_group(&mut self, name: &str, handle: HookHandle) -> Result<()> {
+        self.hooks().add_to_group(name, handle)
+    }
+
+    /// Takes a hook out of group `name` (the hook stays registered).
+    ///
+    /// # Errors
+    /// [`Error::UnknownGroup`] or [`Error::UnknownHook`].
+    pub fn remove_from_group(&mut self, name: &str, handle: HookHandle) -> Result<()> {
+        self.hooks().remove_from_group(name, handle)
+    }
+
+    /// Removes group `name` and unregisters every hook in it; returns how many.
+    ///
+    /// # Errors
+    /// [`Error::UnknownGroup`].
+    pub fn remove_group(&mut self, name: &str) -> Result<usize> {
+        self.hooks().remove_group(name)
+    }
+
+    /// The hooks of group `name`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownGroup`].
+    pub fn group(&self, name: &str) -> Result<Vec<HookHandle>> {
+        self.hooks().group_members(name)
+    }
+
+    /// Every group name.
+    pub fn groups(&self) -> Vec<String> {
+        self.hooks().group_names()
+    }
+
+    /// The full tensor of parameter `name` (a Hugging Face parameter name such as
+    /// `model.layers.0.mlp.up_proj.weight`), as FlexModel's `get_module_parameter`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownParameter`] with the nearest names.
+    pub fn parameter(&self, name: &str) -> Result<Tensor> {
+        let params = self.model.parameters();
+        params
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownParameter {
+                name: name.to_string(),
+                suggestions: crate::site::nearest(name, params.iter().map(|(n, _)| n), 3),
+            })
+    }
+
+    /// Registers a trainable module under `name`, with the variables an optimizer trains;
+    /// editing functions reach it as `cx.modules.get::<M>(name)`.
+    pub fn add_module<T: Any + Send>(
+        &mut self,
+        name: impl Into<String>,
+        module: T,
+        vars: Vec<Var>,
+    ) {
+        self.hooks().modules.insert(name.into(), module, vars);
+    }
+
+    /// Removes the trainable module `name`; returns whether there was one.
+    pub fn remove_module(&mut self, name: &str) -> bool {
+        self.hooks().modules.remove(name)
+    }
+
+    /// The trainable modules.
+    pub fn modules(&self) -> Guard<'_, Modules> {
+        Guard::new(self.hooks(), |h| &h.modules, |h| &mut h.modules)
+    }
+
+    /// The variables of every trainable module, for an optimizer.
+    ///
+    /// # Errors
+    /// No trainable module is registered (training would change nothing).
+    pub fn trainable_vars(&self) -> Result<Vec<Var>> {
+        let vars = self.hooks().modules.vars();
+        if vars.is_empty() {
+            return Err(Error::msg(
+                "no trainable parameters: register a module with its variables \
+                 (FlexModel::add_module) before training; the model's own weights stay frozen",
+            ));
+        }
+        Ok(vars)
+    }
+
+    /// Captured activations (and gradients, as `grad.<site>`; module inputs, as
+    /// `input.<site>`).
     pub fn output(&self) -> &OutputMap {
-        &self.hooks.output
+        &self.output
     }
 
-    /// Takes the captured activations, leaving the output map empty.
+    /// Takes the captures, leaving the output map empty.
     pub fn take_output(&mut self) -> OutputMap {
-        std::mem::take(&mut self.hooks.output)
+        std::mem::take(&mut self.output)
     }
 
     /// Forgets every capture.
     pub fn clear_output(&mut self) {
-        self.hooks.output.clear();
+        self.output.clear();
     }
 
     /// The state shared by the hook functions.
-    pub fn state(&mut self) -> &mut SaveContext {
-        &mut self.hooks.state
+    pub fn state(&mut self) -> Guard<'_, SaveContext> {
+        Guard::new(self.hooks(), |h| &h.state, |h| &mut h.state)
     }
 
     /// The wrapped model.
@@ -95,8 +256,43 @@ impl<M: Model> FlexModel<M> {
         &self.model
     }
 
-    /// Drops every hook and returns the model as it was.
+    /// Drops every hook, group and module and returns the model as it was.
     pub fn restore(self) -> M {
         self.model
+    }
+}
+
+/// Access to a part of a wrapper's hook state (output map, save context, modules) while the
+/// guard lives.
+pub struct Guard<'a, T> {
+    hooks: MutexGuard<'a, Hooks>,
+    get: fn(&Hooks) -> &T,
+    get_mut: fn(&mut Hooks) -> &mut T,
+}
+
+impl<'a, T> Guard<'a, T> {
+    fn new(
+        hooks: MutexGuard<'a, Hooks>,
+        get: fn(&Hooks) -> &T,
+        get_mut: fn(&mut Hooks) -> &mut T,
+    ) -> Self {
+        Self {
+            hooks,
+            get,
+            get_mut,
+        }
+    }
+}
+
+impl<T> Deref for Guard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        (self.get)(&self.hooks)
+    }
+}
+
+impl<T> DerefMut for Guard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        (self.get_mut)(&mut self.hooks)
     }
 }

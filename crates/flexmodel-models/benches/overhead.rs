@@ -17,8 +17,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use flexmodel_core::{
-    Dim, FlexModel, HookCtx, HookFunction, HookHandle, Input, Layout, Model, ModelInfo, Run,
-    SiteId, SiteTable,
+    Dim, FlexModel, HookCtx, HookFunction, HookHandle, Input, Layout, Model, ModelInfo, Parameters,
+    Run, SiteId, SiteTable,
 };
 use flexmodel_models::{LoadOptions, load};
 
@@ -162,6 +162,7 @@ fn median(v: &mut [f64]) -> f64 {
 /// a site costs, un-hooked or hooked, through the public API.
 struct SiteLoop {
     sites: SiteTable,
+    params: Parameters,
     info: ModelInfo,
     device: Device,
     probe: SiteId,
@@ -188,6 +189,7 @@ impl SiteLoop {
         };
         Self {
             sites,
+            params: Parameters::default(),
             info,
             device: Device::Cpu,
             probe,
@@ -201,6 +203,9 @@ impl Model for SiteLoop {
     }
     fn sites(&self) -> &SiteTable {
         &self.sites
+    }
+    fn parameters(&self) -> &Parameters {
+        &self.params
     }
     fn device(&self) -> &Device {
         &self.device

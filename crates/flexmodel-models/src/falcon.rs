@@ -313,6 +313,7 @@ impl Attention {
         mask: &Tensor,
         run: &mut Run,
     ) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let qkv = self.query_key_value.forward(x, run)?;
         let (q, k, v) = self.split(&qkv)?;
         let q = rope::apply(&q, cos, sin)?;
@@ -343,6 +344,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let h = self.dense_h_to_4h.forward(x, run)?;
         let h = self.act.forward(&h, run)?;
         let out = self.dense_4h_to_h.forward(&h, run)?;
@@ -359,6 +361,7 @@ impl Layer {
         mask: &Tensor,
         run: &mut Run,
     ) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let h = self.ln_attn.forward(x, run)?;
         // transformers runs both norms before the attention.
         let mlp_in = match &self.residual {
@@ -385,10 +388,11 @@ impl Layer {
 
 impl Family for Falcon {
     fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
+        let ids = run.input(self.base_site, &input.input_ids)?;
         let device = self.word_embeddings.weight().device();
         let pass = Pass::new(input, None, device)?;
-        let mut x = self.word_embeddings.forward(&input.input_ids, run)?;
-        let (cos, sin) = self.rotary.forward(&pass, x.dtype(), device, run)?;
+        let mut x = self.word_embeddings.forward(&ids, run)?;
+        let (cos, sin) = self.rotary.forward(&x, &pass, run)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, pass.mask(false), run)?;
         }

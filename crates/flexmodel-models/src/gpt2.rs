@@ -169,6 +169,7 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let (b, s, h) = x.dims3()?;
         let Heads {
             heads, head_dim, ..
@@ -204,6 +205,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let h = self.c_fc.forward(x, run)?;
         let h = self.act.forward(&h, run)?;
         let h = self.c_proj.forward(&h, run)?;
@@ -214,6 +216,7 @@ impl Mlp {
 
 impl Block {
     fn forward(&self, x: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let h = self.ln_1.forward(x, run)?;
         let x = (self.attn.forward(&h, mask, run)? + x)?;
         let h = self.ln_2.forward(&x, run)?;
@@ -224,9 +227,10 @@ impl Block {
 
 impl Family for Gpt2 {
     fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
+        let ids = run.input(self.base_site, &input.input_ids)?;
         let device = self.wte.weight().device();
         let pass = Pass::new(input, None, device)?;
-        let tokens = self.wte.forward(&input.input_ids, run)?;
+        let tokens = self.wte.forward(&ids, run)?;
         let positions = self.wpe.forward(&pass.position_ids(device)?, run)?;
         let mut x = self.drop.forward(tokens.broadcast_add(&positions)?, run)?;
         for block in &self.blocks {

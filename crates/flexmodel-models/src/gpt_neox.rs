@@ -164,6 +164,7 @@ impl Attention {
         mask: &Tensor,
         run: &mut Run,
     ) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let (b, s, _) = x.dims3()?;
         let Heads {
             heads, head_dim, ..
@@ -207,6 +208,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let h = self.dense_h_to_4h.forward(x, run)?;
         let h = self.act.forward(&h, run)?;
         let out = self.dense_4h_to_h.forward(&h, run)?;
@@ -223,6 +225,7 @@ impl Layer {
         mask: &Tensor,
         run: &mut Run,
     ) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let h = self.input_layernorm.forward(x, run)?;
         let attn = self.attention.forward(&h, cos, sin, mask, run)?;
         let attn = self.post_attention_dropout.forward(attn, run)?;
@@ -245,11 +248,12 @@ impl Layer {
 
 impl Family for GptNeox {
     fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
+        let ids = run.input(self.base_site, &input.input_ids)?;
         let device = self.embed_in.weight().device();
         let pass = Pass::new(input, None, device)?;
-        let x = self.embed_in.forward(&input.input_ids, run)?;
+        let x = self.embed_in.forward(&ids, run)?;
         let mut x = self.emb_dropout.forward(x, run)?;
-        let (cos, sin) = self.rotary.forward(&pass, x.dtype(), device, run)?;
+        let (cos, sin) = self.rotary.forward(&x, &pass, run)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, pass.mask(false), run)?;
         }

@@ -36,7 +36,7 @@ mod weights;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use flexmodel_core::{Input, Model, ModelInfo, Run, SiteTable};
+use flexmodel_core::{Input, Model, ModelInfo, Parameters, Run, SiteTable};
 
 pub use error::{Error, Result};
 pub use tokenizer::{Tokenizer, pad_right};
@@ -60,6 +60,12 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Where the weights go.
     pub device: Device,
+    /// Load the weights as variables so that [`FlexModel::backward`] also returns their
+    /// gradients. Off by default: gradients then reach activations (backward hooks) and
+    /// trainable modules only, and the weights stay frozen.
+    ///
+    /// [`FlexModel::backward`]: flexmodel_core::FlexModel::backward
+    pub requires_grad: bool,
 }
 
 impl Default for LoadOptions {
@@ -67,6 +73,7 @@ impl Default for LoadOptions {
         Self {
             dtype: DType::F32,
             device: Device::Cpu,
+            requires_grad: false,
         }
     }
 }
@@ -80,7 +87,13 @@ pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Box<dyn Mode
     let dir = dir.as_ref();
     let cfg = RawConfig::read(dir)?;
     check_dtype(options.dtype)?;
-    let weights = Weights::open(dir, options.dtype, &options.device, false)?;
+    let weights = Weights::open(
+        dir,
+        options.dtype,
+        &options.device,
+        false,
+        options.requires_grad,
+    )?;
     build(&cfg, Vb::root(weights))
 }
 
@@ -91,7 +104,7 @@ pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Box<dyn Mode
 pub fn sites(dir: impl AsRef<Path>) -> Result<SiteTable> {
     let dir = dir.as_ref();
     let cfg = RawConfig::read(dir)?;
-    let weights = Weights::open(dir, DType::F32, &Device::Cpu, true)?;
+    let weights = Weights::open(dir, DType::F32, &Device::Cpu, true, false)?;
     let model = build(&cfg, Vb::root(weights))?;
     Ok(model.sites().clone())
 }
@@ -138,16 +151,18 @@ pub(crate) struct Loaded<F> {
     body: F,
     info: ModelInfo,
     sites: SiteTable,
+    params: Parameters,
     device: Device,
 }
 
 impl<F: Family> Loaded<F> {
-    /// Finishes loading: takes the sites `vb` collected.
+    /// Finishes loading: takes the sites and parameters `vb` collected.
     pub(crate) fn boxed(body: F, info: ModelInfo, vb: &Vb) -> Box<dyn Model> {
         Box::new(Self {
             body,
             info,
             sites: vb.take_sites(),
+            params: vb.take_parameters(),
             device: vb.device().clone(),
         })
     }
@@ -160,6 +175,10 @@ impl<F: Family> Model for Loaded<F> {
 
     fn sites(&self) -> &SiteTable {
         &self.sites
+    }
+
+    fn parameters(&self) -> &Parameters {
+        &self.params
     }
 
     fn device(&self) -> &Device {

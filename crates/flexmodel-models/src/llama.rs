@@ -65,8 +65,6 @@ enum Variant {
 
 pub(crate) struct Llama {
     embed: Embedding,
-    /// Gemma multiplies embeddings by `sqrt(hidden)`.
-    embed_scale: Option<f64>,
     rotary: RotaryEmb,
     layers: Vec<Layer>,
     norm: RmsNorm,
@@ -137,7 +135,11 @@ impl Llama {
 
         let m = vb.pp("model");
         let base_site = m.site(shape(BS, h), Layout::Replicated)?;
-        let embed = Embedding::new(m.pp("embed_tokens"), cfg.vocab_size, h, Layout::Replicated)?;
+        let mut embed =
+            Embedding::new(m.pp("embed_tokens"), cfg.vocab_size, h, Layout::Replicated)?;
+        if variant == Variant::Gemma {
+            embed = embed.scaled((h as f64).sqrt());
+        }
         let layers_vb = m.pp("layers");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -163,7 +165,6 @@ impl Llama {
         let window = cfg.sliding_window.filter(|_| sliding.iter().any(|&s| s));
         let body = Self {
             embed,
-            embed_scale: (variant == Variant::Gemma).then(|| (h as f64).sqrt()),
             rotary,
             layers,
             norm,
@@ -262,6 +263,7 @@ impl Attention {
         mask: &Tensor,
         run: &mut Run,
     ) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let (b, s, _) = x.dims3()?;
         let Heads {
             heads,
@@ -303,6 +305,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let gate = self.gate_proj.forward(x, run)?;
         let gate = self.act_fn.forward(&gate, run)?;
         let up = self.up_proj.forward(x, run)?;
@@ -320,6 +323,7 @@ impl Layer {
         pass: &Pass,
         run: &mut Run,
     ) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let h = self.input_layernorm.forward(x, run)?;
         let h = self
             .self_attn
@@ -333,16 +337,11 @@ impl Layer {
 
 impl Family for Llama {
     fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
+        let ids = run.input(self.base_site, &input.input_ids)?;
         let device = self.embed.weight().device();
         let pass = Pass::new(input, self.window, device)?;
-        let mut x = self.embed.lookup(&input.input_ids)?;
-        if let Some(scale) = self.embed_scale {
-            // transformers rounds the scale to the compute dtype first.
-            let scale = Tensor::new(scale as f32, device)?.to_dtype(x.dtype())?;
-            x = x.broadcast_mul(&scale)?;
-        }
-        let mut x = run.site(self.embed.site(), x)?;
-        let (cos, sin) = self.rotary.forward(&pass, x.dtype(), device, run)?;
+        let mut x = self.embed.forward(&ids, run)?;
+        let (cos, sin) = self.rotary.forward(&x, &pass, run)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, &pass, run)?;
         }

@@ -64,6 +64,7 @@ impl Linear {
         let (vocab, d_in) = embed.weight.dims2()?;
         let layout = Layout::split_last(3, vocab);
         if tied {
+            vb.record("weight", &embed.weight);
             Self::with_weight(vb, embed.weight.t()?, bias, BS, layout)
         } else {
             Self::new(vb, (d_in, vocab), bias, BS, layout)
@@ -84,7 +85,8 @@ impl Linear {
     /// # Shapes
     /// `x`: `[..., in]` → `[..., out]`.
     pub(crate) fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
-        let y = self.apply(x)?;
+        let x = run.input(self.site, x)?;
+        let y = self.apply(&x)?;
         run.site(self.site, y)
     }
 
@@ -107,6 +109,8 @@ impl Linear {
 /// A token embedding table whose output is a site.
 pub(crate) struct Embedding {
     weight: Tensor,
+    /// Gemma multiplies embeddings by `sqrt(hidden)`.
+    scale: Option<f64>,
     site: SiteId,
 }
 
@@ -125,28 +129,35 @@ impl Embedding {
     ) -> Result<Self> {
         let weight = vb.get("weight", (rows, dim))?;
         let site = vb.site(shape(lead, dim), layout)?;
-        Ok(Self { weight, site })
+        Ok(Self {
+            weight,
+            scale: None,
+            site,
+        })
     }
 
-    /// Looks up rows without firing the site (the caller scales or offsets first).
-    ///
+    /// An embedding whose output is multiplied by `scale` (Gemma's `sqrt(hidden)`), rounded to
+    /// the compute dtype first as transformers does.
+    pub(crate) fn scaled(mut self, scale: f64) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
     /// # Shapes
     /// `ids`: `[b, s]` → `[b, s, dim]`.
-    pub(crate) fn lookup(&self, ids: &Tensor) -> CResult<Tensor> {
+    pub(crate) fn forward(&self, ids: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let ids = run.input(self.site, ids)?;
         let (b, s) = ids.dims2()?;
         let dim = self.weight.dim(1)?;
-        self.weight
+        let mut x = self
+            .weight
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, dim))
-    }
-
-    pub(crate) fn forward(&self, ids: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
-        let x = self.lookup(ids)?;
+            .reshape((b, s, dim))?;
+        if let Some(scale) = self.scale {
+            let scale = Tensor::new(scale as f32, x.device())?.to_dtype(x.dtype())?;
+            x = x.broadcast_mul(&scale)?;
+        }
         run.site(self.site, x)
-    }
-
-    pub(crate) fn site(&self) -> SiteId {
-        self.site
     }
 
     pub(crate) fn weight(&self) -> &Tensor {
@@ -181,9 +192,10 @@ impl RmsNorm {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = run.input(self.site, x)?;
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
-        let y = if x32.track_op() {
+        let y = if x32.track_op() || self.scale.track_op() {
             let rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
             x32.broadcast_div(&rms)?.broadcast_mul(&self.scale)?
         } else {
@@ -257,9 +269,10 @@ impl LayerNorm {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = run.input(self.site, x)?;
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
-        let y = if x32.track_op() {
+        let y = if x32.track_op() || self.weight.track_op() || self.bias.track_op() {
             let mean = x32.mean_keepdim(D::Minus1)?;
             let centered = x32.broadcast_sub(&mean)?;
             let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -350,7 +363,8 @@ impl Act {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
-        let y = self.act.apply(x)?;
+        let x = run.input(self.site, x)?;
+        let y = self.act.apply(&x)?;
         run.site(self.site, y)
     }
 }
@@ -368,6 +382,7 @@ impl Identity {
     }
 
     pub(crate) fn forward(&self, x: Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = run.input(self.site, &x)?;
         run.site(self.site, x)
     }
 }

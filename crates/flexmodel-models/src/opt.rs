@@ -208,6 +208,7 @@ impl Layer {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let (b, s, h) = x.dims3()?;
         let mut a = x.clone();
         if self.pre_ln {
@@ -249,6 +250,7 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let (b, s, _) = x.dims3()?;
         let Heads {
             heads, head_dim, ..
@@ -276,9 +278,10 @@ impl Attention {
 
 impl Family for Opt {
     fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
+        let ids = run.input(self.decoder_site, &input.input_ids)?;
         let device = self.embed_tokens.weight().device();
         let pass = Pass::new(input, None, device)?;
-        let tokens = self.embed_tokens.forward(&input.input_ids, run)?;
+        let tokens = self.embed_tokens.forward(&ids, run)?;
         // transformers builds an all-ones mask when none is given, so positions are per row.
         let rows = (pass.position_ids(device)? + f64::from(POSITION_OFFSET))?
             .broadcast_as((pass.batch, pass.seq))?

@@ -191,6 +191,7 @@ impl Attention {
         mask: &Tensor,
         run: &mut Run,
     ) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let (b, s, _) = x.dims3()?;
         let Heads {
             heads,
@@ -235,6 +236,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let h = self.fc1.forward(x, run)?;
         let h = self.activation_fn.forward(&h, run)?;
         let out = self.fc2.forward(&h, run)?;
@@ -251,6 +253,7 @@ impl Layer {
         mask: &Tensor,
         run: &mut Run,
     ) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
         let h = self.input_layernorm.forward(x, run)?;
         let attn = self.self_attn.forward(&h, cos, sin, mask, run)?;
         let attn = self.resid_dropout.forward(attn, run)?;
@@ -262,11 +265,12 @@ impl Layer {
 
 impl Family for Phi {
     fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
+        let ids = run.input(self.base_site, &input.input_ids)?;
         let device = self.embed.weight().device();
         let pass = Pass::new(input, None, device)?;
-        let x = self.embed.forward(&input.input_ids, run)?;
+        let x = self.embed.forward(&ids, run)?;
         let mut x = self.embed_dropout.forward(x, run)?;
-        let (cos, sin) = self.rotary.forward(&pass, x.dtype(), device, run)?;
+        let (cos, sin) = self.rotary.forward(&x, &pass, run)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, pass.mask(false), run)?;
         }

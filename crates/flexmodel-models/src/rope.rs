@@ -208,15 +208,16 @@ impl RotaryEmb {
         Ok(Self { rope, site })
     }
 
-    /// `(cos, sin)`, each `[pos_batch, seq, rot]`.
+    /// `(cos, sin)`, each `[pos_batch, seq, rot]`, in `x`'s dtype. `x` (the hidden states)
+    /// is the module's input, as in transformers.
     pub(crate) fn forward(
         &self,
+        x: &Tensor,
         pass: &Pass,
-        dtype: DType,
-        device: &Device,
         run: &mut Run,
     ) -> FwdResult<(Tensor, Tensor)> {
-        let (cos, sin) = self.rope.cos_sin(&pass.positions, dtype, device)?;
+        let x = run.input(self.site, x)?;
+        let (cos, sin) = self.rope.cos_sin(&pass.positions, x.dtype(), x.device())?;
         Ok((run.site(self.site, cos)?, sin))
     }
 }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Shape, Tensor};
-use flexmodel_core::{Dim, Layout, SiteId, SiteKind, SiteTable};
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use flexmodel_core::{Dim, Layout, Parameters, SiteId, SiteKind, SiteTable};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 
@@ -33,12 +33,20 @@ pub(crate) struct Weights {
     device: Device,
     /// Build models without reading any weight (for listing sites).
     meta: bool,
+    /// Load weights as variables, so that gradients reach them.
+    requires_grad: bool,
 }
 
 impl Weights {
     /// Maps the checkpoint of `dir`: `model.safetensors.index.json` and its shards, or
     /// `model.safetensors`.
-    pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, meta: bool) -> Result<Self> {
+    pub(crate) fn open(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        meta: bool,
+        requires_grad: bool,
+    ) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let paths: Vec<PathBuf> = if index.exists() {
@@ -97,6 +105,7 @@ impl Weights {
             dtype,
             device: device.clone(),
             meta,
+            requires_grad,
         })
     }
 
@@ -134,8 +143,12 @@ impl Weights {
             return Ok(Tensor::zeros((), dtype, &self.device)?.broadcast_as(shape)?);
         }
         let bytes = &self.files[entry.file][entry.start..entry.end];
-        let t = Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &self.device)?;
-        Ok(t.to_dtype(dtype)?)
+        let t = Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &self.device)?
+            .to_dtype(dtype)?;
+        if self.requires_grad {
+            return Ok(Var::from_tensor(&t)?.as_tensor().clone());
+        }
+        Ok(t)
     }
 
     fn nearest(&self, name: &str) -> Vec<String> {
@@ -200,6 +213,7 @@ fn to_dtype(dtype: safetensors::Dtype) -> Option<DType> {
 pub(crate) struct Vb {
     weights: Arc<Weights>,
     sites: Rc<RefCell<SiteTable>>,
+    params: Rc<RefCell<Parameters>>,
     path: String,
     /// Where this module's weights are stored, when a checkpoint keeps a legacy name
     /// (GPT-NeoX's `embed_out` for `lm_head`); else `path`.
@@ -211,6 +225,7 @@ impl Vb {
         Self {
             weights: Arc::new(weights),
             sites: Rc::new(RefCell::new(SiteTable::new())),
+            params: Rc::new(RefCell::new(Parameters::default())),
             path: String::new(),
             weight_path: String::new(),
         }
@@ -221,6 +236,7 @@ impl Vb {
         Self {
             weights: self.weights.clone(),
             sites: self.sites.clone(),
+            params: self.params.clone(),
             path: join(&self.path, &name),
             weight_path: join(&self.weight_path, &name),
         }
@@ -245,14 +261,25 @@ impl Vb {
 
     /// The weight `name` under this path, in the compute dtype.
     pub(crate) fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
-        let w = &self.weights;
-        w.get(&self.full(name), &shape.into(), w.dtype)
+        self.get_as(name, shape.into(), self.weights.dtype)
     }
 
     /// The weight `name` under this path in f32 (norm weights: normalisation runs in f32).
     pub(crate) fn get_f32(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
-        self.weights
-            .get(&self.full(name), &shape.into(), DType::F32)
+        self.get_as(name, shape.into(), DType::F32)
+    }
+
+    fn get_as(&self, name: &str, shape: Shape, dtype: DType) -> Result<Tensor> {
+        let t = self.weights.get(&self.full(name), &shape, dtype)?;
+        self.record(name, &t);
+        Ok(t)
+    }
+
+    /// Records `t` as parameter `<path>.<name>` (a tied weight under its second name).
+    pub(crate) fn record(&self, name: &str, t: &Tensor) {
+        self.params
+            .borrow_mut()
+            .insert(join(&self.path, &name), t.clone());
     }
 
     /// Whether the checkpoint has `name` under this path.
@@ -287,6 +314,11 @@ impl Vb {
     /// The sites declared so far (call once construction is complete).
     pub(crate) fn take_sites(&self) -> SiteTable {
         std::mem::take(&mut self.sites.borrow_mut())
+    }
+
+    /// The parameters loaded so far (call once construction is complete).
+    pub(crate) fn take_parameters(&self) -> Parameters {
+        std::mem::take(&mut self.params.borrow_mut())
     }
 }
 

@@ -1,0 +1,58 @@
+//! The causal language-modelling loss, as transformers computes it for `labels=input_ids`.
+
+use candle_core::{D, DType, Tensor};
+
+use crate::model::Input;
+use crate::{Error, Result};
+
+/// Mean cross-entropy of `logits[:, :-1]` against `input_ids[:, 1:]`, in f32, over the
+/// positions whose label is not padding (all of them without an attention mask). Differentiable
+/// (composed ops only).
+///
+/// # Shapes
+/// `logits`: `[batch, seq, vocab]`; returns a scalar.
+///
+/// # Errors
+/// Fewer than two positions, mismatched shapes, or no position to score.
+pub fn causal_lm_loss(logits: &Tensor, input: &Input) -> Result<Tensor> {
+    let (b, s, v) = logits.dims3()?;
+    let (ib, is) = input.dims()?;
+    if (b, s) != (ib, is) {
+        return Err(Error::Input(format!(
+            "logits {:?} do not match input_ids [{ib}, {is}]",
+            logits.dims()
+        )));
+    }
+    if s < 2 {
+        return Err(Error::Input(
+            "the causal LM loss needs at least 2 positions".into(),
+        ));
+    }
+    let log_probs = log_softmax(&logits.narrow(1, 0, s - 1)?.to_dtype(DType::F32)?)?;
+    let targets = input.input_ids.narrow(1, 1, s - 1)?.to_dtype(DType::U32)?;
+    if targets.max_all()?.to_scalar::<u32>()? as usize >= v {
+        return Err(Error::Input(format!(
+            "a token id is not below the vocabulary size {v}"
+        )));
+    }
+    let picked = log_probs.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?; // [b, s-1]
+    let weights = match &input.attention_mask {
+        Some(mask) => mask.narrow(1, 1, s - 1)?.to_dtype(DType::F32)?,
+        None => Tensor::ones((b, s - 1), DType::F32, logits.device())?,
+    };
+    let count = weights.sum_all()?.to_scalar::<f32>()?;
+    if count == 0.0 {
+        return Err(Error::Input(
+            "no position to score: the attention mask is all padding".into(),
+        ));
+    }
+    Ok(((picked * weights)?.sum_all()? * (-1.0 / f64::from(count)))?)
+}
+
+/// `x - logsumexp(x)` over the last dimension, composed so that gradients flow.
+fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
