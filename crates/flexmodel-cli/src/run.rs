@@ -37,6 +37,13 @@ pub struct Args {
     #[arg(long, value_name = "SITE=OP")]
     edit: Vec<String>,
 
+    /// Gradient of the causal-LM loss (labels = input_ids, mean cross-entropy of
+    /// logits[:, :-1] against input_ids[:, 1:], padding excluded) with respect to the output of
+    /// the sites a name or pattern selects, written as `grad.<site>`; the loss is written as
+    /// `loss`. Repeatable.
+    #[arg(long, value_name = "PATTERN")]
+    grad: Vec<String>,
+
     /// Output safetensors file: `logits` and one tensor per captured site, named by the site
     /// (a site that fires k times per forward also writes `<site>#1` ... `<site>#k-1`).
     #[arg(long, value_name = "FILE")]
@@ -91,10 +98,18 @@ pub fn main(args: Args) -> Result<()> {
     for edit in edits {
         fm.register(edit.hook())?;
     }
+    for pattern in &args.grad {
+        fm.register(HookFunction::backward(pattern.as_str()))?;
+    }
     let logits = fm.forward_input(&input)?;
 
     let out_dtype: DType = args.dtype.into();
     let mut tensors = vec![("logits".to_string(), logits.to_dtype(out_dtype)?)];
+    if !args.grad.is_empty() {
+        let loss = flexmodel::causal_lm_loss(&logits, &input)?;
+        fm.backward(&loss)?;
+        tensors.push(("loss".to_string(), loss.detach().to_dtype(out_dtype)?));
+    }
     for (site, firings) in fm.take_output() {
         for (k, t) in firings.into_iter().enumerate() {
             let name = if k == 0 {

@@ -30,8 +30,9 @@
 pub use candle_core::{D, DType, Device, Tensor};
 pub use flexmodel_core::site;
 pub use flexmodel_core::{
-    Dim, Edit, Error, FlexModel, HookCtx, HookFunction, HookHandle, Input, Layout, Model,
-    ModelInfo, OutputMap, Result, Run, SaveContext, SiteId, SiteInfo, SiteKind, SiteTable,
+    Dim, Edit, Error, FlexModel, Groups, Guard, HookCtx, HookFunction, HookHandle, Input, Layout,
+    Model, ModelInfo, Modules, OutputMap, Parameters, Point, Result, Run, SaveContext, SiteId,
+    SiteInfo, SiteKind, SiteTable, causal_lm_loss,
 };
 pub use flexmodel_models::{
     Error as LoadError, LoadOptions, SUPPORTED, Tokenizer, load, pad_right, sites,

@@ -361,3 +361,43 @@ fn output_dtype_is_selectable() {
     assert_eq!(got["logits"].dtype(), candle_core::DType::BF16);
     assert_eq!(got["model.norm"].dtype(), candle_core::DType::BF16);
 }
+
+#[test]
+fn grad_of_every_decoder_layer_matches_reference_for_every_arch() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ARCHS {
+        let dir = model_dir(arch);
+        let refs_path = dir.join("reference.safetensors");
+        let json = reference_json(arch);
+        let prefix = json["decoder_layers"].as_str().unwrap();
+        let layers: Vec<String> = (0..json["num_layers"].as_u64().unwrap())
+            .map(|i| format!("{prefix}.{i}"))
+            .collect();
+        let out = tmp.path().join(format!("{arch}.safetensors"));
+        let mut args = vec![
+            "run",
+            "--model",
+            path_str(&dir),
+            "--input-ids",
+            path_str(&refs_path),
+            "--out",
+            path_str(&out),
+        ];
+        for layer in &layers {
+            args.extend(["--grad", layer.as_str()]);
+        }
+        flexmodel_ok(&args);
+        let got = load(&out);
+        let refs = load(&refs_path);
+        assert_close(
+            &format!("{arch} loss"),
+            &got["loss"],
+            &refs["grad.loss"],
+            1e-5,
+        );
+        for layer in &layers {
+            let key = format!("grad.{layer}");
+            assert_close(&format!("{arch} {key}"), &got[&key], &refs[&key], 1e-4);
+        }
+    }
+}

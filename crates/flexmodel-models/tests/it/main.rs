@@ -5,5 +5,6 @@
 mod common;
 mod dtype;
 mod errors;
+mod hooks;
 mod padding;
 mod reference;

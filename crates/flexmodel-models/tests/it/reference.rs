@@ -1,7 +1,7 @@
 //! Every module output and the logits of every fixture architecture equal transformers'.
 
 use candle_core::Tensor;
-use flexmodel_core::{FlexModel, HookFunction, SiteKind};
+use flexmodel_core::{FlexModel, HookFunction, Input, SiteKind, causal_lm_loss};
 use flexmodel_models::{LoadOptions, load};
 
 use crate::common::{ARCHS, assert_close, model_dir, reference, reference_json};
@@ -120,6 +120,31 @@ fn check_edit(arch: &str) {
     );
 }
 
+/// `grad.loss` and the gradient of the loss at every decoder layer's output.
+fn check_gradients(arch: &str) {
+    let refs = reference(arch);
+    let model = load(model_dir(arch), &LoadOptions::default()).unwrap();
+    let layers = model.info().decoder_layers.clone();
+    let mut fm = FlexModel::new(model);
+    for layer in &layers {
+        fm.register(HookFunction::backward(layer.as_str())).unwrap();
+    }
+    let input = Input::new(refs["input_ids"].clone());
+    let logits = fm.forward_input(&input).unwrap();
+    let loss = causal_lm_loss(&logits, &input).unwrap();
+    assert_close(&format!("{arch} loss"), &loss, &refs["grad.loss"], 1e-5);
+    fm.backward(&loss).unwrap();
+    for layer in &layers {
+        let key = format!("grad.{layer}");
+        let got = fm
+            .output()
+            .last(&key)
+            .unwrap_or_else(|| panic!("{arch}: no {key}"))
+            .clone();
+        assert_close(&format!("{arch} {key}"), &got, &refs[&key], 1e-4);
+    }
+}
+
 macro_rules! arch_tests {
     ($($arch:ident),*) => {$(
         mod $arch {
@@ -134,6 +159,10 @@ macro_rules! arch_tests {
             #[test]
             fn edit_reproduces_mlp_zero() {
                 super::check_edit(stringify!($arch));
+            }
+            #[test]
+            fn gradients_match_reference() {
+                super::check_gradients(stringify!($arch));
             }
         }
     )*};
