@@ -51,10 +51,48 @@ impl Point {
     }
 }
 
+/// Which forward passes of a generation a hook runs in (a plain forward pass is step 0).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Steps {
+    /// Every pass.
+    #[default]
+    All,
+    /// The prefill: the pass over the prompt (step 0).
+    Prompt,
+    /// The decode steps (1, 2, ...), one new token each.
+    Decode,
+    /// Steps `start..end`.
+    Range(usize, usize),
+}
+
+impl Steps {
+    pub(crate) fn contains(self, step: usize) -> bool {
+        match self {
+            Steps::All => true,
+            Steps::Prompt => step == 0,
+            Steps::Decode => step > 0,
+            Steps::Range(start, end) => (start..end).contains(&step),
+        }
+    }
+}
+
+/// Which positions a forward pass processes: during generation, step 0 is the prompt and
+/// each later step one new token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassInfo {
+    /// 0 for a plain forward pass and for the prefill, then 1, 2, ... per decode step.
+    pub step: usize,
+    /// Index of the first position of this pass in the sequence (the cached length).
+    pub start: usize,
+    /// Number of positions this pass processes.
+    pub len: usize,
+}
+
 /// What an editing function knows besides the activation.
 pub struct HookCtx<'a> {
     pub(crate) site: &'a str,
     pub(crate) point: Point,
+    pub(crate) pass: PassInfo,
     /// State shared by every hook function of the wrapper, kept across forward passes.
     pub state: &'a mut SaveContext,
     /// Trainable modules registered on the wrapper.
@@ -70,6 +108,16 @@ impl HookCtx<'_> {
     /// Whether this is an output, input or gradient hook.
     pub fn point(&self) -> Point {
         self.point
+    }
+
+    /// The generation step (0 for a plain forward pass and for the prompt).
+    pub fn step(&self) -> usize {
+        self.pass.step
+    }
+
+    /// The sequence positions this pass processes (`start..start + len`).
+    pub fn positions(&self) -> std::ops::Range<usize> {
+        self.pass.start..self.pass.start + self.pass.len
     }
 }
 
@@ -96,6 +144,7 @@ pub struct HookFunction {
     pub(crate) edit: Option<Box<dyn Edit>>,
     pub(crate) capture: bool,
     pub(crate) groups: Vec<String>,
+    pub(crate) steps: Steps,
 }
 
 impl HookFunction {
@@ -126,6 +175,7 @@ impl HookFunction {
             edit: None,
             capture: true,
             groups: Vec::new(),
+            steps: Steps::All,
         }
     }
 
@@ -144,6 +194,12 @@ impl HookFunction {
     /// Whether the tensor is stored in the output map (default: yes, before the edit).
     pub fn capture(mut self, capture: bool) -> Self {
         self.capture = capture;
+        self
+    }
+
+    /// Limits the hook to some passes of a generation (the prompt, the decode steps, a range).
+    pub fn steps(mut self, steps: Steps) -> Self {
+        self.steps = steps;
         self
     }
 

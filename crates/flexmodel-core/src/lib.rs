@@ -21,7 +21,9 @@
 //!
 //! Every site carries a [`Layout`]: how its tensor is split over tensor-parallel ranks.
 
+mod cache;
 mod error;
+mod generate;
 mod hook;
 pub mod layout;
 mod loss;
@@ -31,8 +33,10 @@ mod run;
 pub mod site;
 mod wrapper;
 
+pub use cache::KvCache;
 pub use error::{Error, Result};
-pub use hook::{Edit, HookCtx, HookFunction, Modules, Point, SaveContext};
+pub use generate::{GenerateOptions, Generation, Sampling};
+pub use hook::{Edit, HookCtx, HookFunction, Modules, PassInfo, Point, SaveContext, Steps};
 pub use layout::Layout;
 pub use loss::causal_lm_loss;
 pub use model::{Input, Model, ModelInfo, Parameters};

@@ -13,6 +13,7 @@ pub struct Input {
     /// Token ids, `[batch, seq]`, integer dtype (u32 or i64).
     pub input_ids: Tensor,
     /// `[batch, seq]`, 1 for real tokens and 0 for padding (left or right); `None` means all 1.
+    /// During generation it covers the cached positions too: `[batch, past + seq]`.
     pub attention_mask: Option<Tensor>,
 }
 
@@ -55,7 +56,9 @@ impl Input {
             return Err(Error::Input("input_ids is empty".into()));
         }
         if let Some(mask) = &self.attention_mask {
-            if mask.dims() != ids.dims() {
+            // During generation the mask also covers the cached positions: [batch, past + seq].
+            let ok = matches!(mask.dims(), &[b, width] if b == batch && width >= seq);
+            if !ok {
                 return Err(Error::Input(format!(
                     "attention_mask shape {:?} differs from input_ids shape {:?}",
                     mask.dims(),

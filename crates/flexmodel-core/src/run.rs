@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout as CLayout, Shape, Tensor, Var};
 
-use crate::hook::{Edit, HookCtx, HookFunction, Modules, Point, SaveContext};
+use crate::cache::KvCache;
+use crate::hook::{Edit, HookCtx, HookFunction, Modules, PassInfo, Point, SaveContext, Steps};
 use crate::output::OutputMap;
 use crate::site::{SiteId, SiteKind, SiteTable};
 use crate::{Error, Result};
@@ -46,6 +47,7 @@ struct Entry {
     point: Point,
     expected_shape: Option<Vec<usize>>,
     capture: bool,
+    steps: Steps,
 }
 
 const fn bit(point: Point) -> u8 {
@@ -71,6 +73,8 @@ pub(crate) struct Hooks {
     active: Vec<u8>,
     /// Hooks the current pass's group selection disables.
     disabled: HashSet<HookHandle>,
+    /// The current pass (its generation step and positions).
+    pass: PassInfo,
     /// Firings of each gradient-hooked site in the current forward pass.
     grad_calls: Vec<u32>,
     /// Gradient captures of a backward pass, flushed in forward order once it completes.
@@ -94,6 +98,7 @@ impl Hooks {
             next_handle: 0,
             active: vec![0; sites.len()],
             disabled: HashSet::new(),
+            pass: PassInfo::default(),
             grad_calls: vec![0; sites.len()],
             pending_grads: Vec::new(),
             pending_error: None,
@@ -121,6 +126,7 @@ impl Hooks {
                 point: hook.point,
                 expected_shape: hook.expected_shape.clone(),
                 capture: hook.capture,
+                steps: hook.steps,
             });
         }
         if let Some(edit) = hook.edit {
@@ -129,7 +135,7 @@ impl Hooks {
         for group in hook.groups {
             self.groups.entry(group).or_default().insert(handle);
         }
-        self.select(&Groups::All)?;
+        self.select(&Groups::All, PassInfo::default())?;
         Ok(handle)
     }
 
@@ -147,7 +153,7 @@ impl Hooks {
         for members in self.groups.values_mut() {
             members.remove(&handle);
         }
-        self.select(&Groups::All)
+        self.select(&Groups::All, PassInfo::default())
     }
 
     pub(crate) fn create_group(&mut self, name: &str) {
@@ -208,9 +214,10 @@ impl Hooks {
         }
     }
 
-    /// Enables the hooks `groups` selects for the next pass.
-    pub(crate) fn select(&mut self, groups: &Groups) -> Result<()> {
+    /// Enables the hooks `groups` selects, and whose steps include `pass`, for the next pass.
+    pub(crate) fn select(&mut self, groups: &Groups, pass: PassInfo) -> Result<()> {
         self.disabled.clear();
+        self.pass = pass;
         let chosen = |names: &[String], hooks: &Self| -> Result<BTreeSet<HookHandle>> {
             let mut set = BTreeSet::new();
             for name in names {
@@ -231,6 +238,11 @@ impl Hooks {
                 self.disabled = all.filter(|h| !keep.contains(h)).collect();
             }
             Groups::Except(names) => self.disabled = chosen(names, self)?.into_iter().collect(),
+        }
+        for entries in &self.per_site {
+            for e in entries.iter().filter(|e| !e.steps.contains(pass.step)) {
+                self.disabled.insert(e.handle);
+            }
         }
         for (mask, entries) in self.active.iter_mut().zip(&self.per_site) {
             *mask = entries
@@ -270,6 +282,7 @@ impl Hooks {
             state,
             modules,
             pending_grads,
+            pass,
             ..
         } = self;
         let site = &*names[id.index()];
@@ -299,6 +312,7 @@ impl Hooks {
                 let mut cx = HookCtx {
                     site,
                     point,
+                    pass: *pass,
                     state,
                     modules,
                 };
@@ -413,6 +427,10 @@ impl CustomOp1 for GradSite {
 /// work).
 pub struct Run<'a> {
     hooks: Option<Hooked<'a>>,
+    /// The key/value cache of a generation.
+    cache: Option<&'a mut KvCache>,
+    /// Compute the logits of the last position only (generation).
+    last_only: bool,
 }
 
 struct Hooked<'a> {
@@ -426,7 +444,11 @@ struct Hooked<'a> {
 impl Run<'static> {
     /// A run without hooks: the plain model.
     pub fn plain() -> Self {
-        Run { hooks: None }
+        Run {
+            hooks: None,
+            cache: None,
+            last_only: false,
+        }
     }
 }
 
@@ -444,7 +466,42 @@ impl<'a> Run<'a> {
                 output,
                 grad,
             }),
+            cache: None,
+            last_only: false,
         }
+    }
+
+    /// Uses `cache` for keys and values, and computes only the last position's logits.
+    pub(crate) fn generating(mut self, cache: &'a mut KvCache) -> Self {
+        self.cache = Some(cache);
+        self.last_only = true;
+        self
+    }
+
+    /// Number of positions already in the key/value cache (0 outside generation).
+    pub fn past_len(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.len())
+    }
+
+    /// Keys and values of every position for attention layer `layer`: this pass's appended
+    /// to the cached ones during generation, else this pass's.
+    ///
+    /// # Shapes
+    /// `k`, `v`: `[batch, kv_heads, seq, head_dim]` → `[batch, kv_heads, past + seq, head_dim]`.
+    ///
+    /// # Errors
+    /// Shapes that do not extend the cache.
+    pub fn keys_values(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        match &mut self.cache {
+            Some(cache) => cache.append(layer, &k, &v),
+            None => Ok((k, v)),
+        }
+    }
+
+    /// Whether the model should compute logits for the last position only (generation needs
+    /// no more; transformers' `logits_to_keep=1`).
+    pub fn last_position_only(&self) -> bool {
+        self.last_only
     }
 
     /// Passes the output of site `id` through the hooks registered there.

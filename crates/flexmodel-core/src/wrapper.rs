@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use crate::hook::{HookFunction, Modules, SaveContext};
+use crate::cache::KvCache;
+use crate::hook::{HookFunction, Modules, PassInfo, SaveContext};
 use crate::model::{Input, Model};
 use crate::output::OutputMap;
 use crate::run::{Groups, HookHandle, Hooks, Run, lock};
@@ -90,9 +91,31 @@ impl<M: Model> FlexModel<M> {
     /// # Errors
     /// [`Error::UnknownGroup`], or as [`Model::forward_with`].
     pub fn forward_groups(&mut self, input: &Input, groups: &Groups) -> Result<Tensor> {
+        let (_, seq) = input.dims()?;
+        let pass = PassInfo {
+            step: 0,
+            start: 0,
+            len: seq,
+        };
+        self.pass(input, groups, pass, None)
+    }
+
+    /// One forward pass; during generation with `cache` (keys and values appended, logits of
+    /// the last position only).
+    pub(crate) fn pass(
+        &mut self,
+        input: &Input,
+        groups: &Groups,
+        pass: PassInfo,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let mut hooks = lock(&self.hooks);
-        hooks.select(groups)?;
-        let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output);
+        hooks.select(groups, pass)?;
+        let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output);
+        let mut run = match cache {
+            Some(cache) => run.generating(cache),
+            None => run,
+        };
         self.model.forward_with(input, &mut run)
     }
 

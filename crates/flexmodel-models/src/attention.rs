@@ -24,41 +24,57 @@ pub(crate) struct Pass {
 }
 
 impl Pass {
-    /// Reads the input once. `window` is the model's sliding window, if any layer uses one.
-    pub(crate) fn new(input: &Input, window: Option<usize>, device: &Device) -> FwdResult<Self> {
+    /// Reads the input once. `past` positions are already in the key/value cache (then the
+    /// mask covers them too); `window` is the model's sliding window, if any layer uses one.
+    pub(crate) fn new(
+        input: &Input,
+        past: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> FwdResult<Self> {
         let (batch, seq) = input.dims()?;
+        let width = past + seq;
         let valid: Option<Vec<Vec<bool>>> = match &input.attention_mask {
             None => None,
-            Some(mask) => Some(
-                mask.to_dtype(DType::I64)?
-                    .to_vec2::<i64>()?
-                    .into_iter()
-                    .map(|row| row.into_iter().map(|m| m != 0).collect())
-                    .collect(),
-            ),
+            Some(mask) => {
+                if mask.dim(1)? != width {
+                    return Err(flexmodel_core::Error::Input(format!(
+                        "attention_mask covers {} positions, expected {width} ({past} cached + {seq} new)",
+                        mask.dim(1)?
+                    )));
+                }
+                let rows = mask.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+                Some(
+                    rows.into_iter()
+                        .map(|row| row.into_iter().map(|m| m != 0).collect())
+                        .collect(),
+                )
+            }
         };
         let positions = match &valid {
-            None => vec![(0..seq as u32).collect()],
+            None => vec![(past as u32..width as u32).collect()],
             Some(rows) => rows
                 .iter()
                 .map(|row| {
                     let mut next = 0;
-                    row.iter()
+                    let all: Vec<u32> = row
+                        .iter()
                         .map(|&real| {
                             let p = if real { next } else { 0 };
                             next += u32::from(real);
                             p
                         })
-                        .collect()
+                        .collect();
+                    all[past..].to_vec()
                 })
                 .collect(),
         };
-        let causal = additive_mask(valid.as_deref(), batch, seq, None, device)?;
+        let causal = additive_mask(valid.as_deref(), batch, (past, seq), None, device)?;
         let sliding = match window {
-            Some(w) if w < seq => Some(additive_mask(
+            Some(w) if w < width => Some(additive_mask(
                 valid.as_deref(),
                 batch,
-                seq,
+                (past, seq),
                 Some(w),
                 device,
             )?),
@@ -89,28 +105,30 @@ impl Pass {
     }
 }
 
-/// `[batch|1, 1, seq, seq]` with 0 where query `i` may see key `j` (`j <= i`, key not padding,
-/// `i - j < window`) and the f32 minimum elsewhere. A query that sees nothing (left padding)
-/// gets a uniform row instead of NaN, like transformers.
+/// `[batch|1, 1, seq, past + seq]` with 0 where query `i` (sequence index `past + i`) may see
+/// key `j` (`j <= past + i`, key not padding, `past + i - j < window`) and the f32 minimum
+/// elsewhere. A query that sees nothing (left padding) gets a uniform row instead of NaN, like
+/// transformers.
 fn additive_mask(
     valid: Option<&[Vec<bool>]>,
     batch: usize,
-    seq: usize,
+    (past, seq): (usize, usize),
     window: Option<usize>,
     device: &Device,
 ) -> FwdResult<Tensor> {
     let rows = if valid.is_some() { batch } else { 1 };
-    let mut data = Vec::with_capacity(rows * seq * seq);
+    let width = past + seq;
+    let mut data = Vec::with_capacity(rows * seq * width);
     for b in 0..rows {
-        for i in 0..seq {
-            for j in 0..seq {
+        for i in past..width {
+            for j in 0..width {
                 let visible =
                     j <= i && valid.is_none_or(|v| v[b][j]) && window.is_none_or(|w| i - j < w);
                 data.push(if visible { 0f32 } else { f32::MIN });
             }
         }
     }
-    Ok(Tensor::from_vec(data, (rows, 1, seq, seq), device)?)
+    Ok(Tensor::from_vec(data, (rows, 1, seq, width), device)?)
 }
 
 /// Head counts of an attention layer.
@@ -123,6 +141,8 @@ pub(crate) struct Heads {
 
 /// The internal sites of one attention module (see the crate docs of flexmodel-core).
 pub(crate) struct AttnSites {
+    /// Index of this attention layer (its slot in the key/value cache).
+    layer: usize,
     q: SiteId,
     k: SiteId,
     v: SiteId,
@@ -136,6 +156,7 @@ impl AttnSites {
         let per_head = |n: usize| vec![Dim::Batch, Dim::Seq, Dim::Size(n), Dim::Size(h.head_dim)];
         let by_head = |n: usize| Layout::Split { dim: 2, units: n };
         Ok(Self {
+            layer: vb.next_attention_layer(),
             q: vb.internal("hook_q", per_head(h.heads), by_head(h.heads))?,
             k: vb.internal("hook_k", per_head(h.kv_heads), by_head(h.kv_heads))?,
             v: vb.internal("hook_v", per_head(h.kv_heads), by_head(h.kv_heads))?,
@@ -170,7 +191,7 @@ pub(crate) fn attend(
     let k = run.site(sites.k, k)?;
     let v = run.site(sites.v, v)?;
     let (b, s, heads, d) = q.dims4()?;
-    let (_, kv_len, kv_heads, _) = k.dims4()?;
+    let kv_heads = k.dim(2)?;
     let dtype = q.dtype();
     // Heads of one KV group are adjacent, so [b, heads, s, d] regroups as
     // [b, kv_heads, n_rep * s, d] and meets its keys in one matmul without repeating them.
@@ -181,6 +202,9 @@ pub(crate) fn attend(
         .reshape((b, kv_heads, n_rep * s, d))?;
     let kt = k.transpose(1, 2)?.contiguous()?;
     let vt = v.transpose(1, 2)?.contiguous()?;
+    // With a cache, the keys and values of earlier positions come first.
+    let (kt, vt) = run.keys_values(sites.layer, kt, vt)?;
+    let kv_len = kt.dim(2)?;
     let scores = (qg.matmul(&kt.t()?)? * scale)?
         .reshape((b, heads, s, kv_len))?
         .to_dtype(DType::F32)?

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::{RawConfig, require};
 use crate::error::{Error, Result};
-use crate::nn::{Act, Activation, BS, Embedding, LayerNorm, Linear, shape};
+use crate::nn::{Act, Activation, BS, Embedding, LayerNorm, Linear, head_input, shape};
 use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded};
@@ -390,7 +390,7 @@ impl Family for Falcon {
     fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
         let ids = run.input(self.base_site, &input.input_ids)?;
         let device = self.word_embeddings.weight().device();
-        let pass = Pass::new(input, None, device)?;
+        let pass = Pass::new(input, run.past_len(), None, device)?;
         let mut x = self.word_embeddings.forward(&ids, run)?;
         let (cos, sin) = self.rotary.forward(&x, &pass, run)?;
         for layer in &self.layers {
@@ -398,6 +398,6 @@ impl Family for Falcon {
         }
         let x = self.ln_f.forward(&x, run)?;
         let x = run.site(self.base_site, x)?;
-        self.lm_head.forward(&x, run)
+        self.lm_head.forward(&head_input(x, run)?, run)
     }
 }

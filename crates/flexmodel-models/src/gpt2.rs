@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::{RawConfig, require};
 use crate::error::Result;
-use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, shape};
+use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, head_input, shape};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded};
 
@@ -229,7 +229,7 @@ impl Family for Gpt2 {
     fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
         let ids = run.input(self.base_site, &input.input_ids)?;
         let device = self.wte.weight().device();
-        let pass = Pass::new(input, None, device)?;
+        let pass = Pass::new(input, run.past_len(), None, device)?;
         let tokens = self.wte.forward(&ids, run)?;
         let positions = self.wpe.forward(&pass.position_ids(device)?, run)?;
         let mut x = self.drop.forward(tokens.broadcast_add(&positions)?, run)?;
@@ -238,6 +238,6 @@ impl Family for Gpt2 {
         }
         let x = self.ln_f.forward(&x, run)?;
         let x = run.site(self.base_site, x)?;
-        self.lm_head.forward(&x, run)
+        self.lm_head.forward(&head_input(x, run)?, run)
     }
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::Result;
-use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, shape};
+use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, head_input, shape};
 use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded};
@@ -250,7 +250,7 @@ impl Family for GptNeox {
     fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
         let ids = run.input(self.base_site, &input.input_ids)?;
         let device = self.embed_in.weight().device();
-        let pass = Pass::new(input, None, device)?;
+        let pass = Pass::new(input, run.past_len(), None, device)?;
         let x = self.embed_in.forward(&ids, run)?;
         let mut x = self.emb_dropout.forward(x, run)?;
         let (cos, sin) = self.rotary.forward(&x, &pass, run)?;
@@ -259,6 +259,6 @@ impl Family for GptNeox {
         }
         let x = self.final_layer_norm.forward(&x, run)?;
         let x = run.site(self.base_site, x)?;
-        self.lm_head.forward(&x, run)
+        self.lm_head.forward(&head_input(x, run)?, run)
     }
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::{Error, Result};
-use crate::nn::{Act, Activation, BS, Embedding, Linear, RmsNorm, shape};
+use crate::nn::{Act, Activation, BS, Embedding, Linear, RmsNorm, head_input, shape};
 use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded};
@@ -339,7 +339,7 @@ impl Family for Llama {
     fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
         let ids = run.input(self.base_site, &input.input_ids)?;
         let device = self.embed.weight().device();
-        let pass = Pass::new(input, self.window, device)?;
+        let pass = Pass::new(input, run.past_len(), self.window, device)?;
         let mut x = self.embed.forward(&ids, run)?;
         let (cos, sin) = self.rotary.forward(&x, &pass, run)?;
         for layer in &self.layers {
@@ -347,6 +347,6 @@ impl Family for Llama {
         }
         let x = self.norm.forward(&x, run)?;
         let x = run.site(self.base_site, x)?;
-        self.lm_head.forward(&x, run)
+        self.lm_head.forward(&head_input(x, run)?, run)
     }
 }

@@ -292,6 +292,17 @@ impl LayerNorm {
     }
 }
 
+/// The last position of `x` `[batch, seq, hidden]` when only the next token's logits are
+/// needed (generation), else `x`.
+pub(crate) fn head_input(x: Tensor, run: &Run) -> CResult<Tensor> {
+    if run.last_position_only() {
+        let seq = x.dim(1)?;
+        x.narrow(1, seq - 1, 1)
+    } else {
+        Ok(x)
+    }
+}
+
 /// Softmax over the last dimension (fused unless gradients are tracked).
 pub(crate) fn softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
     if x.track_op() {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::Result;
-use crate::nn::{Act, Activation, BS, Embedding, LayerNorm, Linear, TOKENS, shape};
+use crate::nn::{Act, Activation, BS, Embedding, LayerNorm, Linear, TOKENS, head_input, shape};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded};
 
@@ -280,7 +280,7 @@ impl Family for Opt {
     fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
         let ids = run.input(self.decoder_site, &input.input_ids)?;
         let device = self.embed_tokens.weight().device();
-        let pass = Pass::new(input, None, device)?;
+        let pass = Pass::new(input, run.past_len(), None, device)?;
         let tokens = self.embed_tokens.forward(&ids, run)?;
         // transformers builds an all-ones mask when none is given, so positions are per row.
         let rows = (pass.position_ids(device)? + f64::from(POSITION_OFFSET))?
@@ -302,6 +302,6 @@ impl Family for Opt {
             x = p.forward(&x, run)?;
         }
         let x = run.site(self.decoder_site, x)?;
-        self.lm_head.forward(&x, run)
+        self.lm_head.forward(&head_input(x, run)?, run)
     }
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::Result;
-use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, shape};
+use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, head_input, shape};
 use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded};
@@ -267,7 +267,7 @@ impl Family for Phi {
     fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
         let ids = run.input(self.base_site, &input.input_ids)?;
         let device = self.embed.weight().device();
-        let pass = Pass::new(input, None, device)?;
+        let pass = Pass::new(input, run.past_len(), None, device)?;
         let x = self.embed.forward(&ids, run)?;
         let mut x = self.embed_dropout.forward(x, run)?;
         let (cos, sin) = self.rotary.forward(&x, &pass, run)?;
@@ -276,6 +276,6 @@ impl Family for Phi {
         }
         let x = self.final_layernorm.forward(&x, run)?;
         let x = run.site(self.base_site, x)?;
-        self.lm_head.forward(&x, run)
+        self.lm_head.forward(&head_input(x, run)?, run)
     }
 }

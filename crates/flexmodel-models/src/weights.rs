@@ -214,6 +214,8 @@ pub(crate) struct Vb {
     weights: Arc<Weights>,
     sites: Rc<RefCell<SiteTable>>,
     params: Rc<RefCell<Parameters>>,
+    /// Attention layers built so far (each gets the next key/value cache slot).
+    attention_layers: Rc<std::cell::Cell<usize>>,
     path: String,
     /// Where this module's weights are stored, when a checkpoint keeps a legacy name
     /// (GPT-NeoX's `embed_out` for `lm_head`); else `path`.
@@ -226,6 +228,7 @@ impl Vb {
             weights: Arc::new(weights),
             sites: Rc::new(RefCell::new(SiteTable::new())),
             params: Rc::new(RefCell::new(Parameters::default())),
+            attention_layers: Rc::new(std::cell::Cell::new(0)),
             path: String::new(),
             weight_path: String::new(),
         }
@@ -237,6 +240,7 @@ impl Vb {
             weights: self.weights.clone(),
             sites: self.sites.clone(),
             params: self.params.clone(),
+            attention_layers: self.attention_layers.clone(),
             path: join(&self.path, &name),
             weight_path: join(&self.weight_path, &name),
         }
@@ -314,6 +318,13 @@ impl Vb {
     /// The sites declared so far (call once construction is complete).
     pub(crate) fn take_sites(&self) -> SiteTable {
         std::mem::take(&mut self.sites.borrow_mut())
+    }
+
+    /// The key/value cache slot of the next attention layer.
+    pub(crate) fn next_attention_layer(&self) -> usize {
+        let n = self.attention_layers.get();
+        self.attention_layers.set(n + 1);
+        n
     }
 
     /// The parameters loaded so far (call once construction is complete).
