@@ -5,6 +5,7 @@
 mod common;
 mod dtype;
 mod errors;
+mod generate;
 mod hooks;
 mod padding;
 mod reference;

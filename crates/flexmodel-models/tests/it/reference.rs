@@ -164,6 +164,14 @@ macro_rules! arch_tests {
             fn gradients_match_reference() {
                 super::check_gradients(stringify!($arch));
             }
+            #[test]
+            fn greedy_generation_matches_reference() {
+                crate::generate::check_greedy(stringify!($arch));
+            }
+            #[test]
+            fn every_decode_step_equals_the_full_forward() {
+                crate::generate::check_cache(stringify!($arch));
+            }
         }
     )*};
 }
