@@ -3,7 +3,8 @@
 //! Exit codes: 0 success, 1 error (the message says what and how to fix it), 2 bad usage.
 
 mod edit;
-mod model_opts;
+mod generate;
+mod opts;
 mod run;
 mod safetensors_io;
 mod sites;
@@ -30,6 +31,8 @@ enum Command {
     Sites(sites::Args),
     /// Run a forward pass, capturing and editing activations; write them to a safetensors file.
     Run(run::Args),
+    /// Generate text with a key/value cache, with captures and edits at every step.
+    Generate(generate::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Sites(args) => sites::main(args),
         Command::Run(args) => run::main(args),
+        Command::Generate(args) => generate::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

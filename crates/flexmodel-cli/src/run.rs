@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use flexmodel::{DType, FlexModel, HookFunction, Input, LoadOptions, Tensor, Tokenizer};
 
-use crate::edit::EditSpec;
-use crate::model_opts::{FloatType, ModelOpts};
+use crate::opts::{FloatType, HookOpts, InputOpts, ModelOpts, Padding};
 use crate::safetensors_io;
 
 /// Arguments of `flexmodel run`.
@@ -16,26 +15,11 @@ pub struct Args {
     #[command(flatten)]
     model: ModelOpts,
 
-    /// Text prompts; several form one right-padded batch (each row computes what the prompt
-    /// computes alone).
-    #[arg(long, num_args = 1.., required_unless_present = "input_ids", conflicts_with = "input_ids")]
-    prompt: Vec<String>,
+    #[command(flatten)]
+    input: InputOpts,
 
-    /// Token ids instead of text: a safetensors file with an integer `input_ids` [batch, seq]
-    /// and optionally `attention_mask` [batch, seq] (1 real, 0 padding, left or right).
-    #[arg(long, value_name = "FILE")]
-    input_ids: Option<PathBuf>,
-
-    /// Capture the sites a name or pattern selects (`*` matches any characters, dots
-    /// included); repeatable.
-    #[arg(long, value_name = "PATTERN")]
-    capture: Vec<String>,
-
-    /// Edit a site (or pattern): SITE=zero, SITE=scale:F, SITE=add:FILE.safetensors:KEY
-    /// (broadcast over batch and positions), SITE=replace:FILE.safetensors:KEY; repeatable.
-    /// Captures record the value before edits.
-    #[arg(long, value_name = "SITE=OP")]
-    edit: Vec<String>,
+    #[command(flatten)]
+    hooks: HookOpts,
 
     /// Gradient of the causal-LM loss (labels = input_ids, mean cross-entropy of
     /// logits[:, :-1] against input_ids[:, 1:], padding excluded) with respect to the output of
@@ -61,28 +45,9 @@ pub struct Args {
 pub fn main(args: Args) -> Result<()> {
     // Everything that can be checked without the weights is checked first.
     let dir = args.model.dir()?;
-    let edits = args
-        .edit
-        .iter()
-        .map(|e| EditSpec::parse(e))
-        .collect::<Result<Vec<_>>>()?;
+    let edits = args.hooks.edits()?;
     check_out_dir(&args.out)?;
-    let tokenizer = match args.input_ids {
-        Some(_) => Tokenizer::from_dir(&dir).ok(),
-        None => Some(Tokenizer::from_dir(&dir)?),
-    };
-    let input = match &args.input_ids {
-        Some(path) => read_input(path)?,
-        None => {
-            let tok = tokenizer.as_ref().context("tokenizer")?;
-            let rows = args
-                .prompt
-                .iter()
-                .map(|p| tok.encode(p))
-                .collect::<Result<Vec<_>, _>>()?;
-            flexmodel::pad_right(&rows, 0, &flexmodel::Device::Cpu)?
-        }
-    };
+    let (input, tokenizer) = args.input.load(&dir, Padding::Right)?;
 
     let options = LoadOptions {
         dtype: args.compute_dtype.into(),
@@ -91,13 +56,7 @@ pub fn main(args: Args) -> Result<()> {
     let model =
         flexmodel::load(&dir, &options).with_context(|| format!("loading {}", dir.display()))?;
     let mut fm = FlexModel::new(model);
-    // Captures first: hooks fire in registration order, so they see the pre-edit value.
-    for pattern in &args.capture {
-        fm.register(HookFunction::new(pattern.as_str()))?;
-    }
-    for edit in edits {
-        fm.register(edit.hook())?;
-    }
+    args.hooks.register(&mut fm, edits)?;
     for pattern in &args.grad {
         fm.register(HookFunction::backward(pattern.as_str()))?;
     }
@@ -124,7 +83,8 @@ pub fn main(args: Args) -> Result<()> {
     report(&tensors, &logits, &input, tokenizer.as_ref(), &args.out)
 }
 
-fn check_out_dir(out: &std::path::Path) -> Result<()> {
+/// Fails early when the output's directory does not exist.
+pub fn check_out_dir(out: &std::path::Path) -> Result<()> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(dir) = parent {
         if !dir.is_dir() {
@@ -136,28 +96,6 @@ fn check_out_dir(out: &std::path::Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn read_input(path: &std::path::Path) -> Result<Input> {
-    let mut tensors = safetensors_io::read(path)?;
-    let ids = tensors.remove("input_ids").with_context(|| {
-        format!(
-            "{} has no `input_ids` tensor (an integer [batch, seq])",
-            path.display()
-        )
-    })?;
-    if !ids.dtype().is_int() || ids.rank() != 2 {
-        bail!(
-            "{}: `input_ids` must be an integer [batch, seq] tensor, got {:?} {:?}",
-            path.display(),
-            ids.dtype(),
-            ids.dims()
-        );
-    }
-    Ok(match tensors.remove("attention_mask") {
-        Some(mask) => Input::with_mask(ids, mask),
-        None => Input::new(ids),
-    })
 }
 
 /// What was written, and the model's next-token guesses for each row.

@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Result;
 use clap::ValueEnum;
 
-use crate::model_opts::ModelOpts;
+use crate::opts::ModelOpts;
 
 /// Arguments of `flexmodel sites`.
 #[derive(clap::Args)]

@@ -39,7 +39,7 @@ use candle_core::{DType, Device, Tensor};
 use flexmodel_core::{Input, Model, ModelInfo, Parameters, Run, SiteTable};
 
 pub use error::{Error, Result};
-pub use tokenizer::{Tokenizer, pad_right};
+pub use tokenizer::{Tokenizer, generation_tokens, pad_left, pad_right};
 
 use crate::config::RawConfig;
 use crate::weights::{Vb, Weights};

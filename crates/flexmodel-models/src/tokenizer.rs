@@ -61,6 +61,25 @@ impl Tokenizer {
 /// # Errors
 /// No sequence, or an empty one.
 pub fn pad_right(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Input> {
+    pad(rows, pad_id, device, Side::Right)
+}
+
+/// One batch for generation: left-padded with `pad_id`, with an attention mask whenever lengths
+/// differ (as transformers pads for `generate`; positions then come from the mask, so each row
+/// generates what its prompt generates alone).
+///
+/// # Errors
+/// No sequence, or an empty one.
+pub fn pad_left(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Input> {
+    pad(rows, pad_id, device, Side::Left)
+}
+
+enum Side {
+    Left,
+    Right,
+}
+
+fn pad(rows: &[Vec<u32>], pad_id: u32, device: &Device, side: Side) -> Result<Input> {
     let width = rows.iter().map(Vec::len).max().unwrap_or(0);
     if rows.is_empty() || rows.iter().any(Vec::is_empty) {
         return Err(
@@ -70,10 +89,21 @@ pub fn pad_right(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Inpu
     let mut ids = Vec::with_capacity(rows.len() * width);
     let mut mask = Vec::with_capacity(rows.len() * width);
     for row in rows {
-        for i in 0..width {
-            ids.push(row.get(i).copied().unwrap_or(pad_id));
-            mask.push(u32::from(i < row.len()));
-        }
+        let padding = width - row.len();
+        let (before, after) = match side {
+            Side::Left => (padding, 0),
+            Side::Right => (0, padding),
+        };
+        ids.extend(
+            std::iter::repeat_n(pad_id, before)
+                .chain(row.iter().copied())
+                .chain(std::iter::repeat_n(pad_id, after)),
+        );
+        mask.extend(
+            std::iter::repeat_n(0u32, before)
+                .chain(std::iter::repeat_n(1, row.len()))
+                .chain(std::iter::repeat_n(0, after)),
+        );
     }
     let shape = (rows.len(), width);
     let input_ids = Tensor::from_vec(ids, shape, device)?;
@@ -84,4 +114,42 @@ pub fn pad_right(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Inpu
         input_ids,
         Tensor::from_vec(mask, shape, device)?,
     ))
+}
+
+/// Token ids that end a generation, and the id that pads: from `generation_config.json`, else
+/// `config.json` (`eos_token_id` may be one id or a list; `pad_token_id` defaults to the first
+/// EOS id, else 0).
+///
+/// # Errors
+/// A file that exists but is not JSON.
+pub fn generation_tokens(dir: impl AsRef<Path>) -> Result<(Vec<u32>, u32)> {
+    let dir = dir.as_ref();
+    let mut eos = Vec::new();
+    let mut pad = None;
+    for file in ["generation_config.json", "config.json"] {
+        let path = dir.join(file);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.clone(),
+            message: format!("invalid JSON: {e}"),
+        })?;
+        if eos.is_empty() {
+            eos = match &json["eos_token_id"] {
+                serde_json::Value::Number(n) => {
+                    n.as_u64().map(|n| vec![n as u32]).unwrap_or_default()
+                }
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|n| n as u32)
+                    .collect(),
+                _ => Vec::new(),
+            };
+        }
+        pad = pad.or_else(|| json["pad_token_id"].as_u64().map(|n| n as u32));
+    }
+    let pad = pad.or(eos.first().copied()).unwrap_or(0);
+    Ok((eos, pad))
 }

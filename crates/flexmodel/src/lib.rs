@@ -30,12 +30,14 @@
 pub use candle_core::{D, DType, Device, Tensor};
 pub use flexmodel_core::site;
 pub use flexmodel_core::{
-    Dim, Edit, Error, FlexModel, Groups, Guard, HookCtx, HookFunction, HookHandle, Input, Layout,
-    Model, ModelInfo, Modules, OutputMap, Parameters, Point, Result, Run, SaveContext, SiteId,
-    SiteInfo, SiteKind, SiteTable, causal_lm_loss,
+    Dim, Edit, Error, FlexModel, GenerateOptions, Generation, Groups, Guard, HookCtx, HookFunction,
+    HookHandle, Input, KvCache, Layout, Model, ModelInfo, Modules, OutputMap, Parameters, PassInfo,
+    Point, Result, Run, Sampling, SaveContext, SiteId, SiteInfo, SiteKind, SiteTable, Steps,
+    causal_lm_loss,
 };
 pub use flexmodel_models::{
-    Error as LoadError, LoadOptions, SUPPORTED, Tokenizer, load, pad_right, sites,
+    Error as LoadError, LoadOptions, SUPPORTED, Tokenizer, generation_tokens, load, pad_left,
+    pad_right, sites,
 };
 
 /// The README's Rust examples, compiled as doctests.
