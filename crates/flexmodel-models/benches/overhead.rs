@@ -11,8 +11,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails by panicking
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -22,92 +22,7 @@ use flexmodel_core::{
 };
 use flexmodel_models::{LoadOptions, load};
 
-struct Shape {
-    layers: usize,
-    hidden: usize,
-    heads: usize,
-    kv_heads: usize,
-    inter: usize,
-    vocab: usize,
-}
-
-const LLAMA_125M: Shape = Shape {
-    layers: 12,
-    hidden: 768,
-    heads: 12,
-    kv_heads: 4,
-    inter: 2048,
-    vocab: 32000,
-};
-const SMOKE: Shape = Shape {
-    layers: 2,
-    hidden: 64,
-    heads: 4,
-    kv_heads: 2,
-    inter: 128,
-    vocab: 512,
-};
-
-/// Writes a random Llama checkpoint once (reused across runs).
-fn checkpoint(s: &Shape, dir: &Path) -> PathBuf {
-    if dir.join("model.safetensors").exists() {
-        return dir.to_path_buf();
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    let config = serde_json::json!({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "vocab_size": s.vocab, "hidden_size": s.hidden, "intermediate_size": s.inter,
-        "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
-        "num_key_value_heads": s.kv_heads, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
-        "hidden_act": "silu", "torch_dtype": "float32"
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let dev = Device::Cpu;
-    let hd = s.hidden / s.heads;
-    let mut w: HashMap<String, Tensor> = HashMap::new();
-    let mut randn = |name: String, shape: (usize, usize)| {
-        w.insert(name, Tensor::randn(0f32, 0.02, shape, &dev).unwrap());
-    };
-    randn("model.embed_tokens.weight".into(), (s.vocab, s.hidden));
-    randn("lm_head.weight".into(), (s.vocab, s.hidden));
-    for i in 0..s.layers {
-        let p = format!("model.layers.{i}");
-        randn(
-            format!("{p}.self_attn.q_proj.weight"),
-            (s.heads * hd, s.hidden),
-        );
-        randn(
-            format!("{p}.self_attn.k_proj.weight"),
-            (s.kv_heads * hd, s.hidden),
-        );
-        randn(
-            format!("{p}.self_attn.v_proj.weight"),
-            (s.kv_heads * hd, s.hidden),
-        );
-        randn(
-            format!("{p}.self_attn.o_proj.weight"),
-            (s.hidden, s.heads * hd),
-        );
-        randn(format!("{p}.mlp.gate_proj.weight"), (s.inter, s.hidden));
-        randn(format!("{p}.mlp.up_proj.weight"), (s.inter, s.hidden));
-        randn(format!("{p}.mlp.down_proj.weight"), (s.hidden, s.inter));
-    }
-    let ones = Tensor::ones(s.hidden, DType::F32, &dev).unwrap();
-    for i in 0..s.layers {
-        w.insert(
-            format!("model.layers.{i}.input_layernorm.weight"),
-            ones.clone(),
-        );
-        w.insert(
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            ones.clone(),
-        );
-    }
-    w.insert("model.norm.weight".into(), ones);
-    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
-    dir.to_path_buf()
-}
+use common::{LLAMA_125M, SMOKE, checkpoint, checkpoint_dir, token_ids};
 
 /// A set of hooks to time, registered before and removed after its forward call.
 struct Variant {
@@ -259,16 +174,9 @@ fn main() {
     } else {
         (&LLAMA_125M, vec![(1, 128), (4, 128)], "llama-125m")
     };
-    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/flexmodel-bench")
-        .join(name);
-    let dir = checkpoint(shape, &target);
+    let dir = checkpoint(shape, &checkpoint_dir(name));
     let model = load(&dir, &LoadOptions::default()).unwrap();
-    let params: usize = shape.vocab * shape.hidden * 2
-        + shape.layers
-            * (2 * shape.hidden * shape.hidden
-                + 2 * shape.hidden * shape.kv_heads * (shape.hidden / shape.heads)
-                + 3 * shape.hidden * shape.inter);
+    let params = shape.params();
     println!(
         "model: {name} ({:.1}M parameters, {} sites), threads: {}, repeats: {repeats} (+1 warm-up)",
         params as f64 / 1e6,
@@ -278,10 +186,7 @@ fn main() {
     let mut fm = FlexModel::new(model);
     let mut plain_times = Vec::new();
     for (batch, seq) in shapes {
-        let ids = Tensor::rand(0f32, shape.vocab as f32, (batch, seq), &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::U32)
-            .unwrap();
+        let ids = Tensor::from_vec(token_ids(batch * seq, shape.vocab, 0), (batch, seq), &Device::Cpu).unwrap();
         let mut times = vec![Vec::new(); VARIANTS.len()];
         for round in 0..=repeats {
             for (v, variant) in VARIANTS.iter().enumerate() {
