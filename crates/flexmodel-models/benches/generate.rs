@@ -46,15 +46,32 @@ impl Peer {
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready", "peer said {line:?}");
-        Self { child, stdin, stdout }
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
     }
 
-    fn time(&mut self, ids: &[u32], (batch, prompt, new): (usize, usize, usize), capture: bool) -> f64 {
+    fn time(
+        &mut self,
+        ids: &[u32],
+        (batch, prompt, new): (usize, usize, usize),
+        capture: bool,
+    ) -> f64 {
         let tokens: Vec<String> = ids.iter().map(u32::to_string).collect();
-        writeln!(self.stdin, "{batch} {prompt} {new} {}\n{}", u8::from(capture), tokens.join(" ")).unwrap();
+        writeln!(
+            self.stdin,
+            "{batch} {prompt} {new} {}\n{}",
+            u8::from(capture),
+            tokens.join(" ")
+        )
+        .unwrap();
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
-        line.trim().parse().unwrap_or_else(|_| panic!("peer said {line:?}"))
+        line.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("peer said {line:?}"))
     }
 }
 
@@ -71,10 +88,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| args.iter().position(|a| a == name).map(|i| args[i + 1].clone());
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .map(|i| args[i + 1].clone())
+    };
     let smoke = args.iter().any(|a| a == "--smoke");
-    let repeats: usize = flag("--repeats").map_or(if smoke { 1 } else { 3 }, |r| r.parse().unwrap());
-    let (shape, name, prompt, new) = if smoke { (&SMOKE, "smoke", 8, 8) } else { (&LLAMA_125M, "llama-125m", 128, 128) };
+    let repeats: usize =
+        flag("--repeats").map_or(if smoke { 1 } else { 3 }, |r| r.parse().unwrap());
+    let (shape, name, prompt, new) = if smoke {
+        (&SMOKE, "smoke", 8, 8)
+    } else {
+        (&LLAMA_125M, "llama-125m", 128, 128)
+    };
     let dir = checkpoint(shape, &checkpoint_dir(name));
     let mut peer = flag("--hf").map(|python| Peer::start(&python, &dir));
     let model = load(&dir, &LoadOptions::default()).unwrap();
@@ -89,14 +115,21 @@ fn main() {
     println!("| ---: | --- | ---: | ---: | ---: |");
     for batch in [1, 4] {
         let ids = token_ids(batch * prompt, shape.vocab, batch as u64);
-        let input = Input::new(Tensor::from_vec(ids.clone(), (batch, prompt), &Device::Cpu).unwrap());
-        let options = GenerateOptions { max_new_tokens: new, ..Default::default() };
+        let input =
+            Input::new(Tensor::from_vec(ids.clone(), (batch, prompt), &Device::Cpu).unwrap());
+        let options = GenerateOptions {
+            max_new_tokens: new,
+            ..Default::default()
+        };
         let mut ours = [Vec::new(), Vec::new()];
         let mut theirs = [Vec::new(), Vec::new()];
         for round in 0..=repeats {
             for (v, capture) in [false, true].into_iter().enumerate() {
                 let handles: Vec<_> = if capture {
-                    layers.iter().map(|l| fm.register(HookFunction::new(l.as_str())).unwrap()).collect()
+                    layers
+                        .iter()
+                        .map(|l| fm.register(HookFunction::new(l.as_str())).unwrap())
+                        .collect()
                 } else {
                     Vec::new()
                 };
@@ -111,7 +144,9 @@ fn main() {
                     fm.remove(h).unwrap();
                 }
                 fm.clear_output();
-                let hf = peer.as_mut().map(|p| p.time(&ids, (batch, prompt, new), capture));
+                let hf = peer
+                    .as_mut()
+                    .map(|p| p.time(&ids, (batch, prompt, new), capture));
                 if round > 0 {
                     ours[v].push(elapsed);
                     theirs[v].extend(hf);

@@ -186,7 +186,12 @@ fn main() {
     let mut fm = FlexModel::new(model);
     let mut plain_times = Vec::new();
     for (batch, seq) in shapes {
-        let ids = Tensor::from_vec(token_ids(batch * seq, shape.vocab, 0), (batch, seq), &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec(
+            token_ids(batch * seq, shape.vocab, 0),
+            (batch, seq),
+            &Device::Cpu,
+        )
+        .unwrap();
         let mut times = vec![Vec::new(); VARIANTS.len()];
         for round in 0..=repeats {
             for (v, variant) in VARIANTS.iter().enumerate() {

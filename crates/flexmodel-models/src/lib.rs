@@ -25,6 +25,7 @@ mod error;
 mod falcon;
 mod gpt2;
 mod gpt_neox;
+mod kernels;
 mod llama;
 mod nn;
 mod opt;

@@ -9,6 +9,7 @@ use flexmodel_core::{Dim, Layout, Run, SiteId};
 
 use crate::FwdResult;
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::weights::Vb;
 
 /// Leading dims of a per-token activation.
@@ -90,6 +91,18 @@ impl Linear {
         run.site(self.site, y)
     }
 
+    /// Whether the few-rows kernel applies: a decode step's handful of rows on the CPU, f32,
+    /// no gradient, and a weight stored `[out, in]`.
+    fn skinny(&self, x: &Tensor) -> bool {
+        x.dim(0).is_ok_and(|rows| rows <= kernels::MAX_ROWS)
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.wt.dtype() == DType::F32
+            && !x.track_op()
+            && !self.wt.track_op()
+            && self.wt.t().is_ok_and(|w| w.is_contiguous())
+    }
+
     fn apply(&self, x: &Tensor) -> CResult<Tensor> {
         let (d_in, d_out) = self.wt.dims2()?;
         let mut out_dims = x.dims().to_vec();
@@ -97,7 +110,12 @@ impl Linear {
         if let Some(last) = out_dims.last_mut() {
             *last = d_out;
         }
-        let y = x.reshape((rows, d_in))?.matmul(&self.wt)?;
+        let x = x.reshape((rows, d_in))?;
+        let y = if self.skinny(&x) {
+            kernels::skinny_matmul(&x.contiguous()?, &self.wt.t()?)?
+        } else {
+            x.matmul(&self.wt)?
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -93,18 +93,23 @@ pub fn checkpoint(s: &Shape, dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-
 impl Shape {
     /// Number of parameters.
     pub fn params(&self) -> usize {
         let kv = self.kv_heads * (self.hidden / self.heads);
-        self.vocab * self.hidden * 2 + self.layers * (2 * self.hidden * self.hidden + 2 * self.hidden * kv + 3 * self.hidden * self.inter)
+        self.vocab * self.hidden * 2
+            + self.layers
+                * (2 * self.hidden * self.hidden
+                    + 2 * self.hidden * kv
+                    + 3 * self.hidden * self.inter)
     }
 }
 
 /// Where a benchmark checkpoint lives (reused across runs).
 pub fn checkpoint_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/flexmodel-bench").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/flexmodel-bench")
+        .join(name)
 }
 
 /// Deterministic token ids (a linear congruential generator), the same in every run.
@@ -112,7 +117,9 @@ pub fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut state = seed;
     (0..n)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) % vocab as u64) as u32
         })
         .collect()
