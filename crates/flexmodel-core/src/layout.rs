@@ -144,6 +144,23 @@ impl Layout {
     }
 }
 
+/// The block of a dimension of `size` (made of `units` equal blocks) that rank `rank` of `world`
+/// holds, as `(start, len)`: what a tensor-parallel rank reads of a weight.
+///
+/// # Errors
+/// See [`Layout::check`]; also a size that `units` does not divide.
+pub fn block(size: usize, units: usize, rank: usize, world: usize) -> Result<(usize, usize)> {
+    let d = deal(units, world)?;
+    if size % d.pieces != 0 {
+        return Err(Error::Layout(format!(
+            "a dimension of size {size} does not split into {} pieces",
+            d.pieces
+        )));
+    }
+    let len = size / d.pieces;
+    Ok(((rank / d.copies) * len, len))
+}
+
 /// How `units` blocks are dealt over `world` ranks.
 struct Deal {
     /// Number of distinct pieces (`min(units, world)`).

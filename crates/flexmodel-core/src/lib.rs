@@ -22,6 +22,7 @@
 //! Every site carries a [`Layout`]: how its tensor is split over tensor-parallel ranks.
 
 mod cache;
+pub mod comm;
 mod error;
 mod generate;
 mod hook;
@@ -34,6 +35,7 @@ pub mod site;
 mod wrapper;
 
 pub use cache::KvCache;
+pub use comm::{Comm, Grid, Local, Parallelism};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampling};
 pub use hook::{Edit, HookCtx, HookFunction, Modules, PassInfo, Point, SaveContext, Steps};

@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
+use crate::comm::Grid;
 use crate::run::Run;
 use crate::site::SiteTable;
 use crate::{Error, Result};
@@ -147,6 +148,11 @@ pub trait Model: Send + Sync {
     /// Where the weights live.
     fn device(&self) -> &Device;
 
+    /// The ranks this model is spread over (one process unless loaded onto a grid).
+    fn grid(&self) -> &Grid {
+        single_grid()
+    }
+
     /// Runs the model, passing every activation through `run`.
     ///
     /// # Shapes
@@ -181,7 +187,15 @@ impl<M: Model + ?Sized> Model for Box<M> {
     fn device(&self) -> &Device {
         (**self).device()
     }
+    fn grid(&self) -> &Grid {
+        (**self).grid()
+    }
     fn forward_with(&self, input: &Input, run: &mut Run<'_>) -> Result<Tensor> {
         (**self).forward_with(input, run)
     }
+}
+
+fn single_grid() -> &'static Grid {
+    static SINGLE: std::sync::OnceLock<Grid> = std::sync::OnceLock::new();
+    SINGLE.get_or_init(Grid::single)
 }

@@ -40,6 +40,15 @@ impl RawConfig {
         serde_json::from_value(self.json.clone()).map_err(|e| self.error(e.to_string()))
     }
 
+    /// Number of decoder layers (`num_hidden_layers`, GPT-2's `n_layer`).
+    pub(crate) fn num_layers(&self) -> Result<usize> {
+        ["num_hidden_layers", "n_layer"]
+            .iter()
+            .find_map(|k| self.get(k).and_then(Value::as_u64))
+            .map(|n| n as usize)
+            .ok_or_else(|| self.error("no `num_hidden_layers` field"))
+    }
+
     /// A top-level field.
     pub(crate) fn get(&self, key: &str) -> Option<&Value> {
         self.json.get(key).filter(|v| !v.is_null())

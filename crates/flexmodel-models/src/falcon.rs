@@ -4,16 +4,18 @@
 
 use candle_core::Tensor;
 use flexmodel_core::layout::Part;
-use flexmodel_core::{Input, Layout, Model, Run, SiteId};
+use flexmodel_core::{Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::{RawConfig, require};
 use crate::error::{Error, Result};
-use crate::nn::{Act, Activation, BS, Embedding, LayerNorm, Linear, head_input, shape};
+use crate::nn::{
+    Act, Activation, BS, Embedding, LayerNorm, Linear, Parallel, head_input, shape_of,
+};
 use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
-use crate::{Family, FwdResult, Loaded};
+use crate::{Family, FwdResult, Loaded, Tables, embed_here};
 
 #[derive(Deserialize)]
 struct Config {
@@ -152,18 +154,18 @@ impl Falcon {
         let rotary = Rope::from_config(raw, heads.head_dim, cfg.max_position_embeddings)?;
         let eps = cfg.layer_norm_epsilon;
         let t = vb.pp("transformer");
-        let base_site = t.site(shape(BS, h), Layout::Replicated)?;
+        let base_site = t.site(shape_of(BS, h), Layout::Replicated)?;
         let word_embeddings = Embedding::new(
-            t.pp("word_embeddings"),
+            t.pp("word_embeddings")
+                .on_stage(embed_here(&vb, cfg.tie_word_embeddings.unwrap_or(true))),
             cfg.vocab_size,
             h,
-            Layout::Replicated,
         )?;
         let layers_vb = t.pp("h");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
-                let vb = layers_vb.pp(i);
-                let site = vb.site(shape(BS, h), Layout::Replicated)?;
+                let vb = layers_vb.layer(i);
+                let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
                 let self_attention =
                     Attention::new(vb.pp("self_attention"), h, heads, packing, cfg.bias)?;
                 let mlp = Mlp::new(vb.pp("mlp"), h, ffn, act, cfg.bias)?;
@@ -198,10 +200,10 @@ impl Falcon {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = LayerNorm::new(t.pp("ln_f"), h, eps, BS)?;
+        let ln_f = LayerNorm::new(t.pp("ln_f").last_stage(), h, eps, BS)?;
         let rotary = RotaryEmb::new(t.pp("rotary_emb"), rotary)?;
         let lm_head = Linear::head(
-            vb.pp("lm_head"),
+            vb.pp("lm_head").last_stage(),
             &word_embeddings,
             cfg.tie_word_embeddings.unwrap_or(true),
             false,
@@ -221,37 +223,31 @@ impl Falcon {
 
 impl Attention {
     fn new(vb: Vb, h: usize, heads: Heads, packing: Packing, bias: bool) -> Result<Self> {
-        let site = vb.site(shape(BS, h), Layout::Replicated)?;
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
         let Heads {
             heads: n,
             kv_heads,
             head_dim,
         } = heads;
         let (width, layout) = match packing {
-            Packing::Grouped => (
-                (n + 2 * kv_heads) * head_dim,
-                Layout::split_last(3, kv_heads),
-            ),
-            Packing::PerHead => (3 * n * head_dim, Layout::split_last(3, n)),
+            Packing::Grouped => ((n + 2 * kv_heads) * head_dim, Parallel::Column(kv_heads)),
+            Packing::PerHead => (3 * n * head_dim, Parallel::Column(n)),
             Packing::MultiQuery => (
                 (n + 2) * head_dim,
-                Layout::Fused {
-                    dim: 2,
-                    parts: vec![
-                        Part {
-                            size: n * head_dim,
-                            units: Some(n),
-                        },
-                        Part {
-                            size: head_dim,
-                            units: None,
-                        },
-                        Part {
-                            size: head_dim,
-                            units: None,
-                        },
-                    ],
-                },
+                Parallel::Fused(vec![
+                    Part {
+                        size: n * head_dim,
+                        units: Some(n),
+                    },
+                    Part {
+                        size: head_dim,
+                        units: None,
+                    },
+                    Part {
+                        size: head_dim,
+                        units: None,
+                    },
+                ]),
             ),
         };
         Ok(Self {
@@ -261,7 +257,7 @@ impl Attention {
                 (n * head_dim, h),
                 bias,
                 BS,
-                Layout::Replicated,
+                Parallel::Row(n),
             )?,
             sites: AttnSites::new(&vb, heads)?,
             packing,
@@ -327,17 +323,17 @@ impl Attention {
 
 impl Mlp {
     fn new(vb: Vb, h: usize, ffn: usize, act: Activation, bias: bool) -> Result<Self> {
-        let site = vb.site(shape(BS, h), Layout::Replicated)?;
-        let column = Layout::split_last(3, ffn);
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
+        let column = Parallel::Column(ffn);
         Ok(Self {
-            dense_h_to_4h: Linear::new(vb.pp("dense_h_to_4h"), (h, ffn), bias, BS, column.clone())?,
-            act: Act::new(vb.pp("act"), act, BS, ffn, column)?,
+            dense_h_to_4h: Linear::new(vb.pp("dense_h_to_4h"), (h, ffn), bias, BS, column)?,
+            act: Act::new(vb.pp("act"), act, BS, ffn, Layout::split_last(3, ffn))?,
             dense_4h_to_h: Linear::new(
                 vb.pp("dense_4h_to_h"),
                 (ffn, h),
                 bias,
                 BS,
-                Layout::Replicated,
+                Parallel::Row(ffn),
             )?,
             site,
         })
@@ -387,15 +383,32 @@ impl Layer {
 }
 
 impl Family for Falcon {
-    fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
-        let ids = run.input(self.base_site, &input.input_ids)?;
-        let device = self.word_embeddings.weight().device();
-        let pass = Pass::new(input, run.past_len(), None, device)?;
-        let mut x = self.word_embeddings.forward(&ids, run)?;
-        let (cos, sin) = self.rotary.forward(&x, &pass, run)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, pass.mask(false), run)?;
-        }
+    fn base_site(&self) -> SiteId {
+        self.base_site
+    }
+
+    fn embed(&self, ids: &Tensor, _: &Pass, run: &mut Run) -> FwdResult<Tensor> {
+        self.word_embeddings.forward(ids, run)
+    }
+
+    fn tables(&self, x: &Tensor, pass: &Pass, run: &mut Run, fire: bool) -> FwdResult<Tables> {
+        let (cos, sin) = self.rotary.forward(x, pass, run, fire)?;
+        Ok(Tables::Rotary(cos, sin))
+    }
+
+    fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        tables: &Tables,
+        pass: &Pass,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
+        let (cos, sin) = tables.rotary()?;
+        self.layers[i].forward(x, cos, sin, pass.mask(false), run)
+    }
+
+    fn head(&self, x: Tensor, run: &mut Run) -> FwdResult<Tensor> {
         let x = self.ln_f.forward(&x, run)?;
         let x = run.site(self.base_site, x)?;
         self.lm_head.forward(&head_input(x, run)?, run)

@@ -2,15 +2,19 @@
 //! `Conv1D` weights stored `[in, out]`.
 
 use candle_core::Tensor;
-use flexmodel_core::{Dim, Input, Layout, Model, Run, SiteId};
+use flexmodel_core::{Dim, Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::{RawConfig, require};
 use crate::error::Result;
-use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, head_input, shape};
+use flexmodel_core::layout::Part;
+
+use crate::nn::{
+    Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, Parallel, head_input, shape_of,
+};
 use crate::weights::Vb;
-use crate::{Family, FwdResult, Loaded};
+use crate::{Family, FwdResult, Loaded, Tables, embed_here};
 
 #[derive(Deserialize)]
 struct Config {
@@ -96,20 +100,23 @@ impl Gpt2 {
             head_dim: h / cfg.n_head,
         };
         let t = vb.pp("transformer");
-        let base_site = t.site(shape(BS, h), Layout::Replicated)?;
-        let wte = Embedding::new(t.pp("wte"), cfg.vocab_size, h, Layout::Replicated)?;
-        let wpe = Embedding::with_lead(
-            t.pp("wpe"),
+        let base_site = t.site(shape_of(BS, h), Layout::Replicated)?;
+        let wte = Embedding::new(
+            t.pp("wte").on_stage(embed_here(&vb, true)),
+            cfg.vocab_size,
+            h,
+        )?;
+        let wpe = Embedding::replicated(
+            t.pp("wpe").first_stage(),
             cfg.n_positions,
             h,
             &[Dim::PosBatch, Dim::Seq],
-            Layout::Replicated,
         )?;
         let drop = Identity::new(t.pp("drop"), BS, h)?;
         let blocks_vb = t.pp("h");
         let blocks = (0..cfg.n_layer)
             .map(|i| {
-                let vb = blocks_vb.pp(i);
+                let vb = blocks_vb.layer(i);
                 let mut scale = if cfg.scale_attn_weights {
                     (heads.head_dim as f64).powf(-0.5)
                 } else {
@@ -119,7 +126,7 @@ impl Gpt2 {
                     scale /= (i + 1) as f64;
                 }
                 Ok(Block {
-                    site: vb.site(shape(BS, h), Layout::Replicated)?,
+                    site: vb.site(shape_of(BS, h), Layout::Replicated)?,
                     ln_1: LayerNorm::new(vb.pp("ln_1"), h, cfg.layer_norm_epsilon, BS)?,
                     attn: Attention::new(vb.pp("attn"), h, heads, scale)?,
                     ln_2: LayerNorm::new(vb.pp("ln_2"), h, cfg.layer_norm_epsilon, BS)?,
@@ -127,8 +134,8 @@ impl Gpt2 {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = LayerNorm::new(t.pp("ln_f"), h, cfg.layer_norm_epsilon, BS)?;
-        let lm_head = Linear::head(vb.pp("lm_head"), &wte, true, false)?;
+        let ln_f = LayerNorm::new(t.pp("ln_f").last_stage(), h, cfg.layer_norm_epsilon, BS)?;
+        let lm_head = Linear::head(vb.pp("lm_head").last_stage(), &wte, true, false)?;
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &blocks_vb, blocks.len())?;
         let body = Self {
             wte,
@@ -145,21 +152,19 @@ impl Gpt2 {
 
 impl Attention {
     fn new(vb: Vb, h: usize, heads: Heads, scale: f64) -> Result<Self> {
-        let site = vb.site(shape(BS, h), Layout::Replicated)?;
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
         // [q | k | v], each split by head over tensor-parallel ranks.
-        let fused = Layout::Fused {
-            dim: 2,
-            parts: vec![
-                flexmodel_core::layout::Part {
-                    size: h,
-                    units: Some(heads.heads)
-                };
-                3
-            ],
-        };
+        // [q | k | v], each split by head over tensor-parallel ranks.
+        let fused = Parallel::Fused(vec![
+            Part {
+                size: h,
+                units: Some(heads.heads)
+            };
+            3
+        ]);
         Ok(Self {
             c_attn: Linear::conv1d(vb.pp("c_attn"), (h, 3 * h), BS, fused)?,
-            c_proj: Linear::conv1d(vb.pp("c_proj"), (h, h), BS, Layout::Replicated)?,
+            c_proj: Linear::conv1d(vb.pp("c_proj"), (h, h), BS, Parallel::Row(heads.heads))?,
             resid_dropout: Identity::new(vb.pp("resid_dropout"), BS, h)?,
             sites: AttnSites::new(&vb, heads)?,
             heads,
@@ -193,12 +198,12 @@ impl Attention {
 
 impl Mlp {
     fn new(vb: Vb, h: usize, inner: usize, act: Activation) -> Result<Self> {
-        let site = vb.site(shape(BS, h), Layout::Replicated)?;
-        let column = Layout::split_last(3, inner);
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
+        let column = Parallel::Column(inner);
         Ok(Self {
-            c_fc: Linear::conv1d(vb.pp("c_fc"), (h, inner), BS, column.clone())?,
-            c_proj: Linear::conv1d(vb.pp("c_proj"), (inner, h), BS, Layout::Replicated)?,
-            act: Act::new(vb.pp("act"), act, BS, inner, column)?,
+            c_fc: Linear::conv1d(vb.pp("c_fc"), (h, inner), BS, column)?,
+            c_proj: Linear::conv1d(vb.pp("c_proj"), (inner, h), BS, Parallel::Row(inner))?,
+            act: Act::new(vb.pp("act"), act, BS, inner, Layout::split_last(3, inner))?,
             dropout: Identity::new(vb.pp("dropout"), BS, h)?,
             site,
         })
@@ -226,16 +231,32 @@ impl Block {
 }
 
 impl Family for Gpt2 {
-    fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
-        let ids = run.input(self.base_site, &input.input_ids)?;
-        let device = self.wte.weight().device();
-        let pass = Pass::new(input, run.past_len(), None, device)?;
-        let tokens = self.wte.forward(&ids, run)?;
-        let positions = self.wpe.forward(&pass.position_ids(device)?, run)?;
-        let mut x = self.drop.forward(tokens.broadcast_add(&positions)?, run)?;
-        for block in &self.blocks {
-            x = block.forward(&x, pass.mask(false), run)?;
-        }
+    fn base_site(&self) -> SiteId {
+        self.base_site
+    }
+
+    fn embed(&self, ids: &Tensor, pass: &Pass, run: &mut Run) -> FwdResult<Tensor> {
+        let tokens = self.wte.forward(ids, run)?;
+        let positions = self.wpe.forward(&pass.position_ids(ids.device())?, run)?;
+        self.drop.forward(tokens.broadcast_add(&positions)?, run)
+    }
+
+    fn tables(&self, _: &Tensor, _: &Pass, _: &mut Run, _: bool) -> FwdResult<Tables> {
+        Ok(Tables::None)
+    }
+
+    fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        _: &Tables,
+        pass: &Pass,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
+        self.blocks[i].forward(x, pass.mask(false), run)
+    }
+
+    fn head(&self, x: Tensor, run: &mut Run) -> FwdResult<Tensor> {
         let x = self.ln_f.forward(&x, run)?;
         let x = run.site(self.base_site, x)?;
         self.lm_head.forward(&head_input(x, run)?, run)

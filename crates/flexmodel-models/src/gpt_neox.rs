@@ -2,16 +2,18 @@
 //! partial rotary, parallel or sequential residual.
 
 use candle_core::Tensor;
-use flexmodel_core::{Input, Layout, Model, Run, SiteId};
+use flexmodel_core::{Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::Result;
-use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, head_input, shape};
+use crate::nn::{
+    Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, Parallel, head_input, shape_of,
+};
 use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
-use crate::{Family, FwdResult, Loaded};
+use crate::{Family, FwdResult, Loaded, Tables, embed_here};
 
 #[derive(Deserialize)]
 struct Config {
@@ -96,15 +98,20 @@ impl GptNeox {
         let rotary = Rope::from_config(raw, heads.head_dim, cfg.max_position_embeddings)?;
         let eps = cfg.layer_norm_eps;
         let g = vb.pp("gpt_neox");
-        let base_site = g.site(shape(BS, h), Layout::Replicated)?;
-        let embed_in = Embedding::new(g.pp("embed_in"), cfg.vocab_size, h, Layout::Replicated)?;
+        let base_site = g.site(shape_of(BS, h), Layout::Replicated)?;
+        let embed_in = Embedding::new(
+            g.pp("embed_in")
+                .on_stage(embed_here(&vb, cfg.tie_word_embeddings)),
+            cfg.vocab_size,
+            h,
+        )?;
         let emb_dropout = Identity::new(g.pp("emb_dropout"), BS, h)?;
         let layers_vb = g.pp("layers");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
-                let vb = layers_vb.pp(i);
+                let vb = layers_vb.layer(i);
                 Ok(Layer {
-                    site: vb.site(shape(BS, h), Layout::Replicated)?,
+                    site: vb.site(shape_of(BS, h), Layout::Replicated)?,
                     input_layernorm: LayerNorm::new(vb.pp("input_layernorm"), h, eps, BS)?,
                     post_attention_layernorm: LayerNorm::new(
                         vb.pp("post_attention_layernorm"),
@@ -120,14 +127,19 @@ impl GptNeox {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = LayerNorm::new(g.pp("final_layer_norm"), h, eps, BS)?;
+        let final_layer_norm = LayerNorm::new(g.pp("final_layer_norm").last_stage(), h, eps, BS)?;
         let rotary = RotaryEmb::new(g.pp("rotary_emb"), rotary)?;
         // transformers 5 calls the head `lm_head`; checkpoints store it as `embed_out`.
         let head_vb = match vb.contains("lm_head.weight") {
             true => vb.pp("lm_head"),
             false => vb.pp("lm_head").weights_at("embed_out"),
         };
-        let lm_head = Linear::head(head_vb, &embed_in, cfg.tie_word_embeddings, false)?;
+        let lm_head = Linear::head(
+            head_vb.last_stage(),
+            &embed_in,
+            cfg.tie_word_embeddings,
+            false,
+        )?;
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let body = Self {
             embed_in,
@@ -144,12 +156,12 @@ impl GptNeox {
 
 impl Attention {
     fn new(vb: Vb, h: usize, heads: Heads, bias: bool) -> Result<Self> {
-        let site = vb.site(shape(BS, h), Layout::Replicated)?;
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
         // Output is [head0 (q k v), head1 (q k v), ...]: a contiguous split by head.
-        let qkv = Layout::split_last(3, heads.heads);
+        let qkv = Parallel::Column(heads.heads);
         Ok(Self {
             query_key_value: Linear::new(vb.pp("query_key_value"), (h, 3 * h), bias, BS, qkv)?,
-            dense: Linear::new(vb.pp("dense"), (h, h), bias, BS, Layout::Replicated)?,
+            dense: Linear::new(vb.pp("dense"), (h, h), bias, BS, Parallel::Row(heads.heads))?,
             sites: AttnSites::new(&vb, heads)?,
             heads,
             site,
@@ -185,24 +197,18 @@ impl Attention {
 
 impl Mlp {
     fn new(vb: Vb, h: usize, inter: usize, act: Activation) -> Result<Self> {
-        let site = vb.site(shape(BS, h), Layout::Replicated)?;
-        let column = Layout::split_last(3, inter);
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
+        let column = Parallel::Column(inter);
         Ok(Self {
-            dense_h_to_4h: Linear::new(
-                vb.pp("dense_h_to_4h"),
-                (h, inter),
-                true,
-                BS,
-                column.clone(),
-            )?,
+            dense_h_to_4h: Linear::new(vb.pp("dense_h_to_4h"), (h, inter), true, BS, column)?,
             dense_4h_to_h: Linear::new(
                 vb.pp("dense_4h_to_h"),
                 (inter, h),
                 true,
                 BS,
-                Layout::Replicated,
+                Parallel::Row(inter),
             )?,
-            act: Act::new(vb.pp("act"), act, BS, inter, column)?,
+            act: Act::new(vb.pp("act"), act, BS, inter, Layout::split_last(3, inter))?,
             site,
         })
     }
@@ -247,16 +253,33 @@ impl Layer {
 }
 
 impl Family for GptNeox {
-    fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
-        let ids = run.input(self.base_site, &input.input_ids)?;
-        let device = self.embed_in.weight().device();
-        let pass = Pass::new(input, run.past_len(), None, device)?;
-        let x = self.embed_in.forward(&ids, run)?;
-        let mut x = self.emb_dropout.forward(x, run)?;
-        let (cos, sin) = self.rotary.forward(&x, &pass, run)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, pass.mask(false), run)?;
-        }
+    fn base_site(&self) -> SiteId {
+        self.base_site
+    }
+
+    fn embed(&self, ids: &Tensor, _: &Pass, run: &mut Run) -> FwdResult<Tensor> {
+        let x = self.embed_in.forward(ids, run)?;
+        self.emb_dropout.forward(x, run)
+    }
+
+    fn tables(&self, x: &Tensor, pass: &Pass, run: &mut Run, fire: bool) -> FwdResult<Tables> {
+        let (cos, sin) = self.rotary.forward(x, pass, run, fire)?;
+        Ok(Tables::Rotary(cos, sin))
+    }
+
+    fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        tables: &Tables,
+        pass: &Pass,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
+        let (cos, sin) = tables.rotary()?;
+        self.layers[i].forward(x, cos, sin, pass.mask(false), run)
+    }
+
+    fn head(&self, x: Tensor, run: &mut Run) -> FwdResult<Tensor> {
         let x = self.final_layer_norm.forward(&x, run)?;
         let x = run.site(self.base_site, x)?;
         self.lm_head.forward(&head_input(x, run)?, run)

@@ -37,13 +37,15 @@ mod weights;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use flexmodel_core::{Input, Model, ModelInfo, Parameters, Run, SiteTable};
+use flexmodel_core::{Grid, Input, Model, ModelInfo, Parameters, Run, SiteId, SiteTable};
+
+use crate::attention::Pass;
 
 pub use error::{Error, Result};
 pub use tokenizer::{Tokenizer, generation_tokens, pad_left, pad_right};
 
 use crate::config::RawConfig;
-use crate::weights::{Vb, Weights};
+use crate::weights::{Shard, Vb, Weights};
 
 /// Result of code on the forward path (hook errors included).
 pub(crate) type FwdResult<T> = flexmodel_core::Result<T>;
@@ -67,6 +69,9 @@ pub struct LoadOptions {
     ///
     /// [`FlexModel::backward`]: flexmodel_core::FlexModel::backward
     pub requires_grad: bool,
+    /// The ranks of a multi-process job and their layout; this rank loads only its part of the
+    /// weights (its tensor-parallel slices of its pipeline stage's layers).
+    pub grid: Grid,
 }
 
 impl Default for LoadOptions {
@@ -75,6 +80,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             requires_grad: false,
+            grid: Grid::single(),
         }
     }
 }
@@ -88,6 +94,11 @@ pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Box<dyn Mode
     let dir = dir.as_ref();
     let cfg = RawConfig::read(dir)?;
     check_dtype(options.dtype)?;
+    let shard = || Shard::of(&cfg, &options.grid);
+    // A layout that cannot work fails here, before any weight is read: the model is built
+    // once without reading (every split is checked), then for real.
+    let meta = Weights::open(dir, options.dtype, &options.device, true, false)?;
+    build(&cfg, Vb::root(meta, shard()?))?;
     let weights = Weights::open(
         dir,
         options.dtype,
@@ -95,7 +106,7 @@ pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Box<dyn Mode
         false,
         options.requires_grad,
     )?;
-    build(&cfg, Vb::root(weights))
+    build(&cfg, Vb::root(weights, shard()?))
 }
 
 /// The sites of the model in `dir`, without reading any weight.
@@ -106,7 +117,7 @@ pub fn sites(dir: impl AsRef<Path>) -> Result<SiteTable> {
     let dir = dir.as_ref();
     let cfg = RawConfig::read(dir)?;
     let weights = Weights::open(dir, DType::F32, &Device::Cpu, true, false)?;
-    let model = build(&cfg, Vb::root(weights))?;
+    let model = build(&cfg, Vb::root(weights, Shard::of(&cfg, &Grid::single())?))?;
     Ok(model.sites().clone())
 }
 
@@ -142,28 +153,90 @@ fn build(cfg: &RawConfig, vb: Vb) -> Result<Box<dyn Model>> {
     }
 }
 
-/// The forward pass of one family; [`Loaded`] adds what every model has.
+/// The forward pass of one family in the pieces a pipeline stage runs; [`Loaded`] drives them
+/// and adds what every model has.
 pub(crate) trait Family: Send + Sync + 'static {
-    fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor>;
+    /// The base model's site, whose input (the token ids) the first stage passes to pre-hooks.
+    fn base_site(&self) -> SiteId;
+
+    /// The sliding window, if any layer uses one.
+    fn window(&self) -> Option<usize> {
+        None
+    }
+
+    /// First stage: the embeddings, `[batch, seq, hidden]`.
+    fn embed(&self, ids: &Tensor, pass: &Pass, run: &mut Run) -> FwdResult<Tensor>;
+
+    /// Per-pass tables every layer reads (rotary cosines and sines); `fire` on the stage that
+    /// runs the module (the first), silently elsewhere.
+    fn tables(&self, x: &Tensor, pass: &Pass, run: &mut Run, fire: bool) -> FwdResult<Tables>;
+
+    /// Decoder layer `i`.
+    fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        tables: &Tables,
+        pass: &Pass,
+        run: &mut Run,
+    ) -> FwdResult<Tensor>;
+
+    /// Last stage: final norm, the base model's output, the LM head.
+    fn head(&self, x: Tensor, run: &mut Run) -> FwdResult<Tensor>;
 }
 
-/// A family's layers plus its sites, facts and device.
+/// What [`Family::tables`] computes once per pass.
+pub(crate) enum Tables {
+    /// No per-pass table (learned positions).
+    None,
+    /// Rotary `cos`, `sin`, each `[pos_batch, seq, rot]`.
+    Rotary(Tensor, Tensor),
+}
+
+impl Tables {
+    /// The rotary tables; a family with rotary attention always has them.
+    pub(crate) fn rotary(&self) -> FwdResult<(&Tensor, &Tensor)> {
+        match self {
+            Tables::Rotary(cos, sin) => Ok((cos, sin)),
+            Tables::None => Err(flexmodel_core::Error::msg("rotary tables missing")),
+        }
+    }
+}
+
+/// This rank's pipeline stage.
+#[derive(Clone, Debug)]
+struct Stage {
+    layers: std::ops::Range<usize>,
+    first: bool,
+    last: bool,
+}
+
+/// A family's layers plus its sites, parameters, facts, stage and device.
 pub(crate) struct Loaded<F> {
     body: F,
     info: ModelInfo,
     sites: SiteTable,
     params: Parameters,
+    stage: Stage,
+    grid: Grid,
     device: Device,
 }
 
 impl<F: Family> Loaded<F> {
     /// Finishes loading: takes the sites and parameters `vb` collected.
     pub(crate) fn boxed(body: F, info: ModelInfo, vb: &Vb) -> Box<dyn Model> {
+        let shard = vb.shard();
         Box::new(Self {
             body,
             info,
             sites: vb.take_sites(),
             params: vb.take_parameters(),
+            stage: Stage {
+                layers: shard.layers.clone(),
+                first: shard.first,
+                last: shard.last,
+            },
+            grid: shard.grid.clone(),
             device: vb.device().clone(),
         })
     }
@@ -186,9 +259,43 @@ impl<F: Family> Model for Loaded<F> {
         &self.device
     }
 
-    fn forward_with(&self, input: &Input, run: &mut Run<'_>) -> FwdResult<Tensor> {
-        self.body.forward(input, run)
+    fn grid(&self) -> &Grid {
+        &self.grid
     }
+
+    /// Runs this rank's stage: the embeddings on the first, the activations of the previous
+    /// stage elsewhere; its layers; the head on the last, else the activations go on to the
+    /// next stage and an empty tensor comes back.
+    fn forward_with(&self, input: &Input, run: &mut Run<'_>) -> FwdResult<Tensor> {
+        let pass = Pass::new(input, run.past_len(), self.body.window(), &self.device)?;
+        let stage = &self.stage;
+        let mut x = if stage.first {
+            let ids = run.input(self.body.base_site(), &input.input_ids)?;
+            self.body.embed(&ids, &pass, run)?
+        } else {
+            self.grid
+                .pp
+                .recv(self.grid.stage() - 1)?
+                .to_device(&self.device)?
+        };
+        let tables = self.body.tables(&x, &pass, run, stage.first)?;
+        for i in stage.layers.clone() {
+            x = self.body.layer(i, &x, &tables, &pass, run)?;
+        }
+        if stage.last {
+            self.body.head(x, run)
+        } else {
+            self.grid.pp.send(&x, self.grid.stage() + 1)?;
+            Ok(Tensor::zeros(0, x.dtype(), &self.device)?)
+        }
+    }
+}
+
+/// Whether this rank reads the token embeddings: the first stage embeds, and the last stage
+/// needs them as its LM head when they are tied.
+pub(crate) fn embed_here(vb: &Vb, tied: bool) -> bool {
+    let shard = vb.shard();
+    shard.first || (shard.last && tied)
 }
 
 /// Facts every family reports.

@@ -3,16 +3,16 @@
 //! embedding and `1 + w` norms).
 
 use candle_core::Tensor;
-use flexmodel_core::{Input, Layout, Model, Run, SiteId};
+use flexmodel_core::{Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::{Error, Result};
-use crate::nn::{Act, Activation, BS, Embedding, Linear, RmsNorm, head_input, shape};
+use crate::nn::{Act, Activation, BS, Embedding, Linear, Parallel, RmsNorm, head_input, shape_of};
 use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
-use crate::{Family, FwdResult, Loaded};
+use crate::{Family, FwdResult, Loaded, Tables, embed_here};
 
 #[derive(Deserialize)]
 struct Config {
@@ -133,18 +133,22 @@ impl Llama {
             _ => RmsNorm::new(vb, h, eps, BS),
         };
 
+        let tie = cfg.tie_word_embeddings.unwrap_or(variant == Variant::Gemma);
         let m = vb.pp("model");
-        let base_site = m.site(shape(BS, h), Layout::Replicated)?;
-        let mut embed =
-            Embedding::new(m.pp("embed_tokens"), cfg.vocab_size, h, Layout::Replicated)?;
+        let base_site = m.site(shape_of(BS, h), Layout::Replicated)?;
+        let mut embed = Embedding::new(
+            m.pp("embed_tokens").on_stage(embed_here(&vb, tie)),
+            cfg.vocab_size,
+            h,
+        )?;
         if variant == Variant::Gemma {
             embed = embed.scaled((h as f64).sqrt());
         }
         let layers_vb = m.pp("layers");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
-                let vb = layers_vb.pp(i);
-                let site = vb.site(shape(BS, h), Layout::Replicated)?;
+                let vb = layers_vb.layer(i);
+                let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
                 let self_attn = Attention::new(vb.pp("self_attn"), h, heads, &cfg, variant)?;
                 let mlp = Mlp::new(vb.pp("mlp"), h, cfg.intermediate_size, cfg.mlp_bias, act)?;
                 Ok(Layer {
@@ -157,10 +161,9 @@ impl Llama {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = norm(m.pp("norm"))?;
+        let norm = norm(m.pp("norm").last_stage())?;
         let rotary = RotaryEmb::new(m.pp("rotary_emb"), rotary)?;
-        let tie = cfg.tie_word_embeddings.unwrap_or(variant == Variant::Gemma);
-        let lm_head = Linear::head(vb.pp("lm_head"), &embed, tie, false)?;
+        let lm_head = Linear::head(vb.pp("lm_head").last_stage(), &embed, tie, false)?;
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let window = cfg.sliding_window.filter(|_| sliding.iter().any(|&s| s));
         let body = Self {
@@ -217,7 +220,7 @@ fn sliding_layers(cfg: &Config, variant: Variant) -> Result<Vec<bool>> {
 
 impl Attention {
     fn new(vb: Vb, h: usize, heads: Heads, cfg: &Config, variant: Variant) -> Result<Self> {
-        let site = vb.site(shape(BS, h), Layout::Replicated)?;
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
         let (qkv_bias, o_bias) = match variant {
             Variant::Qwen2 => (true, false),
             Variant::Llama => (cfg.attention_bias, cfg.attention_bias),
@@ -225,7 +228,7 @@ impl Attention {
         };
         let q_dim = heads.heads * heads.head_dim;
         let kv_dim = heads.kv_heads * heads.head_dim;
-        let column = |units| Layout::split_last(3, units);
+        let column = Parallel::Column;
         Ok(Self {
             q_proj: Linear::new(
                 vb.pp("q_proj"),
@@ -248,7 +251,13 @@ impl Attention {
                 BS,
                 column(heads.kv_heads),
             )?,
-            o_proj: Linear::new(vb.pp("o_proj"), (q_dim, h), o_bias, BS, Layout::Replicated)?,
+            o_proj: Linear::new(
+                vb.pp("o_proj"),
+                (q_dim, h),
+                o_bias,
+                BS,
+                Parallel::Row(heads.heads),
+            )?,
             sites: AttnSites::new(&vb, heads)?,
             heads,
             site,
@@ -293,13 +302,25 @@ impl Attention {
 
 impl Mlp {
     fn new(vb: Vb, h: usize, inter: usize, bias: bool, act: Activation) -> Result<Self> {
-        let site = vb.site(shape(BS, h), Layout::Replicated)?;
-        let column = Layout::split_last(3, inter);
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
+        let column = Parallel::Column(inter);
         Ok(Self {
             gate_proj: Linear::new(vb.pp("gate_proj"), (h, inter), bias, BS, column.clone())?,
             up_proj: Linear::new(vb.pp("up_proj"), (h, inter), bias, BS, column.clone())?,
-            down_proj: Linear::new(vb.pp("down_proj"), (inter, h), bias, BS, Layout::Replicated)?,
-            act_fn: Act::new(vb.pp("act_fn"), act, BS, inter, column)?,
+            down_proj: Linear::new(
+                vb.pp("down_proj"),
+                (inter, h),
+                bias,
+                BS,
+                Parallel::Row(inter),
+            )?,
+            act_fn: Act::new(
+                vb.pp("act_fn"),
+                act,
+                BS,
+                inter,
+                Layout::split_last(3, inter),
+            )?,
             site,
         })
     }
@@ -336,15 +357,36 @@ impl Layer {
 }
 
 impl Family for Llama {
-    fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
-        let ids = run.input(self.base_site, &input.input_ids)?;
-        let device = self.embed.weight().device();
-        let pass = Pass::new(input, run.past_len(), self.window, device)?;
-        let mut x = self.embed.forward(&ids, run)?;
-        let (cos, sin) = self.rotary.forward(&x, &pass, run)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &pass, run)?;
-        }
+    fn base_site(&self) -> SiteId {
+        self.base_site
+    }
+
+    fn window(&self) -> Option<usize> {
+        self.window
+    }
+
+    fn embed(&self, ids: &Tensor, _: &Pass, run: &mut Run) -> FwdResult<Tensor> {
+        self.embed.forward(ids, run)
+    }
+
+    fn tables(&self, x: &Tensor, pass: &Pass, run: &mut Run, fire: bool) -> FwdResult<Tables> {
+        let (cos, sin) = self.rotary.forward(x, pass, run, fire)?;
+        Ok(Tables::Rotary(cos, sin))
+    }
+
+    fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        tables: &Tables,
+        pass: &Pass,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
+        let (cos, sin) = tables.rotary()?;
+        self.layers[i].forward(x, cos, sin, pass, run)
+    }
+
+    fn head(&self, x: Tensor, run: &mut Run) -> FwdResult<Tensor> {
         let x = self.norm.forward(&x, run)?;
         let x = run.site(self.base_site, x)?;
         self.lm_head.forward(&head_input(x, run)?, run)

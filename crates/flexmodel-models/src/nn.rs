@@ -4,8 +4,12 @@
 //! and composed ops otherwise: the fused kernels have no backward and would cut gradients
 //! silently (FACTS.md).
 
-use candle_core::{D, DType, Tensor};
-use flexmodel_core::{Dim, Layout, Run, SiteId};
+use std::sync::Arc;
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{CpuStorage, CustomOp1, D, DType, Layout as CLayout, Shape, Tensor};
+use flexmodel_core::layout::{Part, block};
+use flexmodel_core::{Comm, Dim, Layout, Run, SiteId};
 
 use crate::FwdResult;
 use crate::error::{Error, Result};
@@ -18,7 +22,7 @@ pub(crate) const BS: &[Dim] = &[Dim::Batch, Dim::Seq];
 pub(crate) const TOKENS: &[Dim] = &[Dim::Tokens];
 
 /// `lead` followed by `n`.
-pub(crate) fn shape(lead: &[Dim], n: usize) -> Vec<Dim> {
+pub(crate) fn shape_of(lead: &[Dim], n: usize) -> Vec<Dim> {
     let mut s = lead.to_vec();
     s.push(Dim::Size(n));
     s
@@ -26,12 +30,44 @@ pub(crate) fn shape(lead: &[Dim], n: usize) -> Vec<Dim> {
 
 type CResult<T> = candle_core::Result<T>;
 
+/// How a linear layer is split over tensor-parallel ranks (Megatron style).
+#[derive(Clone, Debug)]
+pub(crate) enum Parallel {
+    /// Output columns split in `units` blocks (heads, or single columns): the output is split.
+    Column(usize),
+    /// A fused projection: the output is a concatenation of parts, each split or replicated.
+    Fused(Vec<Part>),
+    /// Input columns split in `units` blocks: each rank computes a partial sum that an
+    /// all-reduce completes; the output is replicated.
+    Row(usize),
+    /// Every rank holds the whole weight.
+    Replicated,
+}
+
+impl Parallel {
+    /// The layout of the output, of `rank` dimensions.
+    fn layout(&self, rank: usize) -> Layout {
+        match self {
+            Parallel::Column(units) => Layout::split_last(rank, *units),
+            Parallel::Fused(parts) => Layout::Fused {
+                dim: rank - 1,
+                parts: parts.clone(),
+            },
+            Parallel::Row(_) | Parallel::Replicated => Layout::Replicated,
+        }
+    }
+}
+
 /// A linear layer, `x @ W^T + b`, whose output is a site.
 pub(crate) struct Linear {
-    /// The weight as `[in, out]`: a transposed view of a Hugging Face `Linear` weight, or a
-    /// GPT-2 `Conv1D` weight as stored.
+    /// The weight as `[in, out]` (this rank's block): a transposed view of a Hugging Face
+    /// `Linear` weight, or a GPT-2 `Conv1D` weight as stored.
     wt: Tensor,
     bias: Option<Tensor>,
+    /// Row-parallel: the group whose partial sums make the output.
+    reduce: Option<Arc<dyn Comm>>,
+    /// Column-parallel under gradients: the group that sums the input's gradient.
+    copy: Option<Arc<dyn Comm>>,
     site: SiteId,
 }
 
@@ -39,55 +75,106 @@ impl Linear {
     /// A Hugging Face `nn.Linear(d_in, d_out)` (weight `[out, in]`).
     pub(crate) fn new(
         vb: Vb,
+        dims: (usize, usize),
+        bias: bool,
+        lead: &[Dim],
+        parallel: Parallel,
+    ) -> Result<Self> {
+        Self::load(vb, dims, bias, lead, parallel, false)
+    }
+
+    /// A GPT-2 `Conv1D(d_out, d_in)` (weight `[in, out]`, always with a bias).
+    pub(crate) fn conv1d(
+        vb: Vb,
+        dims: (usize, usize),
+        lead: &[Dim],
+        parallel: Parallel,
+    ) -> Result<Self> {
+        Self::load(vb, dims, true, lead, parallel, true)
+    }
+
+    fn load(
+        vb: Vb,
         (d_in, d_out): (usize, usize),
         bias: bool,
         lead: &[Dim],
-        layout: Layout,
+        parallel: Parallel,
+        in_out: bool,
     ) -> Result<Self> {
-        let wt = vb.get("weight", (d_out, d_in))?.t()?;
-        Self::with_weight(vb, wt, bias, lead, layout)
-    }
-
-    /// A GPT-2 `Conv1D(d_out, d_in)` (weight `[in, out]`).
-    pub(crate) fn conv1d(
-        vb: Vb,
-        (d_in, d_out): (usize, usize),
-        lead: &[Dim],
-        layout: Layout,
-    ) -> Result<Self> {
-        let wt = vb.get("weight", (d_in, d_out))?;
-        Self::with_weight(vb, wt, true, lead, layout)
-    }
-
-    /// The output head (`lm_head`): the embedding's weight when `tied`, else its own
-    /// `[vocab, in]` weight. Split over ranks by vocabulary.
-    pub(crate) fn head(vb: Vb, embed: &Embedding, tied: bool, bias: bool) -> Result<Self> {
-        let (vocab, d_in) = embed.weight.dims2()?;
-        let layout = Layout::split_last(3, vocab);
-        if tied {
-            vb.record("weight", &embed.weight);
-            Self::with_weight(vb, embed.weight.t()?, bias, BS, layout)
+        // Dimension of the stored weight that holds the outputs, and the one for the inputs.
+        let (shape, out_dim, in_dim) = if in_out {
+            ((d_in, d_out), 1, 0)
         } else {
-            Self::new(vb, (d_in, vocab), bias, BS, layout)
-        }
+            ((d_out, d_in), 0, 1)
+        };
+        let w = match &parallel {
+            Parallel::Column(units) => vb.get_split("weight", shape, out_dim, *units)?,
+            Parallel::Fused(parts) => vb.get_parts("weight", shape, out_dim, parts)?,
+            Parallel::Row(units) => vb.get_split("weight", shape, in_dim, *units)?,
+            Parallel::Replicated => vb.get("weight", shape)?,
+        };
+        let wt = if in_out { w } else { w.t()? };
+        let bias = match (bias, &parallel) {
+            (false, _) => None,
+            (true, Parallel::Column(units)) => Some(vb.get_split("bias", d_out, 0, *units)?),
+            (true, Parallel::Fused(parts)) => Some(vb.get_parts("bias", d_out, 0, parts)?),
+            (true, Parallel::Row(_) | Parallel::Replicated) => Some(vb.get("bias", d_out)?),
+        };
+        let tp = &vb.shard().tp;
+        let split = tp.size() > 1;
+        let reduce = (split && matches!(parallel, Parallel::Row(_))).then(|| tp.clone());
+        let copy = (split && matches!(parallel, Parallel::Column(_) | Parallel::Fused(_)))
+            .then(|| tp.clone());
+        let site = vb.site(shape_of(lead, d_out), parallel.layout(lead.len() + 1))?;
+        Ok(Self {
+            wt,
+            bias,
+            reduce,
+            copy,
+            site,
+        })
     }
 
-    fn with_weight(vb: Vb, wt: Tensor, bias: bool, lead: &[Dim], layout: Layout) -> Result<Self> {
-        let d_out = wt.dim(1)?;
+    /// The output head (`lm_head`), split over ranks by vocabulary: the embedding's weight when
+    /// `tied` (this rank's rows of it), else its own `[vocab, in]` weight.
+    pub(crate) fn head(vb: Vb, embed: &Embedding, tied: bool, bias: bool) -> Result<Self> {
+        let (vocab, d_in) = (embed.vocab, embed.weight.dim(1)?);
+        if !tied {
+            return Self::new(vb, (d_in, vocab), bias, BS, Parallel::Column(vocab));
+        }
+        vb.record("weight", &embed.weight);
         let bias = if bias {
-            Some(vb.get("bias", d_out)?)
+            Some(vb.get_split("bias", vocab, 0, vocab)?)
         } else {
             None
         };
-        let site = vb.site(shape(lead, d_out), layout)?;
-        Ok(Self { wt, bias, site })
+        let tp = &vb.shard().tp;
+        let copy = (tp.size() > 1).then(|| tp.clone());
+        let site = vb.site(shape_of(BS, vocab), Layout::split_last(3, vocab))?;
+        Ok(Self {
+            wt: embed.weight.t()?,
+            bias,
+            reduce: None,
+            copy,
+            site,
+        })
     }
 
     /// # Shapes
-    /// `x`: `[..., in]` → `[..., out]`.
+    /// `x`: `[..., in]` → `[..., out]` (this rank's block of `out` when column-parallel).
     pub(crate) fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
-        let x = run.input(self.site, x)?;
-        let y = self.apply(&x)?;
+        let mut x = run.input(self.site, x)?;
+        if let (Some(tp), true) = (&self.copy, x.track_op()) {
+            // The input is replicated: its gradient is the sum of every rank's.
+            x = tp_copy(&x, tp)?;
+        }
+        let mut y = self.apply(&x)?;
+        if let Some(tp) = &self.reduce {
+            y = all_reduce(&y, tp.as_ref())?;
+        }
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
         run.site(self.site, y)
     }
 
@@ -103,6 +190,7 @@ impl Linear {
             && self.wt.t().is_ok_and(|w| w.is_contiguous())
     }
 
+    /// `x @ W^T` without the bias.
     fn apply(&self, x: &Tensor) -> CResult<Tensor> {
         let (d_in, d_out) = self.wt.dims2()?;
         let mut out_dims = x.dims().to_vec();
@@ -116,39 +204,95 @@ impl Linear {
         } else {
             x.matmul(&self.wt)?
         };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
         y.reshape(out_dims)
     }
 }
 
-/// A token embedding table whose output is a site.
+/// The sum of every tensor-parallel rank's `y`, on every rank; the gradient passes through
+/// unchanged (each rank's output is the same tensor). Megatron's `g`.
+pub(crate) fn all_reduce(y: &Tensor, tp: &dyn Comm) -> FwdResult<Tensor> {
+    let summed = tp.all_reduce_sum(&y.detach())?;
+    if y.track_op() {
+        // The value of the sum, the gradient of the identity.
+        Ok((y + (summed - y)?.detach())?)
+    } else {
+        Ok(summed)
+    }
+}
+
+/// The identity, whose gradient is summed over the tensor-parallel ranks. Megatron's `f`.
+fn tp_copy(x: &Tensor, tp: &Arc<dyn Comm>) -> CResult<Tensor> {
+    x.apply_op1_arc(Arc::new(Box::new(TpCopy(tp.clone()))))
+}
+
+struct TpCopy(Arc<dyn Comm>);
+
+impl CustomOp1 for TpCopy {
+    fn name(&self) -> &'static str {
+        "flexmodel-tp-copy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &CLayout) -> CResult<(CpuStorage, Shape)> {
+        let mut out = storage
+            .device()
+            .zeros_impl(layout.shape(), storage.dtype())?;
+        storage.copy_strided_src(&mut out, 0, layout)?;
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let summed = self
+            .0
+            .all_reduce_sum(grad)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(Some(summed))
+    }
+}
+
+/// A token embedding table whose output is a site. Under tensor parallelism each rank holds
+/// a block of the vocabulary's rows and the lookups are summed (vocabulary-parallel).
 pub(crate) struct Embedding {
+    /// This rank's rows.
     weight: Tensor,
+    /// Rows of the whole table.
+    vocab: usize,
+    /// First row this rank holds, when the table is split.
+    split: Option<(usize, Arc<dyn Comm>)>,
     /// Gemma multiplies embeddings by `sqrt(hidden)`.
     scale: Option<f64>,
     site: SiteId,
 }
 
 impl Embedding {
-    pub(crate) fn new(vb: Vb, rows: usize, dim: usize, layout: Layout) -> Result<Self> {
-        Self::with_lead(vb, rows, dim, BS, layout)
-    }
-
-    /// An embedding whose site has other leading dims (position embeddings: `PosBatch`).
-    pub(crate) fn with_lead(
-        vb: Vb,
-        rows: usize,
-        dim: usize,
-        lead: &[Dim],
-        layout: Layout,
-    ) -> Result<Self> {
-        let weight = vb.get("weight", (rows, dim))?;
-        let site = vb.site(shape(lead, dim), layout)?;
+    /// A token embedding, split over tensor-parallel ranks by vocabulary.
+    pub(crate) fn new(vb: Vb, rows: usize, dim: usize) -> Result<Self> {
+        let tp = vb.shard().tp.clone();
+        let weight = vb.get_split("weight", (rows, dim), 0, rows)?;
+        let split =
+            (tp.size() > 1).then(|| (block(rows, rows, tp.rank(), tp.size()).map(|b| b.0), tp));
+        let split = match split {
+            Some((start, tp)) => Some((start?, tp)),
+            None => None,
+        };
+        let site = vb.site(shape_of(BS, dim), Layout::Replicated)?;
         Ok(Self {
             weight,
+            vocab: rows,
+            split,
+            scale: None,
+            site,
+        })
+    }
+
+    /// A table every rank holds whole (position embeddings), whose site has other leading dims
+    /// (`PosBatch`, or `Batch` for OPT).
+    pub(crate) fn replicated(vb: Vb, rows: usize, dim: usize, lead: &[Dim]) -> Result<Self> {
+        let weight = vb.get("weight", (rows, dim))?;
+        let site = vb.site(shape_of(lead, dim), Layout::Replicated)?;
+        Ok(Self {
+            weight,
+            vocab: rows,
+            split: None,
             scale: None,
             site,
         })
@@ -167,19 +311,27 @@ impl Embedding {
         let ids = run.input(self.site, ids)?;
         let (b, s) = ids.dims2()?;
         let dim = self.weight.dim(1)?;
-        let mut x = self
-            .weight
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, dim))?;
+        let mut x = match &self.split {
+            None => self.weight.index_select(&ids.flatten_all()?, 0)?,
+            Some((start, tp)) => {
+                // Rows outside this rank's block look up row 0 and are zeroed; the sum over
+                // ranks then holds every row once.
+                let rows = self.weight.dim(0)?;
+                let ids = ids.flatten_all()?.to_dtype(DType::I64)?;
+                let local = (ids.affine(1.0, -(*start as f64)))?;
+                let inside = local.ge(0i64)?.mul(&local.lt(rows as i64)?)?;
+                let safe = inside.where_cond(&local, &local.zeros_like()?)?;
+                let rows = self.weight.index_select(&safe, 0)?;
+                let keep = inside.to_dtype(rows.dtype())?.unsqueeze(1)?;
+                all_reduce(&rows.broadcast_mul(&keep)?, tp.as_ref())?
+            }
+        };
+        x = x.reshape((b, s, dim))?;
         if let Some(scale) = self.scale {
             let scale = Tensor::new(scale as f32, x.device())?.to_dtype(x.dtype())?;
             x = x.broadcast_mul(&scale)?;
         }
         run.site(self.site, x)
-    }
-
-    pub(crate) fn weight(&self) -> &Tensor {
-        &self.weight
     }
 }
 
@@ -205,7 +357,7 @@ impl RmsNorm {
     }
 
     fn with_scale(vb: Vb, scale: Tensor, eps: f64, lead: &[Dim]) -> Result<Self> {
-        let site = vb.site(shape(lead, scale.dim(0)?), Layout::Replicated)?;
+        let site = vb.site(shape_of(lead, scale.dim(0)?), Layout::Replicated)?;
         Ok(Self { scale, eps, site })
     }
 
@@ -277,7 +429,7 @@ impl LayerNorm {
                 Tensor::zeros(dim, DType::F32, &device)?,
             )
         };
-        let site = vb.site(shape(lead, dim), layout)?;
+        let site = vb.site(shape_of(lead, dim), layout)?;
         Ok(Self {
             weight,
             bias,
@@ -387,7 +539,7 @@ impl Act {
         dim: usize,
         layout: Layout,
     ) -> Result<Self> {
-        let site = vb.site(shape(lead, dim), layout)?;
+        let site = vb.site(shape_of(lead, dim), layout)?;
         Ok(Self { act, site })
     }
 
@@ -406,7 +558,7 @@ pub(crate) struct Identity {
 
 impl Identity {
     pub(crate) fn new(vb: Vb, lead: &[Dim], dim: usize) -> Result<Self> {
-        let site = vb.site(shape(lead, dim), Layout::Replicated)?;
+        let site = vb.site(shape_of(lead, dim), Layout::Replicated)?;
         Ok(Self { site })
     }
 

@@ -3,15 +3,17 @@
 //! than the residual stream, and an MLP that runs on flattened tokens.
 
 use candle_core::Tensor;
-use flexmodel_core::{Input, Layout, Model, Run, SiteId};
+use flexmodel_core::{Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::Result;
-use crate::nn::{Act, Activation, BS, Embedding, LayerNorm, Linear, TOKENS, head_input, shape};
+use crate::nn::{
+    Act, Activation, BS, Embedding, LayerNorm, Linear, Parallel, TOKENS, head_input, shape_of,
+};
 use crate::weights::Vb;
-use crate::{Family, FwdResult, Loaded};
+use crate::{Family, FwdResult, Loaded, Tables, embed_here};
 
 /// OPT's learned position table starts at row 2.
 const POSITION_OFFSET: u32 = 2;
@@ -96,31 +98,31 @@ impl Opt {
         };
         let act = Activation::from_name("activation_function", &cfg.activation_function)?;
         let d = vb.pp("model").pp("decoder");
-        let decoder_site = d.site(shape(BS, proj), Layout::Replicated)?;
+        let decoder_site = d.site(shape_of(BS, proj), Layout::Replicated)?;
         let embed_tokens = Embedding::new(
-            d.pp("embed_tokens"),
+            d.pp("embed_tokens")
+                .on_stage(embed_here(&vb, cfg.tie_word_embeddings.unwrap_or(true))),
             cfg.vocab_size,
             proj,
-            Layout::Replicated,
         )?;
         let positions = cfg.max_position_embeddings + POSITION_OFFSET as usize;
         let embed_positions =
-            Embedding::new(d.pp("embed_positions"), positions, h, Layout::Replicated)?;
+            Embedding::replicated(d.pp("embed_positions").first_stage(), positions, h, BS)?;
         let (project_out, project_in) = if proj != h {
             (
                 Some(Linear::new(
-                    d.pp("project_out"),
+                    d.pp("project_out").last_stage(),
                     (h, proj),
                     false,
                     BS,
-                    Layout::Replicated,
+                    Parallel::Replicated,
                 )?),
                 Some(Linear::new(
-                    d.pp("project_in"),
+                    d.pp("project_in").first_stage(),
                     (proj, h),
                     false,
                     BS,
-                    Layout::Replicated,
+                    Parallel::Replicated,
                 )?),
             )
         } else {
@@ -128,7 +130,7 @@ impl Opt {
         };
         let final_layer_norm = if cfg.do_layer_norm_before && !cfg.remove_final_layer_norm {
             Some(LayerNorm::with_affine(
-                d.pp("final_layer_norm"),
+                d.pp("final_layer_norm").last_stage(),
                 h,
                 EPS,
                 BS,
@@ -139,10 +141,10 @@ impl Opt {
         };
         let layers_vb = d.pp("layers");
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(layers_vb.pp(i), h, heads, &cfg, act))
+            .map(|i| Layer::new(layers_vb.layer(i), h, heads, &cfg, act))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = Linear::head(
-            vb.pp("lm_head"),
+            vb.pp("lm_head").last_stage(),
             &embed_tokens,
             cfg.tie_word_embeddings.unwrap_or(true),
             false,
@@ -164,13 +166,13 @@ impl Opt {
 
 impl Layer {
     fn new(vb: Vb, h: usize, heads: Heads, cfg: &Config, act: Activation) -> Result<Self> {
-        let site = vb.site(shape(BS, h), Layout::Replicated)?;
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
         let pre_ln = cfg.do_layer_norm_before;
         let bias = cfg.enable_bias;
         let affine = cfg.layer_norm_elementwise_affine;
         // Pre-LN normalises the flattened MLP input; post-LN the reshaped layer output.
         let final_lead = if pre_ln { TOKENS } else { BS };
-        let column = Layout::split_last(2, cfg.ffn_dim);
+        let column = Parallel::Column(cfg.ffn_dim);
         Ok(Self {
             self_attn: Attention::new(vb.pp("self_attn"), h, heads, bias)?,
             activation_fn: Act::new(
@@ -178,7 +180,7 @@ impl Layer {
                 act,
                 TOKENS,
                 cfg.ffn_dim,
-                column.clone(),
+                Layout::split_last(2, cfg.ffn_dim),
             )?,
             self_attn_layer_norm: LayerNorm::with_affine(
                 vb.pp("self_attn_layer_norm"),
@@ -193,7 +195,7 @@ impl Layer {
                 (cfg.ffn_dim, h),
                 bias,
                 TOKENS,
-                Layout::Replicated,
+                Parallel::Row(cfg.ffn_dim),
             )?,
             final_layer_norm: LayerNorm::with_affine(
                 vb.pp("final_layer_norm"),
@@ -236,13 +238,19 @@ impl Layer {
 
 impl Attention {
     fn new(vb: Vb, h: usize, heads: Heads, bias: bool) -> Result<Self> {
-        let site = vb.site(shape(BS, h), Layout::Replicated)?;
-        let column = Layout::split_last(3, heads.heads);
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
+        let column = Parallel::Column(heads.heads);
         Ok(Self {
             k_proj: Linear::new(vb.pp("k_proj"), (h, h), bias, BS, column.clone())?,
             v_proj: Linear::new(vb.pp("v_proj"), (h, h), bias, BS, column.clone())?,
             q_proj: Linear::new(vb.pp("q_proj"), (h, h), bias, BS, column)?,
-            out_proj: Linear::new(vb.pp("out_proj"), (h, h), bias, BS, Layout::Replicated)?,
+            out_proj: Linear::new(
+                vb.pp("out_proj"),
+                (h, h),
+                bias,
+                BS,
+                Parallel::Row(heads.heads),
+            )?,
             sites: AttnSites::new(&vb, heads)?,
             heads,
             site,
@@ -277,11 +285,13 @@ impl Attention {
 }
 
 impl Family for Opt {
-    fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
-        let ids = run.input(self.decoder_site, &input.input_ids)?;
-        let device = self.embed_tokens.weight().device();
-        let pass = Pass::new(input, run.past_len(), None, device)?;
-        let tokens = self.embed_tokens.forward(&ids, run)?;
+    fn base_site(&self) -> SiteId {
+        self.decoder_site
+    }
+
+    fn embed(&self, ids: &Tensor, pass: &Pass, run: &mut Run) -> FwdResult<Tensor> {
+        let device = ids.device();
+        let tokens = self.embed_tokens.forward(ids, run)?;
         // transformers builds an all-ones mask when none is given, so positions are per row.
         let rows = (pass.position_ids(device)? + f64::from(POSITION_OFFSET))?
             .broadcast_as((pass.batch, pass.seq))?
@@ -291,10 +301,25 @@ impl Family for Opt {
             Some(p) => p.forward(&tokens, run)?,
             None => tokens,
         };
-        let mut x = (tokens + positions)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, pass.mask(false), run)?;
-        }
+        Ok((tokens + positions)?)
+    }
+
+    fn tables(&self, _: &Tensor, _: &Pass, _: &mut Run, _: bool) -> FwdResult<Tables> {
+        Ok(Tables::None)
+    }
+
+    fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        _: &Tables,
+        pass: &Pass,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
+        self.layers[i].forward(x, pass.mask(false), run)
+    }
+
+    fn head(&self, mut x: Tensor, run: &mut Run) -> FwdResult<Tensor> {
         if let Some(ln) = &self.final_layer_norm {
             x = ln.forward(&x, run)?;
         }

@@ -2,16 +2,18 @@
 //! MLP in parallel, partial rotary, biases everywhere, optional per-head q/k LayerNorm.
 
 use candle_core::Tensor;
-use flexmodel_core::{Dim, Input, Layout, Model, Run, SiteId};
+use flexmodel_core::{Dim, Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::Result;
-use crate::nn::{Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, head_input, shape};
+use crate::nn::{
+    Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, Parallel, head_input, shape_of,
+};
 use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
-use crate::{Family, FwdResult, Loaded};
+use crate::{Family, FwdResult, Loaded, Tables, embed_here};
 
 #[derive(Deserialize)]
 struct Config {
@@ -92,14 +94,19 @@ impl Phi {
         let act = Activation::from_name("hidden_act", &cfg.hidden_act)?;
         let rotary = Rope::from_config(raw, heads.head_dim, cfg.max_position_embeddings)?;
         let m = vb.pp("model");
-        let base_site = m.site(shape(BS, h), Layout::Replicated)?;
-        let embed = Embedding::new(m.pp("embed_tokens"), cfg.vocab_size, h, Layout::Replicated)?;
+        let base_site = m.site(shape_of(BS, h), Layout::Replicated)?;
+        let embed = Embedding::new(
+            m.pp("embed_tokens")
+                .on_stage(embed_here(&vb, cfg.tie_word_embeddings)),
+            cfg.vocab_size,
+            h,
+        )?;
         let layers_vb = m.pp("layers");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
-                let vb = layers_vb.pp(i);
+                let vb = layers_vb.layer(i);
                 Ok(Layer {
-                    site: vb.site(shape(BS, h), Layout::Replicated)?,
+                    site: vb.site(shape_of(BS, h), Layout::Replicated)?,
                     self_attn: Attention::new(vb.pp("self_attn"), h, heads, &cfg)?,
                     mlp: Mlp::new(vb.pp("mlp"), h, cfg.intermediate_size, act)?,
                     input_layernorm: LayerNorm::new(
@@ -114,8 +121,18 @@ impl Phi {
             .collect::<Result<Vec<_>>>()?;
         let rotary = RotaryEmb::new(m.pp("rotary_emb"), rotary)?;
         let embed_dropout = Identity::new(m.pp("embed_dropout"), BS, h)?;
-        let final_layernorm = LayerNorm::new(m.pp("final_layernorm"), h, cfg.layer_norm_eps, BS)?;
-        let lm_head = Linear::head(vb.pp("lm_head"), &embed, cfg.tie_word_embeddings, true)?;
+        let final_layernorm = LayerNorm::new(
+            m.pp("final_layernorm").last_stage(),
+            h,
+            cfg.layer_norm_eps,
+            BS,
+        )?;
+        let lm_head = Linear::head(
+            vb.pp("lm_head").last_stage(),
+            &embed,
+            cfg.tie_word_embeddings,
+            true,
+        )?;
         let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let body = Self {
             embed,
@@ -132,10 +149,10 @@ impl Phi {
 
 impl Attention {
     fn new(vb: Vb, h: usize, heads: Heads, cfg: &Config) -> Result<Self> {
-        let site = vb.site(shape(BS, h), Layout::Replicated)?;
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
         let q_dim = heads.heads * heads.head_dim;
         let kv_dim = heads.kv_heads * heads.head_dim;
-        let column = |units| Layout::split_last(3, units);
+        let column = Parallel::Column;
         let q_proj = Linear::new(vb.pp("q_proj"), (h, q_dim), true, BS, column(heads.heads))?;
         let k_proj = Linear::new(
             vb.pp("k_proj"),
@@ -151,7 +168,13 @@ impl Attention {
             BS,
             column(heads.kv_heads),
         )?;
-        let dense = Linear::new(vb.pp("dense"), (q_dim, h), true, BS, Layout::Replicated)?;
+        let dense = Linear::new(
+            vb.pp("dense"),
+            (q_dim, h),
+            true,
+            BS,
+            Parallel::Row(heads.heads),
+        )?;
         let qk_layernorm = if cfg.qk_layernorm {
             // Applied per head on [batch, heads, seq, head_dim].
             let lead = |n| [Dim::Batch, Dim::Size(n), Dim::Seq];
@@ -225,12 +248,18 @@ impl Attention {
 
 impl Mlp {
     fn new(vb: Vb, h: usize, inter: usize, act: Activation) -> Result<Self> {
-        let site = vb.site(shape(BS, h), Layout::Replicated)?;
-        let column = Layout::split_last(3, inter);
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
+        let column = Parallel::Column(inter);
         Ok(Self {
-            activation_fn: Act::new(vb.pp("activation_fn"), act, BS, inter, column.clone())?,
+            activation_fn: Act::new(
+                vb.pp("activation_fn"),
+                act,
+                BS,
+                inter,
+                Layout::split_last(3, inter),
+            )?,
             fc1: Linear::new(vb.pp("fc1"), (h, inter), true, BS, column)?,
-            fc2: Linear::new(vb.pp("fc2"), (inter, h), true, BS, Layout::Replicated)?,
+            fc2: Linear::new(vb.pp("fc2"), (inter, h), true, BS, Parallel::Row(inter))?,
             site,
         })
     }
@@ -264,16 +293,33 @@ impl Layer {
 }
 
 impl Family for Phi {
-    fn forward(&self, input: &Input, run: &mut Run) -> FwdResult<Tensor> {
-        let ids = run.input(self.base_site, &input.input_ids)?;
-        let device = self.embed.weight().device();
-        let pass = Pass::new(input, run.past_len(), None, device)?;
-        let x = self.embed.forward(&ids, run)?;
-        let mut x = self.embed_dropout.forward(x, run)?;
-        let (cos, sin) = self.rotary.forward(&x, &pass, run)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, pass.mask(false), run)?;
-        }
+    fn base_site(&self) -> SiteId {
+        self.base_site
+    }
+
+    fn embed(&self, ids: &Tensor, _: &Pass, run: &mut Run) -> FwdResult<Tensor> {
+        let x = self.embed.forward(ids, run)?;
+        self.embed_dropout.forward(x, run)
+    }
+
+    fn tables(&self, x: &Tensor, pass: &Pass, run: &mut Run, fire: bool) -> FwdResult<Tables> {
+        let (cos, sin) = self.rotary.forward(x, pass, run, fire)?;
+        Ok(Tables::Rotary(cos, sin))
+    }
+
+    fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        tables: &Tables,
+        pass: &Pass,
+        run: &mut Run,
+    ) -> FwdResult<Tensor> {
+        let (cos, sin) = tables.rotary()?;
+        self.layers[i].forward(x, cos, sin, pass.mask(false), run)
+    }
+
+    fn head(&self, x: Tensor, run: &mut Run) -> FwdResult<Tensor> {
         let x = self.final_layernorm.forward(&x, run)?;
         let x = run.site(self.base_site, x)?;
         self.lm_head.forward(&head_input(x, run)?, run)

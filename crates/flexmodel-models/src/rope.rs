@@ -209,13 +209,18 @@ impl RotaryEmb {
     }
 
     /// `(cos, sin)`, each `[pos_batch, seq, rot]`, in `x`'s dtype. `x` (the hidden states)
-    /// is the module's input, as in transformers.
+    /// is the module's input, as in transformers. The site fires when `fire` (on the pipeline
+    /// stage that runs the module); other stages compute the same tables silently.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         pass: &Pass,
         run: &mut Run,
+        fire: bool,
     ) -> FwdResult<(Tensor, Tensor)> {
+        if !fire {
+            return self.rope.cos_sin(&pass.positions, x.dtype(), x.device());
+        }
         let x = run.input(self.site, x)?;
         let (cos, sin) = self.rope.cos_sin(&pass.positions, x.dtype(), x.device())?;
         Ok((run.site(self.site, cos)?, sin))

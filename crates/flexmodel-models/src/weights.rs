@@ -9,7 +9,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
-use flexmodel_core::{Dim, Layout, Parameters, SiteId, SiteKind, SiteTable};
+use flexmodel_core::comm::even_split;
+use flexmodel_core::layout::{Part, block};
+use flexmodel_core::{Comm, Dim, Grid, Layout, Parameters, SiteId, SiteKind, SiteTable};
+
+use crate::config::RawConfig;
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 
@@ -125,8 +129,17 @@ impl Weights {
         self.find(name).is_some()
     }
 
-    /// Loads `name`, checks its shape and converts it to `dtype`.
-    pub(crate) fn get(&self, name: &str, shape: &Shape, dtype: DType) -> Result<Tensor> {
+    /// Loads `name` (or only the `slice` this rank holds), checks its full shape and converts
+    /// it to `dtype`. With `meta`, returns a zero-stride view of the right shape without
+    /// reading.
+    pub(crate) fn get(
+        &self,
+        name: &str,
+        shape: &Shape,
+        dtype: DType,
+        slice: Option<Slice>,
+        meta: bool,
+    ) -> Result<Tensor> {
         let (_, entry) = self.find(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             nearest: self.nearest(name),
@@ -138,17 +151,32 @@ impl Weights {
                 got: entry.shape.clone(),
             });
         }
-        if self.meta {
+        let mut dims = entry.shape.clone();
+        if let Some(s) = slice {
+            dims[s.dim] = s.len;
+        }
+        if self.meta || meta {
             // A zero-stride view: the right shape, no memory, no read.
-            return Ok(Tensor::zeros((), dtype, &self.device)?.broadcast_as(shape)?);
+            return Ok(Tensor::zeros((), dtype, &self.device)?.broadcast_as(dims)?);
         }
         let bytes = &self.files[entry.file][entry.start..entry.end];
-        let t = Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &self.device)?
-            .to_dtype(dtype)?;
-        if self.requires_grad {
-            return Ok(Var::from_tensor(&t)?.as_tensor().clone());
-        }
-        Ok(t)
+        let t = match slice {
+            None => Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &self.device)?,
+            Some(s) => {
+                // Only this rank's block: `outer` runs of `len * inner` elements.
+                let elem = entry.dtype.size_in_bytes();
+                let inner: usize = entry.shape[s.dim + 1..].iter().product::<usize>() * elem;
+                let outer: usize = entry.shape[..s.dim].iter().product();
+                let run = entry.shape[s.dim] * inner;
+                let mut block = Vec::with_capacity(outer * s.len * inner);
+                for o in 0..outer {
+                    let at = o * run + s.start * inner;
+                    block.extend_from_slice(&bytes[at..at + s.len * inner]);
+                }
+                Tensor::from_raw_buffer(&block, entry.dtype, &dims, &self.device)?
+            }
+        };
+        Ok(t.to_dtype(dtype)?)
     }
 
     fn nearest(&self, name: &str) -> Vec<String> {
@@ -206,6 +234,51 @@ fn to_dtype(dtype: safetensors::Dtype) -> Option<DType> {
     })
 }
 
+/// The block of one dimension that a tensor-parallel rank reads.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Slice {
+    pub(crate) dim: usize,
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+}
+
+/// Which part of the model this rank holds: its tensor-parallel group and its pipeline stage.
+pub(crate) struct Shard {
+    /// The job's ranks.
+    pub(crate) grid: Grid,
+    /// The ranks holding the other tensor-parallel pieces.
+    pub(crate) tp: Arc<dyn Comm>,
+    /// Decoder layers of this rank's stage.
+    pub(crate) layers: std::ops::Range<usize>,
+    /// This stage embeds the input.
+    pub(crate) first: bool,
+    /// This stage computes the logits.
+    pub(crate) last: bool,
+}
+
+impl Shard {
+    /// This rank's part under `grid`: contiguous layer ranges per stage (the first stages get
+    /// one more layer when they do not divide evenly).
+    pub(crate) fn of(cfg: &RawConfig, grid: &Grid) -> Result<Self> {
+        let layers = cfg.num_layers()?;
+        let stages = grid.degrees.pp;
+        if stages > layers {
+            return Err(cfg.error(format!(
+                "{stages} pipeline stages for {layers} layers: use at most {layers}"
+            )));
+        }
+        let stage = grid.stage();
+        let (start, len) = even_split(layers, stages)[stage];
+        Ok(Self {
+            grid: grid.clone(),
+            tp: grid.tp.clone(),
+            layers: start..start + len,
+            first: stage == 0,
+            last: stage + 1 == stages,
+        })
+    }
+}
+
 /// A module path during model construction: where its weights are read and what its site is
 /// called. `vb.pp("mlp").pp("up_proj")` is both the prefix of `...mlp.up_proj.weight` and
 /// the site `...mlp.up_proj`.
@@ -216,6 +289,10 @@ pub(crate) struct Vb {
     params: Rc<RefCell<Parameters>>,
     /// Attention layers built so far (each gets the next key/value cache slot).
     attention_layers: Rc<std::cell::Cell<usize>>,
+    /// This rank's part of the model.
+    shard: Rc<Shard>,
+    /// The module belongs to another pipeline stage: declare its sites, read no weight.
+    meta: bool,
     path: String,
     /// Where this module's weights are stored, when a checkpoint keeps a legacy name
     /// (GPT-NeoX's `embed_out` for `lm_head`); else `path`.
@@ -223,12 +300,14 @@ pub(crate) struct Vb {
 }
 
 impl Vb {
-    pub(crate) fn root(weights: Weights) -> Self {
+    pub(crate) fn root(weights: Weights, shard: Shard) -> Self {
         Self {
             weights: Arc::new(weights),
             sites: Rc::new(RefCell::new(SiteTable::new())),
             params: Rc::new(RefCell::new(Parameters::default())),
             attention_layers: Rc::new(std::cell::Cell::new(0)),
+            shard: Rc::new(shard),
+            meta: false,
             path: String::new(),
             weight_path: String::new(),
         }
@@ -241,6 +320,8 @@ impl Vb {
             sites: self.sites.clone(),
             params: self.params.clone(),
             attention_layers: self.attention_layers.clone(),
+            shard: self.shard.clone(),
+            meta: self.meta,
             path: join(&self.path, &name),
             weight_path: join(&self.weight_path, &name),
         }
@@ -274,9 +355,114 @@ impl Vb {
     }
 
     fn get_as(&self, name: &str, shape: Shape, dtype: DType) -> Result<Tensor> {
-        let t = self.weights.get(&self.full(name), &shape, dtype)?;
+        let t = self
+            .weights
+            .get(&self.full(name), &shape, dtype, None, self.meta)?;
+        self.finish(name, t)
+    }
+
+    /// A loaded weight as the model keeps it: a variable when gradients reach weights, and
+    /// recorded as a parameter.
+    fn finish(&self, name: &str, t: Tensor) -> Result<Tensor> {
+        let t = if self.weights.requires_grad && !self.meta {
+            Var::from_tensor(&t)?.as_tensor().clone()
+        } else {
+            t
+        };
         self.record(name, &t);
         Ok(t)
+    }
+
+    /// This rank's block of weight `name` along `dim` (made of `units` equal blocks: heads,
+    /// columns), in the compute dtype.
+    pub(crate) fn get_split(
+        &self,
+        name: &str,
+        shape: impl Into<Shape>,
+        dim: usize,
+        units: usize,
+    ) -> Result<Tensor> {
+        self.get_parts(
+            name,
+            shape,
+            dim,
+            &[Part {
+                size: 0,
+                units: Some(units),
+            }],
+        )
+    }
+
+    /// This rank's piece of each part of weight `name` along `dim` (a fused projection),
+    /// concatenated. A part of size 0 stands for the whole dimension.
+    pub(crate) fn get_parts(
+        &self,
+        name: &str,
+        shape: impl Into<Shape>,
+        dim: usize,
+        parts: &[Part],
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        let full = shape.dims()[dim];
+        let (rank, world) = (self.shard.tp.rank(), self.shard.tp.size());
+        let mut pieces = Vec::with_capacity(parts.len());
+        let mut offset = 0;
+        for part in parts {
+            let size = if part.size == 0 { full } else { part.size };
+            let (start, len) = match part.units {
+                Some(units) => block(size, units, rank, world)?,
+                None => (0, size),
+            };
+            let slice = Slice {
+                dim,
+                start: offset + start,
+                len,
+            };
+            offset += size;
+            let t = self.weights.get(
+                &self.full(name),
+                &shape,
+                self.weights.dtype,
+                Some(slice),
+                self.meta,
+            )?;
+            pieces.push(t);
+        }
+        let t = if pieces.len() == 1 {
+            pieces.remove(0)
+        } else {
+            Tensor::cat(&pieces, dim)?
+        };
+        self.finish(name, t)
+    }
+
+    /// This module on its pipeline stage: `active` says whether this rank's stage computes it;
+    /// elsewhere its sites exist but no weight is read.
+    pub(crate) fn on_stage(&self, active: bool) -> Self {
+        Self {
+            meta: self.meta || !active,
+            ..self.clone()
+        }
+    }
+
+    /// Decoder layer `i` under this path, its weights read only on the stage that runs it.
+    pub(crate) fn layer(&self, i: usize) -> Self {
+        self.pp(i).on_stage(self.shard.layers.contains(&i))
+    }
+
+    /// This module, read only on the first stage (embeddings).
+    pub(crate) fn first_stage(&self) -> Self {
+        self.on_stage(self.shard.first)
+    }
+
+    /// This module, read only on the last stage (final norm, head).
+    pub(crate) fn last_stage(&self) -> Self {
+        self.on_stage(self.shard.last)
+    }
+
+    /// This rank's part of the model.
+    pub(crate) fn shard(&self) -> &Shard {
+        &self.shard
     }
 
     /// Records `t` as parameter `<path>.<name>` (a tied weight under its second name).
