@@ -5,6 +5,7 @@
 mod edit;
 mod generate;
 mod opts;
+mod parallel;
 mod run;
 mod safetensors_io;
 mod sites;

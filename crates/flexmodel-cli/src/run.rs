@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use flexmodel::{DType, FlexModel, HookFunction, Input, LoadOptions, Tensor, Tokenizer};
 
 use crate::opts::{FloatType, HookOpts, InputOpts, ModelOpts, Padding};
+use crate::parallel::ParallelOpts;
 use crate::safetensors_io;
 
 /// Arguments of `flexmodel run`.
@@ -20,6 +21,9 @@ pub struct Args {
 
     #[command(flatten)]
     hooks: HookOpts,
+
+    #[command(flatten)]
+    parallel: ParallelOpts,
 
     /// Gradient of the causal-LM loss (labels = input_ids, mean cross-entropy of
     /// logits[:, :-1] against input_ids[:, 1:], padding excluded) with respect to the output of
@@ -49,8 +53,10 @@ pub fn main(args: Args) -> Result<()> {
     check_out_dir(&args.out)?;
     let (input, tokenizer) = args.input.load(&dir, Padding::Right)?;
 
+    let grid = args.parallel.grid()?;
     let options = LoadOptions {
         dtype: args.compute_dtype.into(),
+        grid: grid.clone(),
         ..LoadOptions::default()
     };
     let model =
@@ -78,6 +84,10 @@ pub fn main(args: Args) -> Result<()> {
             };
             tensors.push((name, t.to_dtype(out_dtype)?));
         }
+    }
+    // Every capture and the logits are on rank 0, which writes the file.
+    if !grid.is_root() {
+        return Ok(());
     }
     safetensors_io::write_atomic(&args.out, &tensors)?;
     report(&tensors, &logits, &input, tokenizer.as_ref(), &args.out)

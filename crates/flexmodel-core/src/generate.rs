@@ -81,6 +81,11 @@ impl<M: Model> FlexModel<M> {
         mut on_token: impl FnMut(usize, u32) -> bool,
     ) -> Result<Generation> {
         let (batch, prompt) = input.dims()?;
+        if self.model().grid().is_distributed() {
+            return Err(Error::msg(
+                "generation is not yet supported in multi-rank runs; generate in one process",
+            ));
+        }
         if let Sampling::Sample { temperature, .. } = options.sampling {
             if temperature <= 0.0 || temperature.is_nan() {
                 return Err(Error::Input(format!(

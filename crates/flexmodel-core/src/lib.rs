@@ -23,6 +23,7 @@
 
 mod cache;
 pub mod comm;
+mod dist;
 mod error;
 mod generate;
 mod hook;

@@ -8,9 +8,11 @@ use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout as CLayout, Shape, Tensor, Var};
 
 use crate::cache::KvCache;
+use crate::dist::Dist;
 use crate::hook::{Edit, HookCtx, HookFunction, Modules, PassInfo, Point, SaveContext, Steps};
+use crate::layout::Layout;
 use crate::output::OutputMap;
-use crate::site::{SiteId, SiteKind, SiteTable};
+use crate::site::{Dim, SiteId, SiteKind, SiteTable};
 use crate::{Error, Result};
 
 /// Identifies a registered hook, for [`FlexModel::remove`](crate::FlexModel::remove) and
@@ -63,6 +65,8 @@ const fn bit(point: Point) -> u8 {
 pub(crate) struct Hooks {
     names: Vec<Arc<str>>,
     kinds: Vec<SiteKind>,
+    /// Per site: shape template, output layout, input layout (for assembling across ranks).
+    shapes: Vec<(Vec<Dim>, Layout, Layout)>,
     /// Hooks of each site, in registration order; indexed by [`SiteId`].
     per_site: Vec<Vec<Entry>>,
     /// Editing functions by hook; one function serves every site its pattern selected.
@@ -92,6 +96,10 @@ impl Hooks {
         Self {
             names: sites.iter().map(|(_, s)| s.name.clone()).collect(),
             kinds: sites.iter().map(|(_, s)| s.kind).collect(),
+            shapes: sites
+                .iter()
+                .map(|(_, s)| (s.shape.clone(), s.layout.clone(), s.input_layout.clone()))
+                .collect(),
             per_site: sites.iter().map(|_| Vec::new()).collect(),
             edits: HashMap::new(),
             groups: BTreeMap::new(),
@@ -254,6 +262,22 @@ impl Hooks {
         Ok(())
     }
 
+    /// How the tensor at `(id, point)` is laid out over ranks, and its shape template.
+    pub(crate) fn layout(&self, id: SiteId, point: Point) -> (Layout, Vec<Dim>) {
+        let (template, output, input) = &self.shapes[id.index()];
+        let layout = if point == Point::Input { input } else { output };
+        (layout.clone(), template.clone())
+    }
+
+    /// Whether an enabled hook at `(id, point)` edits (so every rank needs the result back).
+    pub(crate) fn has_edit(&self, id: SiteId, point: Point) -> bool {
+        self.per_site[id.index()].iter().any(|e| {
+            e.point == point
+                && !self.disabled.contains(&e.handle)
+                && self.edits.contains_key(&e.handle)
+        })
+    }
+
     /// Whether any enabled hook wants gradients.
     fn wants_grad(&self) -> bool {
         self.active.iter().any(|m| m & bit(Point::Grad) != 0)
@@ -266,7 +290,7 @@ impl Hooks {
     /// Runs the enabled hooks at `(id, point)` on `x`; returns the (possibly edited) tensor.
     /// Forward captures go to `output`; gradient captures (`call` numbers the firings of a
     /// gradient site within its forward pass) wait in `pending_grads` for the pass to end.
-    fn fire(
+    pub(crate) fn fire(
         &mut self,
         id: SiteId,
         point: Point,
@@ -437,6 +461,8 @@ struct Hooked<'a> {
     hooks: &'a mut Hooks,
     shared: &'a Arc<Mutex<Hooks>>,
     output: &'a mut OutputMap,
+    /// The ranks of a distributed pass.
+    dist: Option<&'a Dist>,
     /// A gradient hook is enabled: every site's activation joins the autograd graph.
     grad: bool,
 }
@@ -464,11 +490,20 @@ impl<'a> Run<'a> {
                 hooks,
                 shared,
                 output,
+                dist: None,
                 grad,
             }),
             cache: None,
             last_only: false,
         }
+    }
+
+    /// Runs the hooks across the ranks of `dist`.
+    pub(crate) fn distributed(mut self, dist: &'a Dist) -> Self {
+        if let Some(h) = &mut self.hooks {
+            h.dist = Some(dist);
+        }
+        self
     }
 
     /// Uses `cache` for keys and values, and computes only the last position's logits.
@@ -523,9 +558,10 @@ impl<'a> Run<'a> {
     #[inline]
     pub fn input(&mut self, id: SiteId, x: &Tensor) -> Result<Tensor> {
         match &mut self.hooks {
-            Some(h) if h.hooks.is_active(id, Point::Input) => {
-                h.hooks.fire(id, Point::Input, 0, x.clone(), h.output)
-            }
+            Some(h) if h.hooks.is_active(id, Point::Input) => match h.dist {
+                Some(dist) => dist.fire(h.hooks, id, Point::Input, x.clone(), h.output),
+                None => h.hooks.fire(id, Point::Input, 0, x.clone(), h.output),
+            },
             _ => Ok(x.clone()),
         }
     }
@@ -549,7 +585,10 @@ impl Hooked<'_> {
             x = Var::from_tensor(&x)?.as_tensor().clone();
         }
         if self.hooks.is_active(id, Point::Output) {
-            x = self.hooks.fire(id, Point::Output, 0, x, self.output)?;
+            x = match self.dist {
+                Some(dist) => dist.fire(self.hooks, id, Point::Output, x, self.output)?,
+                None => self.hooks.fire(id, Point::Output, 0, x, self.output)?,
+            };
         }
         if self.hooks.is_active(id, Point::Grad) {
             let calls = &mut self.hooks.grad_calls[id.index()];

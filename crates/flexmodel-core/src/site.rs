@@ -23,6 +23,10 @@ impl SiteId {
     pub fn index(self) -> usize {
         self.0 as usize
     }
+
+    pub(crate) fn from_index(index: usize) -> Self {
+        SiteId(index as u32)
+    }
 }
 
 /// One dimension of a site's shape, symbolic where it depends on the input.
@@ -85,6 +89,9 @@ pub struct SiteInfo {
     pub shape: Vec<Dim>,
     /// How the activation is split over tensor-parallel ranks.
     pub layout: Layout,
+    /// How the module's input is split (the input of a row-parallel layer is split; most
+    /// inputs are replicated).
+    pub input_layout: Layout,
 }
 
 /// The sites of one model, in declaration order (Hugging Face's module order).
@@ -122,6 +129,7 @@ impl SiteTable {
             kind,
             shape,
             layout,
+            input_layout: Layout::Replicated,
         });
         Ok(id)
     }
@@ -132,6 +140,11 @@ impl SiteTable {
     /// See [`SiteTable::add`].
     pub fn module(&mut self, name: &str, shape: Vec<Dim>, layout: Layout) -> Result<SiteId> {
         self.add(name, SiteKind::Module, shape, layout)
+    }
+
+    /// Records how the input of site `id`'s module is split over tensor-parallel ranks.
+    pub fn set_input_layout(&mut self, id: SiteId, layout: Layout) {
+        self.sites[id.index()].input_layout = layout;
     }
 
     /// Number of sites.

@@ -8,10 +8,14 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use crate::cache::KvCache;
+use crate::comm::{Grid, even_split};
+use crate::dist::Dist;
 use crate::hook::{HookFunction, Modules, PassInfo, SaveContext};
+use crate::layout::Layout;
 use crate::model::{Input, Model};
 use crate::output::OutputMap;
 use crate::run::{Groups, HookHandle, Hooks, Run, lock};
+use crate::site::Dim;
 use crate::{Error, Result};
 
 /// A model wrapped for hooks. It keeps the model's forward call, collects captures in an
@@ -101,7 +105,8 @@ impl<M: Model> FlexModel<M> {
     }
 
     /// One forward pass; during generation with `cache` (keys and values appended, logits of
-    /// the last position only).
+    /// the last position only). In a multi-rank job an error ends every rank (it would
+    /// otherwise leave the others waiting): the message goes to stderr, then MPI_Abort.
     pub(crate) fn pass(
         &mut self,
         input: &Input,
@@ -109,14 +114,89 @@ impl<M: Model> FlexModel<M> {
         pass: PassInfo,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        let grid = self.model.grid().clone();
+        if !grid.is_distributed() {
+            let mut hooks = lock(&self.hooks);
+            hooks.select(groups, pass)?;
+            let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output);
+            let mut run = match cache {
+                Some(cache) => run.generating(cache),
+                None => run,
+            };
+            return self.model.forward_with(input, &mut run);
+        }
+        match self.pass_distributed(input, groups, pass, cache, &grid) {
+            Ok(logits) => Ok(logits),
+            Err(e) => {
+                eprintln!("flexmodel rank {}: error: {e}", grid.world.rank());
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    eprintln!("  caused by: {cause}");
+                    source = cause.source();
+                }
+                grid.world.abort(1)
+            }
+        }
+    }
+
+    /// This rank's part of a pass of a `tp × pp × dp` job: its rows of the batch through its
+    /// stage; the logits (and every capture) land on global rank 0, which returns them; the
+    /// other ranks return an empty tensor.
+    fn pass_distributed(
+        &mut self,
+        input: &Input,
+        groups: &Groups,
+        pass: PassInfo,
+        cache: Option<&mut KvCache>,
+        grid: &Grid,
+    ) -> Result<Tensor> {
+        let (batch, _) = input.dims()?;
+        let dp = grid.degrees.dp;
+        let rows = even_split(batch, dp);
+        if rows.iter().any(|&(_, n)| n == 0) {
+            return Err(Error::Input(format!(
+                "a batch of {batch} rows over {dp} data-parallel ranks: every rank needs a row"
+            )));
+        }
+        let (start, len) = rows[grid.dp.rank()];
+        let local = Input {
+            input_ids: input.input_ids.narrow(0, start, len)?,
+            attention_mask: match &input.attention_mask {
+                Some(m) => Some(m.narrow(0, start, len)?),
+                None => None,
+            },
+        };
+        let dist = Dist {
+            grid: grid.clone(),
+            dp_rows: rows.iter().map(|&(_, n)| n).collect(),
+        };
         let mut hooks = lock(&self.hooks);
         hooks.select(groups, pass)?;
-        let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output);
+        let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).distributed(&dist);
         let mut run = match cache {
             Some(cache) => run.generating(cache),
             None => run,
         };
-        self.model.forward_with(input, &mut run)
+        let local_logits = self.model.forward_with(&local, &mut run)?;
+        let stages = grid.degrees.pp;
+        let last = grid.stage() + 1 == stages;
+        let mut logits = None;
+        if last {
+            let vocab = self.model.info().vocab_size;
+            let template = [Dim::Batch, Dim::Seq, Dim::Size(vocab)];
+            logits = dist.assemble(&local_logits, &Layout::split_last(3, vocab), &template)?;
+        }
+        if grid.stage() > 0 && grid.stage_leader() {
+            dist.stage_done(logits.as_ref())?;
+            logits = None;
+        }
+        if grid.is_root() && stages > 1 {
+            logits = dist.serve(&mut hooks, &mut self.output)?;
+        }
+        match logits {
+            Some(l) => Ok(l.to_device(self.model.device())?),
+            None => Ok(Tensor::zeros(0, local_logits.dtype(), self.model.device())?),
+        }
     }
 
     /// Backpropagates `loss`, running the backward hooks of the forward pass that produced it;
@@ -128,6 +208,13 @@ impl<M: Model> FlexModel<M> {
     /// A loss that is not a scalar or does not depend on anything differentiable, a failing or
     /// shape-changing gradient hook, or backward hooks that no gradient reached.
     pub fn backward(&mut self, loss: &Tensor) -> Result<GradStore> {
+        if self.model.grid().is_distributed() {
+            return Err(Error::Backward(
+                "backward hooks and gradients are not yet supported in multi-rank runs; run the \
+                 gradient job in one process"
+                    .into(),
+            ));
+        }
         if loss.elem_count() != 1 {
             return Err(Error::Backward(format!(
                 "the loss must be a scalar, got shape {:?} (reduce it first, e.g. with mean_all)",

@@ -2,7 +2,8 @@
 //! product with its internal sites, and grouped-query attention without copying keys.
 
 use candle_core::{DType, Device, Tensor};
-use flexmodel_core::{Dim, Input, Layout, Run, SiteId};
+use flexmodel_core::layout::block;
+use flexmodel_core::{Comm, Dim, Input, Layout, Run, SiteId};
 
 use crate::FwdResult;
 use crate::error::Result;
@@ -137,6 +138,19 @@ pub(crate) struct Heads {
     pub(crate) heads: usize,
     pub(crate) kv_heads: usize,
     pub(crate) head_dim: usize,
+}
+
+impl Heads {
+    /// The heads this rank computes under tensor parallelism: its block of query heads and of
+    /// KV heads (one replicated KV head when there are fewer KV heads than ranks).
+    pub(crate) fn local(self, tp: &dyn Comm) -> Result<Heads> {
+        let (rank, world) = (tp.rank(), tp.size());
+        Ok(Heads {
+            heads: block(self.heads, self.heads, rank, world)?.1,
+            kv_heads: block(self.kv_heads, self.kv_heads, rank, world)?.1,
+            head_dim: self.head_dim,
+        })
+    }
 }
 
 /// The internal sites of one attention module (see the crate docs of flexmodel-core).

@@ -261,7 +261,7 @@ impl Attention {
             )?,
             sites: AttnSites::new(&vb, heads)?,
             packing,
-            heads,
+            heads: heads.local(vb.shard().tp.as_ref())?,
             site,
         })
     }

@@ -167,7 +167,7 @@ impl Attention {
             c_proj: Linear::conv1d(vb.pp("c_proj"), (h, h), BS, Parallel::Row(heads.heads))?,
             resid_dropout: Identity::new(vb.pp("resid_dropout"), BS, h)?,
             sites: AttnSites::new(&vb, heads)?,
-            heads,
+            heads: heads.local(vb.shard().tp.as_ref())?,
             scale,
             site,
         })
@@ -175,12 +175,17 @@ impl Attention {
 
     fn forward(&self, x: &Tensor, mask: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
         let x = &run.input(self.site, x)?;
-        let (b, s, h) = x.dims3()?;
+        let (b, s, _) = x.dims3()?;
         let Heads {
             heads, head_dim, ..
         } = self.heads;
         let qkv = self.c_attn.forward(x, run)?;
-        let split = |i: usize| qkv.narrow(2, i * h, h)?.reshape((b, s, heads, head_dim));
+        // This rank's [q | k | v], each `heads` (local) heads wide.
+        let width = heads * head_dim;
+        let split = |i: usize| {
+            qkv.narrow(2, i * width, width)?
+                .reshape((b, s, heads, head_dim))
+        };
         let out = attend(
             split(0)?,
             split(1)?,

@@ -163,7 +163,7 @@ impl Attention {
             query_key_value: Linear::new(vb.pp("query_key_value"), (h, 3 * h), bias, BS, qkv)?,
             dense: Linear::new(vb.pp("dense"), (h, h), bias, BS, Parallel::Row(heads.heads))?,
             sites: AttnSites::new(&vb, heads)?,
-            heads,
+            heads: heads.local(vb.shard().tp.as_ref())?,
             site,
         })
     }

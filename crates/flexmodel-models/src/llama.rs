@@ -259,7 +259,7 @@ impl Attention {
                 Parallel::Row(heads.heads),
             )?,
             sites: AttnSites::new(&vb, heads)?,
-            heads,
+            heads: heads.local(vb.shard().tp.as_ref())?,
             site,
         })
     }

@@ -539,7 +539,9 @@ impl Act {
         dim: usize,
         layout: Layout,
     ) -> Result<Self> {
-        let site = vb.site(shape_of(lead, dim), layout)?;
+        // Elementwise: the input is split as the output is.
+        let site = vb.site(shape_of(lead, dim), layout.clone())?;
+        vb.set_input_layout(site, layout);
         Ok(Self { act, site })
     }
 

@@ -201,7 +201,7 @@ impl Attention {
             dense,
             qk_layernorm,
             sites: AttnSites::new(&vb, heads)?,
-            heads,
+            heads: heads.local(vb.shard().tp.as_ref())?,
             site,
         })
     }

@@ -492,6 +492,11 @@ impl Vb {
         Ok(self.sites.borrow_mut().module(&self.path, shape, layout)?)
     }
 
+    /// Records how the input of this module's site is split over tensor-parallel ranks.
+    pub(crate) fn set_input_layout(&self, id: SiteId, layout: Layout) {
+        self.sites.borrow_mut().set_input_layout(id, layout);
+    }
+
     /// Declares `<path>.<name>`, a site inside this module that is not a module itself.
     pub(crate) fn internal(&self, name: &str, shape: Vec<Dim>, layout: Layout) -> Result<SiteId> {
         let full = join(&self.path, &name);

@@ -1,0 +1,37 @@
+//! `--tp --pp --dp`: the layout of a multi-process job (`mpirun -n N flexmodel ...`).
+
+use anyhow::{Context, Result};
+use flexmodel::{Grid, Parallelism};
+
+/// How the model is spread over the processes of an MPI job.
+#[derive(clap::Args, Clone, Copy)]
+pub struct ParallelOpts {
+    /// Tensor-parallel ranks: attention heads, MLP columns and the vocabulary split.
+    #[arg(long, default_value_t = 1, value_name = "T")]
+    pub tp: usize,
+
+    /// Pipeline stages: contiguous ranges of layers.
+    #[arg(long, default_value_t = 1, value_name = "P")]
+    pub pp: usize,
+
+    /// Data-parallel ranks: the batch split by rows.
+    #[arg(long, default_value_t = 1, value_name = "D")]
+    pub dp: usize,
+}
+
+impl ParallelOpts {
+    /// The grid of this job's ranks (one process when every degree is 1 and no launcher
+    /// started several).
+    pub fn grid(&self) -> Result<Grid> {
+        let degrees = Parallelism {
+            tp: self.tp,
+            pp: self.pp,
+            dp: self.dp,
+        };
+        if degrees.world() == 1 && flexmodel_dist::launched_size().is_none_or(|n| n == 1) {
+            return Ok(Grid::single());
+        }
+        let world = flexmodel_dist::init().context("starting MPI")?;
+        Ok(Grid::new(world, degrees)?)
+    }
+}
