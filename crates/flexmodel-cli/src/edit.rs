@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use flexmodel::rng::SplitMix64;
 use flexmodel::{HookCtx, HookFunction, Tensor};
 
 use crate::safetensors_io;
@@ -23,9 +24,13 @@ pub enum Op {
     Add(Tensor),
     /// Replace by a tensor of the same shape (patching from an earlier capture).
     Replace(Tensor),
+    /// Add Gaussian noise of this standard deviation, from a seeded generator (the same noise
+    /// in every run, and under any parallel layout: edits run once, on rank 0).
+    Noise { std: f64, seed: u64 },
 }
 
-const OPS: &str = "zero, scale:F, add:FILE.safetensors:KEY, replace:FILE.safetensors:KEY";
+const OPS: &str =
+    "zero, scale:F, add:FILE.safetensors:KEY, replace:FILE.safetensors:KEY, noise:STD[:SEED]";
 
 impl EditSpec {
     /// Parses `SITE=OP`, reading any tensor the op names.
@@ -60,6 +65,16 @@ impl Op {
                     .with_context(|| format!("scale factor {f:?} is not a number"))?;
                 Ok(Op::Scale(f))
             }
+            ("noise", arg) => {
+                let (std, seed) = arg.split_once(':').unwrap_or((arg, "0"));
+                let std: f64 = std
+                    .parse()
+                    .with_context(|| format!("noise std {std:?} is not a number"))?;
+                let seed: u64 = seed
+                    .parse()
+                    .with_context(|| format!("noise seed {seed:?} is not an integer"))?;
+                Ok(Op::Noise { std, seed })
+            }
             ("add", source) => Ok(Op::Add(tensor_arg(source)?)),
             ("replace", source) => Ok(Op::Replace(tensor_arg(source)?)),
             _ => bail!("unknown edit {op:?}; expected one of {OPS}"),
@@ -81,6 +96,14 @@ impl Op {
                         x.dims().last().copied().unwrap_or(0)
                     ))
                 })?
+            }
+            Op::Noise { std, seed } => {
+                let mut rng = SplitMix64::new(*seed);
+                let noise: Vec<f32> = (0..x.elem_count())
+                    .map(|_| (rng.normal() * std) as f32)
+                    .collect();
+                let noise = Tensor::from_vec(noise, x.dims(), x.device())?.to_dtype(x.dtype())?;
+                (x + noise)?
             }
             Op::Replace(r) => {
                 if r.dims() != x.dims() {

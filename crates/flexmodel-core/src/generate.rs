@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 use crate::cache::KvCache;
 use crate::hook::PassInfo;
 use crate::model::{Input, Model};
+use crate::rng::SplitMix64;
 use crate::run::Groups;
 use crate::wrapper::FlexModel;
 use crate::{Error, Result};
@@ -99,7 +100,7 @@ impl<M: Model> FlexModel<M> {
             Some(m) => m.to_dtype(DType::U32)?.to_vec2()?,
             None => vec![vec![1; prompt]; batch],
         };
-        let mut rng = SplitMix64(match options.sampling {
+        let mut rng = SplitMix64::new(match options.sampling {
             Sampling::Sample { seed, .. } => seed,
             Sampling::Greedy => 0,
         });
@@ -216,18 +217,4 @@ fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
-}
-
-/// SplitMix64: a small generator whose sequence depends on the seed alone.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
 }

@@ -31,6 +31,7 @@ pub mod layout;
 mod loss;
 mod model;
 mod output;
+pub mod rng;
 mod run;
 pub mod site;
 mod wrapper;

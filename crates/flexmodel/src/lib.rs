@@ -28,13 +28,13 @@
 //! [`flexmodel_core`] for the list and [`Layout`] for how sites are split over ranks.
 
 pub use candle_core::{D, DType, Device, Tensor};
-pub use flexmodel_core::site;
 pub use flexmodel_core::{
     Comm, Dim, Edit, Error, FlexModel, GenerateOptions, Generation, Grid, Groups, Guard, HookCtx,
     HookFunction, HookHandle, Input, KvCache, Layout, Model, ModelInfo, Modules, OutputMap,
     Parallelism, Parameters, PassInfo, Point, Result, Run, Sampling, SaveContext, SiteId, SiteInfo,
     SiteKind, SiteTable, Steps, causal_lm_loss,
 };
+pub use flexmodel_core::{rng, site};
 pub use flexmodel_models::{
     Error as LoadError, LoadOptions, SUPPORTED, Tokenizer, generation_tokens, load, pad_left,
     pad_right, sites,

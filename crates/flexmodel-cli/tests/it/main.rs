@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod generate;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod run;
 mod sites;
 

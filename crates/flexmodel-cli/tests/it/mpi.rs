@@ -1,0 +1,270 @@
+//! Multi-process runs under `mpirun`: every layout gives the single-process result, errors end
+//! every rank promptly. (Built with `--features mpi`; CI installs Open MPI.)
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use crate::{ARCHS, assert_close, flexmodel_ok, load, model_dir, reference_json};
+
+/// The layouts of the acceptance criteria: (arguments, ranks).
+const LAYOUTS: &[(&[&str], usize)] = &[
+    (&["--tp", "2"], 2),
+    (&["--pp", "2"], 2),
+    (&["--dp", "2"], 2),
+    (&["--tp", "2", "--pp", "2"], 4),
+    (&["--tp", "2", "--dp", "2"], 4),
+    (&["--pp", "2", "--dp", "2"], 4),
+    (&["--tp", "2", "--pp", "2", "--dp", "2"], 8),
+];
+
+/// `mpirun -n ranks flexmodel args...`, as root and on more ranks than cores.
+fn mpirun(ranks: usize, args: &[&str]) -> (Output, Duration) {
+    let start = Instant::now();
+    let out = Command::new("mpirun")
+        .args([
+            "--oversubscribe",
+            "-n",
+            &ranks.to_string(),
+            env!("CARGO_BIN_EXE_flexmodel"),
+        ])
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("run mpirun (install openmpi-bin)");
+    (out, start.elapsed())
+}
+
+fn path_str(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn every_layout_equals_one_process_for_five_archs() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ARCHS
+        .iter()
+        .filter(|a| ["llama", "gpt2", "gpt_neox", "falcon", "opt"].contains(a))
+    {
+        let dir = model_dir(arch);
+        let ids = dir.join("reference.safetensors");
+        let edit = format!(
+            "{}=scale:0",
+            reference_json(arch)["edit"]["module"].as_str().unwrap()
+        );
+        let single = tmp.path().join("single.safetensors");
+        let common = [
+            "run",
+            "--model",
+            path_str(&dir),
+            "--input-ids",
+            path_str(&ids),
+            "--capture",
+            "*",
+            "--edit",
+            &edit,
+        ];
+        flexmodel_ok(&[&common[..], &["--out", path_str(&single)]].concat());
+        let want = load(&single);
+        // The edit case, checked against transformers once: the layouts are checked against it.
+        assert_close(
+            &format!("{arch} edit"),
+            &want["logits"],
+            &load(&ids)["edit.mlp_zero.logits"],
+            1e-4,
+        );
+        for (layout, ranks) in LAYOUTS {
+            let out = tmp.path().join("multi.safetensors");
+            let (run, _) = mpirun(
+                *ranks,
+                &[&common[..], layout, &["--out", path_str(&out)]].concat(),
+            );
+            assert!(
+                run.status.success(),
+                "{arch} {layout:?}: {}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+            let got = load(&out);
+            assert_eq!(got.len(), want.len(), "{arch} {layout:?}: same tensors");
+            for (name, t) in &want {
+                assert_close(&format!("{arch} {layout:?} {name}"), &got[name], t, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn random_noise_edit_matches_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_dir("llama");
+    let ids = dir.join("reference.safetensors");
+    let args = [
+        "run",
+        "--model",
+        path_str(&dir),
+        "--input-ids",
+        path_str(&ids),
+        "--edit",
+        "model.layers.0.mlp=noise:0.5:7",
+    ];
+    let single = tmp.path().join("single.safetensors");
+    flexmodel_ok(&[&args[..], &["--out", path_str(&single)]].concat());
+    let multi = tmp.path().join("multi.safetensors");
+    let (run, _) = mpirun(
+        4,
+        &[
+            &args[..],
+            &["--tp", "2", "--dp", "2", "--out", path_str(&multi)],
+        ]
+        .concat(),
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let (a, b) = (load(&single), load(&multi));
+    assert_close("noise edit", &b["logits"], &a["logits"], 1e-5);
+    // The noise changed the logits: the comparison is not vacuous.
+    assert!(crate::rel_err(&a["logits"], &load(&ids)["logits"]) > 1e-3);
+}
+
+/// Every rank ended, non-zero, within 30 s, saying `message`.
+fn assert_failed_promptly(out: &Output, elapsed: Duration, message: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the job must fail");
+    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
+    assert!(stderr.contains(message), "missing {message:?} in: {stderr}");
+}
+
+#[test]
+fn errors_end_every_rank_promptly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_dir("llama");
+    let ids = dir.join("reference.safetensors");
+    let out = tmp.path().join("out.safetensors");
+    let base = [
+        "run",
+        "--model",
+        path_str(&dir),
+        "--input-ids",
+        path_str(&ids),
+        "--out",
+        path_str(&out),
+    ];
+
+    let (run, t) = mpirun(
+        2,
+        &[&base[..], &["--tp", "2", "--capture", "model.layers.0.mpl"]].concat(),
+    );
+    assert_failed_promptly(&run, t, "did you mean `model.layers.0.mlp`");
+
+    // An editing function that fails on rank 0 while the other ranks wait for its result.
+    let bad = tmp.path().join("bad.safetensors");
+    candle_core::safetensors::save(
+        &[(
+            "v".to_string(),
+            candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap(),
+        )]
+        .into_iter()
+        .collect(),
+        &bad,
+    )
+    .unwrap();
+    let edit = format!("model.layers.1.mlp=add:{}:v", bad.display());
+    let (run, t) = mpirun(
+        4,
+        &[&base[..], &["--tp", "2", "--pp", "2", "--edit", &edit]].concat(),
+    );
+    assert_failed_promptly(&run, t, "does not broadcast");
+    assert!(!out.exists(), "no output after a failed job");
+
+    // A layout that does not fit the job.
+    let (run, t) = mpirun(2, &[&base[..], &["--tp", "4"]].concat());
+    assert_failed_promptly(&run, t, "needs 4 ranks, the job has 2");
+
+    // A layout the model cannot take, refused before any weight is read.
+    let (run, t) = mpirun(3, &[&base[..], &["--tp", "3"]].concat());
+    assert_failed_promptly(
+        &run,
+        t,
+        "cannot be split evenly over 3 tensor-parallel ranks",
+    );
+}
+
+#[test]
+fn a_rank_that_dies_ends_the_job() {
+    let dir = model_dir("llama");
+    let ids = dir.join("reference.safetensors");
+    let flexmodel = env!("CARGO_BIN_EXE_flexmodel");
+    // Rank 1 is killed while rank 0 waits for it in the first collective.
+    let script = format!(
+        "if [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then kill -9 $$; fi; exec {flexmodel} run --tp 2 --model {} --input-ids {} --out /dev/null",
+        dir.display(),
+        ids.display()
+    );
+    let start = Instant::now();
+    let out = Command::new("mpirun")
+        .args(["--oversubscribe", "-n", "2", "sh", "-c", &script])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn multi_rank_run_writes_what_one_process_writes() {
+    // The CLI contract: rank 0 writes the file, the same tensors as one process.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let (run, _) = mpirun(
+        2,
+        &[
+            "run",
+            "--pp",
+            "2",
+            "--prompt",
+            "Hello world",
+            "--capture",
+            "model.layers.*",
+            "--out",
+            path_str(&out),
+        ],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let single = tmp.path().join("single.safetensors");
+    flexmodel_ok(&[
+        "run",
+        "--prompt",
+        "Hello world",
+        "--capture",
+        "model.layers.*",
+        "--out",
+        path_str(&single),
+    ]);
+    let (a, b) = (load(&single), load(&out));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        assert_close(name, &b[name], t, 1e-5);
+    }
+    // Only rank 0 reports.
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout)
+            .matches("wrote")
+            .count(),
+        1
+    );
+}
