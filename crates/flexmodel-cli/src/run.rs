@@ -66,15 +66,17 @@ pub fn main(args: Args) -> Result<()> {
     for pattern in &args.grad {
         fm.register(HookFunction::backward(pattern.as_str()))?;
     }
-    let logits = fm.forward_input(&input)?;
-
     let out_dtype: DType = args.dtype.into();
-    let mut tensors = vec![("logits".to_string(), logits.to_dtype(out_dtype)?)];
-    if !args.grad.is_empty() {
-        let loss = flexmodel::causal_lm_loss(&logits, &input)?;
-        fm.backward(&loss)?;
-        tensors.push(("loss".to_string(), loss.detach().to_dtype(out_dtype)?));
-    }
+    let mut tensors = Vec::new();
+    let logits = if args.grad.is_empty() {
+        fm.forward_input(&input)?
+    } else {
+        // One forward pass (with the captures and edits) and the backward pass of the loss.
+        let backward = fm.lm_backward(&input)?;
+        tensors.push(("loss".to_string(), backward.loss.to_dtype(out_dtype)?));
+        backward.logits
+    };
+    tensors.insert(0, ("logits".to_string(), logits.to_dtype(out_dtype)?));
     for (site, firings) in fm.take_output() {
         for (k, t) in firings.into_iter().enumerate() {
             let name = if k == 0 {

@@ -5,6 +5,9 @@
 //! back into the original layout. Captures, the save context and trainable modules therefore
 //! live on rank 0, and a hook function behaves as in one process.
 
+use std::cell::Cell;
+use std::time::Instant;
+
 use candle_core::Tensor;
 
 use crate::comm::Grid;
@@ -16,17 +19,37 @@ use crate::site::{Dim, SiteId};
 use crate::{Error, Result};
 
 /// The ranks of a distributed pass and how the batch is dealt over data-parallel ranks.
-pub(crate) struct Dist {
+#[derive(Clone)]
+pub(crate) struct Ranks {
     pub(crate) grid: Grid,
     /// Rows of the batch each data-parallel rank holds.
     pub(crate) dp_rows: Vec<usize>,
 }
 
-/// Messages from a later stage's leader to rank 0: a header `[kind, site, point]`, then a
-/// tensor for `HOOK` and `LOGITS`.
+/// A distributed pass: its ranks, and what moving hooked tensors cost so far.
+pub(crate) struct Dist {
+    pub(crate) ranks: Ranks,
+    pub(crate) stats: Cell<CommStats>,
+}
+
+/// What moving hooked tensors between ranks cost in the last forward pass, as this rank saw
+/// it (on rank 0: every assembly, including the wait for the other ranks' pieces).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CommStats {
+    /// Hooked site firings assembled.
+    pub sites: usize,
+    /// Bytes of the assembled full tensors.
+    pub bytes: usize,
+    /// Seconds spent gathering and assembling them (and splitting edits back).
+    pub seconds: f64,
+}
+
+/// Messages from a later stage's leader to rank 0: a header `[kind, site, point, call]`, then a
+/// tensor for `HOOK`, `LOGITS` and `LOSS`.
 const HOOK: u32 = 0;
 const DONE: u32 = 1;
 const LOGITS: u32 = 2;
+const LOSS: u32 = 3;
 
 fn point_code(point: Point) -> u32 {
     match point {
@@ -49,26 +72,47 @@ fn point_of(code: u32) -> Result<Point> {
     })
 }
 
-fn header(kind: u32, site: u32, point: u32) -> Result<Tensor> {
+fn header(kind: u32, site: u32, point: u32, call: u32) -> Result<Tensor> {
     Ok(Tensor::new(
-        &[kind, site, point],
+        &[kind, site, point, call],
         &candle_core::Device::Cpu,
     )?)
 }
 
+/// What rank 0 received from the later stages while serving them.
+#[derive(Default)]
+pub(crate) struct Served {
+    pub(crate) logits: Option<Tensor>,
+    pub(crate) loss: Option<Tensor>,
+}
+
 impl Dist {
-    /// The full tensor on the stage leader (`None` on the other ranks of the stage).
+    pub(crate) fn new(ranks: Ranks) -> Self {
+        Self {
+            ranks,
+            stats: Cell::default(),
+        }
+    }
+
+    fn grid(&self) -> &Grid {
+        &self.ranks.grid
+    }
+
+    /// The full tensor on the stage leader (`None` on the other ranks of the stage). A
+    /// `gradient`'s replicated blocks are partial sums, added up.
     pub(crate) fn assemble(
         &self,
         x: &Tensor,
         layout: &Layout,
         template: &[Dim],
+        gradient: bool,
     ) -> Result<Option<Tensor>> {
-        let Grid { tp, dp, .. } = &self.grid;
+        let Grid { tp, dp, .. } = self.grid();
         let x = x.detach();
         let tp_full = match layout {
             Layout::Replicated => (tp.rank() == 0).then_some(x),
             _ => match tp.gather(&x, 0)? {
+                Some(pieces) if gradient => Some(layout.assemble_gradient(&pieces)?),
                 Some(pieces) => Some(layout.assemble(&pieces)?),
                 None => None,
             },
@@ -80,25 +124,27 @@ impl Dist {
             return Ok(Some(tp_full));
         }
         match dp.gather(&tp_full, 0)? {
-            Some(rows) => Ok(Some(concat_rows(rows, template)?)),
+            Some(rows) => Ok(Some(concat_rows(rows, template, gradient)?)),
             None => Ok(None),
         }
     }
 
-    /// This rank's piece of `full` (given on the stage leader), laid out as `local`.
+    /// This rank's piece of `full` (given on the stage leader), laid out as `local`; a
+    /// `gradient`'s replicated blocks are shared out so that they add up to it.
     pub(crate) fn split_back(
         &self,
         full: Option<Tensor>,
         layout: &Layout,
         template: &[Dim],
         local: &Tensor,
+        gradient: bool,
     ) -> Result<Tensor> {
-        let Grid { tp, dp, .. } = &self.grid;
+        let Grid { tp, dp, .. } = self.grid();
         let missing = || Error::msg("the stage leader has no tensor to split back");
         let tp_full = if tp.rank() == 0 {
             Some(if dp.size() > 1 {
                 let pieces = match full {
-                    Some(f) => Some(split_rows(&f, template, &self.dp_rows)?),
+                    Some(f) => Some(split_rows(&f, template, &self.ranks.dp_rows, gradient)?),
                     None => None,
                 };
                 dp.scatter(pieces.as_deref(), 0)?
@@ -116,7 +162,13 @@ impl Dist {
                 let pieces = match tp_full {
                     Some(t) => Some(
                         (0..world)
-                            .map(|r| layout.shard(&t, r, world))
+                            .map(|r| {
+                                if gradient {
+                                    layout.shard_gradient(&t, r, world)
+                                } else {
+                                    layout.shard(&t, r, world)
+                                }
+                            })
                             .collect::<Result<Vec<_>>>()?,
                     ),
                     None => None,
@@ -139,23 +191,39 @@ impl Dist {
         Ok(piece)
     }
 
+    fn count(&self, start: Instant, assembled: Option<&Tensor>) {
+        let mut stats = self.stats.get();
+        stats.seconds += start.elapsed().as_secs_f64();
+        if let Some(full) = assembled {
+            stats.sites += 1;
+            stats.bytes += full.elem_count() * full.dtype().size_in_bytes();
+        }
+        self.stats.set(stats);
+    }
+
     /// Runs the hooks at `(id, point)` on the full tensor, once, on rank 0; returns this rank's
-    /// piece of the result.
+    /// piece of the result. `call` numbers the firings of a gradient site.
     pub(crate) fn fire(
         &self,
         hooks: &mut Hooks,
-        id: SiteId,
-        point: Point,
+        (id, point, call): (SiteId, Point, u32),
         x: Tensor,
         output: &mut OutputMap,
     ) -> Result<Tensor> {
         let (layout, template) = hooks.layout(id, point);
         let edits = hooks.has_edit(id, point);
-        let result = match self.assemble(&x, &layout, &template)? {
-            Some(full) if self.grid.is_root() => Some(hooks.fire(id, point, 0, full, output)?),
+        let start = Instant::now();
+        let gradient = point == Point::Grad;
+        let assembled = self.assemble(&x, &layout, &template, gradient)?;
+        self.count(start, assembled.as_ref());
+        let result = match assembled {
+            Some(full) if self.grid().is_root() => Some(hooks.fire(id, point, call, full, output)?),
             Some(full) => {
-                let world = &self.grid.world;
-                world.send(&header(HOOK, id.index() as u32, point_code(point))?, 0)?;
+                let world = &self.grid().world;
+                world.send(
+                    &header(HOOK, id.index() as u32, point_code(point), call)?,
+                    0,
+                )?;
                 world.send(&full, 0)?;
                 if edits { Some(world.recv(0)?) } else { None }
             }
@@ -164,43 +232,63 @@ impl Dist {
         if !edits {
             return Ok(x);
         }
-        self.split_back(result, &layout, &template, &x)
+        let start = Instant::now();
+        let piece = self.split_back(result, &layout, &template, &x, gradient)?;
+        self.count(start, None);
+        Ok(piece)
     }
 
-    /// On a later stage's leader: the stage is done (after its logits, on the last stage).
-    pub(crate) fn stage_done(&self, logits: Option<&Tensor>) -> Result<()> {
-        let world = &self.grid.world;
-        if let Some(logits) = logits {
-            world.send(&header(LOGITS, 0, 0)?, 0)?;
-            world.send(logits, 0)?;
+    /// On a later stage's leader: the stage is done, after sending what rank 0 needs from it.
+    fn stage_done(&self, result: Option<(u32, &Tensor)>) -> Result<()> {
+        let world = &self.grid().world;
+        if let Some((kind, t)) = result {
+            world.send(&header(kind, 0, 0, 0)?, 0)?;
+            world.send(t, 0)?;
         }
-        world.send(&header(DONE, 0, 0)?, 0)
+        world.send(&header(DONE, 0, 0, 0)?, 0)
     }
 
-    /// On rank 0: runs the hooks the later stages ask for, stage after stage, and returns the
-    /// logits the last one sends.
+    /// The forward pass of a later stage is done; the last one sends the logits.
+    pub(crate) fn forward_done(&self, logits: Option<&Tensor>) -> Result<()> {
+        self.stage_done(logits.map(|l| (LOGITS, l)))
+    }
+
+    /// The backward pass of a later stage is done; the last one sends the loss.
+    pub(crate) fn backward_done(&self, loss: Option<&Tensor>) -> Result<()> {
+        self.stage_done(loss.map(|l| (LOSS, l)))
+    }
+
+    /// On rank 0: runs the hooks the later stages ask for, stage after stage (the last first
+    /// for a backward pass), until each says it is done.
     pub(crate) fn serve(
         &self,
         hooks: &mut Hooks,
         output: &mut OutputMap,
-    ) -> Result<Option<Tensor>> {
-        let world = &self.grid.world;
-        let stage_size = self.grid.degrees.tp * self.grid.degrees.dp;
-        let mut logits = None;
-        for stage in 1..self.grid.degrees.pp {
+        backward: bool,
+    ) -> Result<Served> {
+        let grid = self.grid();
+        let world = &grid.world;
+        let stage_size = grid.degrees.tp * grid.degrees.dp;
+        let mut stages: Vec<usize> = (1..grid.degrees.pp).collect();
+        if backward {
+            stages.reverse();
+        }
+        let mut served = Served::default();
+        for stage in stages {
             let leader = stage * stage_size;
             loop {
                 let head: Vec<u32> = world.recv(leader)?.to_vec1()?;
                 match head.as_slice() {
-                    [HOOK, site, point] => {
+                    [HOOK, site, point, call] => {
                         let (id, point) = (SiteId::from_index(*site as usize), point_of(*point)?);
                         let full = world.recv(leader)?;
-                        let y = hooks.fire(id, point, 0, full, output)?;
+                        let y = hooks.fire(id, point, *call, full, output)?;
                         if hooks.has_edit(id, point) {
                             world.send(&y, leader)?;
                         }
                     }
-                    [LOGITS, ..] => logits = Some(world.recv(leader)?),
+                    [LOGITS, ..] => served.logits = Some(world.recv(leader)?),
+                    [LOSS, ..] => served.loss = Some(world.recv(leader)?),
                     [DONE, ..] => break,
                     other => {
                         return Err(Error::msg(format!(
@@ -210,28 +298,42 @@ impl Dist {
                 }
             }
         }
-        Ok(logits)
+        Ok(served)
     }
 }
 
-/// The data-parallel pieces of a tensor laid out as `template`, as one batch.
-fn concat_rows(rows: Vec<Tensor>, template: &[Dim]) -> Result<Tensor> {
-    let axis = match template
+/// The data-parallel pieces of a tensor laid out as `template`, as one batch. A position table
+/// without a mask is one row shared by the whole batch: every rank holds it (a gradient: each
+/// rank its rows' part, added up).
+fn concat_rows(rows: Vec<Tensor>, template: &[Dim], gradient: bool) -> Result<Tensor> {
+    let first = rows.first().ok_or_else(|| Error::msg("no rows"))?;
+    let Some(axis) = template
         .iter()
         .position(|d| matches!(d, Dim::Batch | Dim::Tokens | Dim::PosBatch))
-    {
-        None => return rows.into_iter().next().ok_or_else(|| Error::msg("no rows")),
-        // Position tables without a mask are one row shared by the whole batch.
-        Some(0) if template[0] == Dim::PosBatch && rows[0].dim(0)? == 1 => {
-            return rows.into_iter().next().ok_or_else(|| Error::msg("no rows"));
-        }
-        Some(axis) => axis,
+    else {
+        return Ok(first.clone());
     };
+    if template[axis] == Dim::PosBatch && first.dim(axis)? == 1 {
+        if !gradient {
+            return Ok(first.clone());
+        }
+        let mut total = first.clone();
+        for r in &rows[1..] {
+            total = (total + r)?;
+        }
+        return Ok(total);
+    }
     Ok(Tensor::cat(&rows, axis)?)
 }
 
-/// The rows of `full` for each data-parallel rank (`rows[r]` batch rows each).
-fn split_rows(full: &Tensor, template: &[Dim], rows: &[usize]) -> Result<Vec<Tensor>> {
+/// The rows of `full` for each data-parallel rank (`rows[r]` batch rows each); a shared
+/// position table goes to every rank whole (a gradient: in equal shares).
+fn split_rows(
+    full: &Tensor,
+    template: &[Dim],
+    rows: &[usize],
+    gradient: bool,
+) -> Result<Vec<Tensor>> {
     let total: usize = rows.iter().sum();
     let Some(axis) = template
         .iter()
@@ -240,7 +342,12 @@ fn split_rows(full: &Tensor, template: &[Dim], rows: &[usize]) -> Result<Vec<Ten
         return Ok(rows.iter().map(|_| full.clone()).collect());
     };
     if template[axis] == Dim::PosBatch && full.dim(axis)? == 1 {
-        return Ok(rows.iter().map(|_| full.clone()).collect());
+        let share = if gradient {
+            (full / rows.len() as f64)?
+        } else {
+            full.clone()
+        };
+        return Ok(rows.iter().map(|_| share.clone()).collect());
     }
     // Flattened tokens hold `seq` rows per sequence.
     let per = full.dim(axis)? / total.max(1);

@@ -79,20 +79,46 @@ impl Layout {
     /// # Errors
     /// See [`Layout::check`]; also a tensor too small for the layout.
     pub fn shard(&self, full: &Tensor, rank: usize, world: usize) -> Result<Tensor> {
+        self.shard_as(full, rank, world, Copies::Same)
+    }
+
+    /// The piece of a gradient `full` that rank `rank` holds: where several ranks hold the same
+    /// block (replicated KV heads, replicated parts of a fused projection), each holds a share
+    /// of it, so that their sum is the gradient.
+    ///
+    /// # Errors
+    /// As [`Layout::shard`].
+    pub fn shard_gradient(&self, full: &Tensor, rank: usize, world: usize) -> Result<Tensor> {
+        self.shard_as(full, rank, world, Copies::Partial)
+    }
+
+    /// The gradient whose pieces the ranks hold: where several ranks hold the same block, each
+    /// holds a partial sum (from its own heads), and the gradient is their sum.
+    ///
+    /// # Errors
+    /// As [`Layout::assemble`].
+    pub fn assemble_gradient(&self, pieces: &[Tensor]) -> Result<Tensor> {
+        self.assemble_as(pieces, Copies::Partial)
+    }
+
+    fn shard_as(&self, full: &Tensor, rank: usize, world: usize, copies: Copies) -> Result<Tensor> {
         match self {
             Layout::Replicated => Ok(full.clone()),
             Layout::PartialSum if rank == 0 => Ok(full.clone()),
             Layout::PartialSum => Ok(full.zeros_like()?),
-            Layout::Split { dim, units } => split_piece(full, *dim, *units, rank, world),
+            Layout::Split { dim, units } => split_piece(full, *dim, *units, rank, world, copies),
             Layout::Fused { dim, parts } => {
                 let mut start = 0;
                 let mut pieces = Vec::with_capacity(parts.len());
                 for part in parts {
                     let segment = full.narrow(*dim, start, part.size)?;
                     start += part.size;
-                    pieces.push(match part.units {
-                        Some(units) => split_piece(&segment, *dim, units, rank, world)?,
-                        None => segment,
+                    pieces.push(match (part.units, copies) {
+                        (Some(units), _) => {
+                            split_piece(&segment, *dim, units, rank, world, copies)?
+                        }
+                        (None, Copies::Same) => segment,
+                        (None, Copies::Partial) => (segment / world as f64)?,
                     });
                 }
                 Ok(Tensor::cat(&pieces, *dim)?)
@@ -105,20 +131,18 @@ impl Layout {
     /// # Errors
     /// See [`Layout::check`]; also pieces whose shapes do not fit together.
     pub fn assemble(&self, pieces: &[Tensor]) -> Result<Tensor> {
+        self.assemble_as(pieces, Copies::Same)
+    }
+
+    fn assemble_as(&self, pieces: &[Tensor], copies: Copies) -> Result<Tensor> {
         let world = pieces.len();
         let first = pieces
             .first()
             .ok_or_else(|| Error::Layout("no pieces to assemble".into()))?;
         match self {
             Layout::Replicated => Ok(first.clone()),
-            Layout::PartialSum => {
-                let mut sum = first.clone();
-                for p in &pieces[1..] {
-                    sum = (sum + p)?;
-                }
-                Ok(sum)
-            }
-            Layout::Split { dim, units } => join_pieces(pieces, *dim, *units),
+            Layout::PartialSum => sum(pieces),
+            Layout::Split { dim, units } => join_pieces(pieces, *dim, *units, copies),
             Layout::Fused { dim, parts } => {
                 // Each rank's piece is the concatenation of its share of every part.
                 let mut offset = 0;
@@ -133,9 +157,10 @@ impl Layout {
                         .map(|p| p.narrow(*dim, offset, local))
                         .collect::<candle_core::Result<_>>()?;
                     offset += local;
-                    full_parts.push(match part.units {
-                        Some(units) => join_pieces(&shares, *dim, units)?,
-                        None => shares[0].clone(),
+                    full_parts.push(match (part.units, copies) {
+                        (Some(units), _) => join_pieces(&shares, *dim, units, copies)?,
+                        (None, Copies::Same) => shares[0].clone(),
+                        (None, Copies::Partial) => sum(&shares)?,
                     });
                 }
                 Ok(Tensor::cat(&full_parts, *dim)?)
@@ -197,12 +222,32 @@ fn local_size(size: usize, units: usize, world: usize) -> Result<usize> {
     Ok(size / deal(units, world)?.pieces)
 }
 
+/// What several ranks holding the same block hold: the same values (activations), or partial
+/// sums (gradients).
+#[derive(Clone, Copy, PartialEq)]
+enum Copies {
+    Same,
+    Partial,
+}
+
+fn sum(pieces: &[Tensor]) -> Result<Tensor> {
+    let mut total = pieces
+        .first()
+        .ok_or_else(|| Error::Layout("no pieces to add".into()))?
+        .clone();
+    for p in &pieces[1..] {
+        total = (total + p)?;
+    }
+    Ok(total)
+}
+
 fn split_piece(
     full: &Tensor,
     dim: usize,
     units: usize,
     rank: usize,
     world: usize,
+    copies: Copies,
 ) -> Result<Tensor> {
     let d = deal(units, world)?;
     let size = full.dim(dim)?;
@@ -213,13 +258,24 @@ fn split_piece(
         )));
     }
     let len = size / d.pieces;
-    Ok(full.narrow(dim, (rank / d.copies) * len, len)?)
+    let piece = full.narrow(dim, (rank / d.copies) * len, len)?;
+    Ok(match copies {
+        Copies::Partial if d.copies > 1 => (piece / d.copies as f64)?,
+        _ => piece,
+    })
 }
 
-fn join_pieces(pieces: &[Tensor], dim: usize, units: usize) -> Result<Tensor> {
+fn join_pieces(pieces: &[Tensor], dim: usize, units: usize, copies: Copies) -> Result<Tensor> {
     let d = deal(units, pieces.len())?;
-    let distinct: Vec<Tensor> = pieces.iter().step_by(d.copies).cloned().collect();
-    Ok(Tensor::cat(&distinct, dim)?)
+    let blocks = match copies {
+        Copies::Same => pieces.iter().step_by(d.copies).cloned().collect(),
+        // Ranks `b * copies ..` hold block `b`: its gradient is their sum.
+        Copies::Partial => pieces
+            .chunks(d.copies)
+            .map(sum)
+            .collect::<Result<Vec<_>>>()?,
+    };
+    Ok(Tensor::cat(&blocks, dim)?)
 }
 
 #[cfg(test)]
@@ -305,6 +361,27 @@ mod tests {
         assert_same(&piece(0), &piece(1));
         assert_same(&piece(2), &t.narrow(2, 1, 1).unwrap());
         assert_same(&round_trip(&layout, &t, 4), &t);
+    }
+
+    #[test]
+    fn gradients_of_replicated_blocks_are_summed_and_shared() {
+        // One KV head over two ranks: each holds a partial gradient of the same block.
+        let t = full(&[1, 2, 1, 3]);
+        let layout = Layout::Split { dim: 2, units: 1 };
+        let shares: Vec<Tensor> = (0..2)
+            .map(|r| layout.shard_gradient(&t, r, 2).unwrap())
+            .collect();
+        assert_same(&shares[0], &(&t / 2.0).unwrap());
+        assert_same(&layout.assemble_gradient(&shares).unwrap(), &t);
+        // Split blocks are not affected.
+        let split = Layout::split_last(3, 4);
+        let pieces: Vec<Tensor> = (0..2)
+            .map(|r| split.shard_gradient(&full(&[1, 2, 8]), r, 2).unwrap())
+            .collect();
+        assert_same(
+            &split.assemble_gradient(&pieces).unwrap(),
+            &full(&[1, 2, 8]),
+        );
     }
 
     #[test]

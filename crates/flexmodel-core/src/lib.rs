@@ -38,6 +38,7 @@ mod wrapper;
 
 pub use cache::KvCache;
 pub use comm::{Comm, Grid, Local, Parallelism};
+pub use dist::CommStats;
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampling};
 pub use hook::{Edit, HookCtx, HookFunction, Modules, PassInfo, Point, SaveContext, Steps};
@@ -47,4 +48,4 @@ pub use model::{Input, Model, ModelInfo, Parameters};
 pub use output::OutputMap;
 pub use run::{Groups, HookHandle, Run};
 pub use site::{Dim, SiteId, SiteInfo, SiteKind, SiteTable};
-pub use wrapper::{FlexModel, Guard};
+pub use wrapper::{FlexModel, Guard, LmBackward};

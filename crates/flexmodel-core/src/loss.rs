@@ -15,6 +15,31 @@ use crate::{Error, Result};
 /// # Errors
 /// Fewer than two positions, mismatched shapes, or no position to score.
 pub fn causal_lm_loss(logits: &Tensor, input: &Input) -> Result<Tensor> {
+    let (sum, count) = lm_loss_sum(logits, input)?;
+    if count == 0.0 {
+        return Err(Error::Input(
+            "no position to score: the attention mask is all padding".into(),
+        ));
+    }
+    Ok((sum * (1.0 / count))?)
+}
+
+/// Positions whose label is scored: `seq - 1` per row, minus padded labels.
+pub(crate) fn scored_positions(input: &Input) -> Result<f64> {
+    let (b, s) = input.dims()?;
+    Ok(match &input.attention_mask {
+        Some(mask) => f64::from(
+            mask.narrow(1, 1, s.saturating_sub(1))?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?,
+        ),
+        None => (b * s.saturating_sub(1)) as f64,
+    })
+}
+
+/// The summed cross-entropy of the scored positions, and how many there are.
+pub(crate) fn lm_loss_sum(logits: &Tensor, input: &Input) -> Result<(Tensor, f64)> {
     let (b, s, v) = logits.dims3()?;
     let (ib, is) = input.dims()?;
     if (b, s) != (ib, is) {
@@ -40,13 +65,8 @@ pub fn causal_lm_loss(logits: &Tensor, input: &Input) -> Result<Tensor> {
         Some(mask) => mask.narrow(1, 1, s - 1)?.to_dtype(DType::F32)?,
         None => Tensor::ones((b, s - 1), DType::F32, logits.device())?,
     };
-    let count = weights.sum_all()?.to_scalar::<f32>()?;
-    if count == 0.0 {
-        return Err(Error::Input(
-            "no position to score: the attention mask is all padding".into(),
-        ));
-    }
-    Ok(((picked * weights)?.sum_all()? * (-1.0 / f64::from(count)))?)
+    let count = f64::from(weights.sum_all()?.to_scalar::<f32>()?);
+    Ok(((picked * weights)?.sum_all()?.neg()?, count))
 }
 
 /// `x - logsumexp(x)` over the last dimension, composed so that gradients flow.

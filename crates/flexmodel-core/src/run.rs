@@ -8,7 +8,7 @@ use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout as CLayout, Shape, Tensor, Var};
 
 use crate::cache::KvCache;
-use crate::dist::Dist;
+use crate::dist::{Dist, Ranks};
 use crate::hook::{Edit, HookCtx, HookFunction, Modules, PassInfo, Point, SaveContext, Steps};
 use crate::layout::Layout;
 use crate::output::OutputMap;
@@ -394,6 +394,14 @@ fn to_host(x: &Tensor) -> Result<Tensor> {
     Ok(x.to_device(&Device::Cpu)?)
 }
 
+/// A pipeline stage's activations: what it received (a leaf, for its gradient) and what it
+/// sent on.
+#[derive(Default)]
+pub(crate) struct Pipe {
+    pub(crate) inputs: Vec<Tensor>,
+    pub(crate) outputs: Vec<Tensor>,
+}
+
 /// Locks the hooks; a poisoned lock (a hook panicked) still holds usable hooks.
 pub(crate) fn lock(hooks: &Mutex<Hooks>) -> MutexGuard<'_, Hooks> {
     hooks.lock().unwrap_or_else(|p| p.into_inner())
@@ -405,6 +413,8 @@ struct GradSite {
     hooks: Arc<Mutex<Hooks>>,
     site: SiteId,
     call: u32,
+    /// The ranks, in a distributed pass: the gradient is assembled on rank 0 as activations are.
+    ranks: Option<Ranks>,
 }
 
 impl CustomOp1 for GradSite {
@@ -434,7 +444,16 @@ impl CustomOp1 for GradSite {
         hooks.grad_fired += 1;
         // Gradient captures never reach the output map from here (see `fire`).
         let mut unused = OutputMap::default();
-        match hooks.fire(self.site, Point::Grad, self.call, grad.clone(), &mut unused) {
+        let fired = match &self.ranks {
+            Some(ranks) => Dist::new(ranks.clone()).fire(
+                &mut hooks,
+                (self.site, Point::Grad, self.call),
+                grad.clone(),
+                &mut unused,
+            ),
+            None => hooks.fire(self.site, Point::Grad, self.call, grad.clone(), &mut unused),
+        };
+        match fired {
             Ok(g) => Ok(Some(g)),
             Err(e) => {
                 let message = e.to_string();
@@ -451,6 +470,8 @@ impl CustomOp1 for GradSite {
 /// work).
 pub struct Run<'a> {
     hooks: Option<Hooked<'a>>,
+    /// A pipeline stage's received and sent activations, kept for its backward pass.
+    pipe: Option<&'a mut Pipe>,
     /// The key/value cache of a generation.
     cache: Option<&'a mut KvCache>,
     /// Compute the logits of the last position only (generation).
@@ -472,6 +493,7 @@ impl Run<'static> {
     pub fn plain() -> Self {
         Run {
             hooks: None,
+            pipe: None,
             cache: None,
             last_only: false,
         }
@@ -493,8 +515,52 @@ impl<'a> Run<'a> {
                 dist: None,
                 grad,
             }),
+            pipe: None,
             cache: None,
             last_only: false,
+        }
+    }
+
+    /// Records every site's activation in the autograd graph, as for a gradient hook: the
+    /// pass ends in a backward pass.
+    pub(crate) fn with_gradients(mut self) -> Self {
+        if let Some(h) = &mut self.hooks {
+            h.grad = true;
+        }
+        self
+    }
+
+    /// Keeps this stage's received and sent activations in `pipe`.
+    pub(crate) fn piped(mut self, pipe: &'a mut Pipe) -> Self {
+        self.pipe = Some(pipe);
+        self
+    }
+
+    /// The tensors a pipeline stage received from the previous one (the hidden states, the
+    /// per-pass tables). In a pass that ends in a backward pass they become leaves, whose
+    /// gradients go back to the previous stage.
+    ///
+    /// # Errors
+    /// A tensor error.
+    pub fn stage_inputs(&mut self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let grad = self.hooks.as_ref().is_some_and(|h| h.grad);
+        match &mut self.pipe {
+            Some(pipe) if grad => {
+                let parts = parts
+                    .iter()
+                    .map(|t| Ok(Var::from_tensor(t)?.as_tensor().clone()))
+                    .collect::<Result<Vec<_>>>()?;
+                pipe.inputs = parts.clone();
+                Ok(parts)
+            }
+            _ => Ok(parts),
+        }
+    }
+
+    /// The tensors a pipeline stage sends on, kept for its backward pass.
+    pub fn stage_outputs(&mut self, parts: &[Tensor]) {
+        if let Some(pipe) = &mut self.pipe {
+            pipe.outputs = parts.to_vec();
         }
     }
 
@@ -559,7 +625,7 @@ impl<'a> Run<'a> {
     pub fn input(&mut self, id: SiteId, x: &Tensor) -> Result<Tensor> {
         match &mut self.hooks {
             Some(h) if h.hooks.is_active(id, Point::Input) => match h.dist {
-                Some(dist) => dist.fire(h.hooks, id, Point::Input, x.clone(), h.output),
+                Some(dist) => dist.fire(h.hooks, (id, Point::Input, 0), x.clone(), h.output),
                 None => h.hooks.fire(id, Point::Input, 0, x.clone(), h.output),
             },
             _ => Ok(x.clone()),
@@ -586,7 +652,7 @@ impl Hooked<'_> {
         }
         if self.hooks.is_active(id, Point::Output) {
             x = match self.dist {
-                Some(dist) => dist.fire(self.hooks, id, Point::Output, x, self.output)?,
+                Some(dist) => dist.fire(self.hooks, (id, Point::Output, 0), x, self.output)?,
                 None => self.hooks.fire(id, Point::Output, 0, x, self.output)?,
             };
         }
@@ -596,8 +662,14 @@ impl Hooked<'_> {
                 hooks: self.shared.clone(),
                 site: id,
                 call: *calls,
+                ranks: self.dist.map(|d| d.ranks.clone()),
             };
             *calls += 1;
+            // candle's backward skips values an edit multiplied by zero; adding a zero variable
+            // keeps the site in the graph, so that its hook sees the gradient of the loss with
+            // respect to its output, as PyTorch's would.
+            let anchor = Var::zeros((), x.dtype(), x.device())?;
+            x = x.broadcast_add(anchor.as_tensor())?;
             x = x.apply_op1_arc(Arc::new(Box::new(op)))?;
         }
         Ok(x)

@@ -5,16 +5,17 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::cache::KvCache;
 use crate::comm::{Grid, even_split};
-use crate::dist::Dist;
+use crate::dist::{CommStats, Dist, Ranks};
 use crate::hook::{HookFunction, Modules, PassInfo, SaveContext};
 use crate::layout::Layout;
+use crate::loss::{causal_lm_loss, lm_loss_sum, scored_positions};
 use crate::model::{Input, Model};
 use crate::output::OutputMap;
-use crate::run::{Groups, HookHandle, Hooks, Run, lock};
+use crate::run::{Groups, HookHandle, Hooks, Pipe, Run, lock};
 use crate::site::Dim;
 use crate::{Error, Result};
 
@@ -36,6 +37,7 @@ pub struct FlexModel<M: Model = Box<dyn Model>> {
     /// Shared with the gradient ops of the last forward pass, which run the backward hooks.
     hooks: Arc<Mutex<Hooks>>,
     output: OutputMap,
+    comm_stats: CommStats,
 }
 
 impl<M: Model> FlexModel<M> {
@@ -46,6 +48,7 @@ impl<M: Model> FlexModel<M> {
             model,
             hooks,
             output: OutputMap::default(),
+            comm_stats: CommStats::default(),
         }
     }
 
@@ -125,18 +128,8 @@ impl<M: Model> FlexModel<M> {
             };
             return self.model.forward_with(input, &mut run);
         }
-        match self.pass_distributed(input, groups, pass, cache, &grid) {
-            Ok(logits) => Ok(logits),
-            Err(e) => {
-                eprintln!("flexmodel rank {}: error: {e}", grid.world.rank());
-                let mut source = std::error::Error::source(&e);
-                while let Some(cause) = source {
-                    eprintln!("  caused by: {cause}");
-                    source = cause.source();
-                }
-                grid.world.abort(1)
-            }
-        }
+        let result = self.pass_distributed(input, groups, pass, cache, &grid);
+        or_abort(&grid, result)
     }
 
     /// This rank's part of a pass of a `tp × pp × dp` job: its rows of the batch through its
@@ -150,26 +143,7 @@ impl<M: Model> FlexModel<M> {
         cache: Option<&mut KvCache>,
         grid: &Grid,
     ) -> Result<Tensor> {
-        let (batch, _) = input.dims()?;
-        let dp = grid.degrees.dp;
-        let rows = even_split(batch, dp);
-        if rows.iter().any(|&(_, n)| n == 0) {
-            return Err(Error::Input(format!(
-                "a batch of {batch} rows over {dp} data-parallel ranks: every rank needs a row"
-            )));
-        }
-        let (start, len) = rows[grid.dp.rank()];
-        let local = Input {
-            input_ids: input.input_ids.narrow(0, start, len)?,
-            attention_mask: match &input.attention_mask {
-                Some(m) => Some(m.narrow(0, start, len)?),
-                None => None,
-            },
-        };
-        let dist = Dist {
-            grid: grid.clone(),
-            dp_rows: rows.iter().map(|&(_, n)| n).collect(),
-        };
+        let (local, dist) = self.local_rows(input, grid)?;
         let mut hooks = lock(&self.hooks);
         hooks.select(groups, pass)?;
         let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).distributed(&dist);
@@ -182,17 +156,16 @@ impl<M: Model> FlexModel<M> {
         let last = grid.stage() + 1 == stages;
         let mut logits = None;
         if last {
-            let vocab = self.model.info().vocab_size;
-            let template = [Dim::Batch, Dim::Seq, Dim::Size(vocab)];
-            logits = dist.assemble(&local_logits, &Layout::split_last(3, vocab), &template)?;
+            logits = self.assemble_logits(&dist, &local_logits)?;
         }
         if grid.stage() > 0 && grid.stage_leader() {
-            dist.stage_done(logits.as_ref())?;
+            dist.forward_done(logits.as_ref())?;
             logits = None;
         }
         if grid.is_root() && stages > 1 {
-            logits = dist.serve(&mut hooks, &mut self.output)?;
+            logits = dist.serve(&mut hooks, &mut self.output, false)?.logits;
         }
+        self.comm_stats = dist.stats.get();
         match logits {
             Some(l) => Ok(l.to_device(self.model.device())?),
             None => Ok(Tensor::zeros(0, local_logits.dtype(), self.model.device())?),
@@ -210,8 +183,8 @@ impl<M: Model> FlexModel<M> {
     pub fn backward(&mut self, loss: &Tensor) -> Result<GradStore> {
         if self.model.grid().is_distributed() {
             return Err(Error::Backward(
-                "backward hooks and gradients are not yet supported in multi-rank runs; run the \
-                 gradient job in one process"
+                "in a multi-rank run the loss lives on the last pipeline stage: use \
+                 FlexModel::lm_backward, which runs the forward and backward pass on every rank"
                     .into(),
             ));
         }
@@ -243,6 +216,174 @@ impl<M: Model> FlexModel<M> {
             ));
         }
         Ok(grads)
+    }
+
+    /// The forward and backward pass of transformers' causal-LM loss (`labels = input_ids`: mean
+    /// cross-entropy of `logits[:, :-1]` against `input_ids[:, 1:]`, padding excluded) on any
+    /// layout. Backward hooks run on the full gradients, once, on rank 0, and their captures land
+    /// there as `grad.<site>`; with data parallelism the loss is the mean over the whole batch,
+    /// so every gradient equals the single-process one.
+    ///
+    /// # Errors
+    /// As [`FlexModel::forward_input`] and [`FlexModel::backward`]; in a multi-rank job an
+    /// error ends every rank.
+    pub fn lm_backward(&mut self, input: &Input) -> Result<LmBackward> {
+        let grid = self.model.grid().clone();
+        if grid.is_distributed() {
+            let result = self.lm_backward_distributed(input, &grid);
+            return or_abort(&grid, result);
+        }
+        let (_, seq) = input.dims()?;
+        let logits = {
+            let mut hooks = lock(&self.hooks);
+            hooks.select(
+                &Groups::All,
+                PassInfo {
+                    step: 0,
+                    start: 0,
+                    len: seq,
+                },
+            )?;
+            let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).with_gradients();
+            self.model.forward_with(input, &mut run)?
+        };
+        let loss = causal_lm_loss(&logits, input)?;
+        let grads = self.backward(&loss)?;
+        Ok(LmBackward {
+            loss: loss.detach(),
+            logits: logits.detach(),
+            grads,
+        })
+    }
+
+    fn lm_backward_distributed(&mut self, input: &Input, grid: &Grid) -> Result<LmBackward> {
+        let (local, dist) = self.local_rows(input, grid)?;
+        let (_, seq) = input.dims()?;
+        let total = scored_positions(input)?;
+        let (stage, stages) = (grid.stage(), grid.degrees.pp);
+        let last = stage + 1 == stages;
+        let mut pipe = Pipe::default();
+        let local_logits = {
+            let mut hooks = lock(&self.hooks);
+            hooks.select(
+                &Groups::All,
+                PassInfo {
+                    step: 0,
+                    start: 0,
+                    len: seq,
+                },
+            )?;
+            hooks.begin_backward();
+            let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output)
+                .distributed(&dist)
+                .with_gradients()
+                .piped(&mut pipe);
+            self.model.forward_with(&local, &mut run)?
+        };
+        let mut logits = None;
+        if last {
+            logits = self.assemble_logits(&dist, &local_logits)?;
+        }
+        if stage > 0 && grid.stage_leader() {
+            dist.forward_done(logits.as_ref())?;
+            logits = None;
+        }
+        if grid.is_root() && stages > 1 {
+            logits = dist
+                .serve(&mut lock(&self.hooks), &mut self.output, false)?
+                .logits;
+        }
+        // Backward, stage by stage from the last; rank 0 serves the later stages' gradient
+        // hooks before its own stage, which needs their gradient.
+        let mut loss = None;
+        let grads = if last {
+            let logits = gather_vocab(&local_logits, grid)?;
+            let (sum, _) = lm_loss_sum(&logits, &local)?;
+            let local_loss = (sum * (1.0 / total))?;
+            let grads = local_loss.backward()?;
+            loss = Some(grid.dp.all_reduce_sum(&local_loss.detach())?);
+            grads
+        } else {
+            if grid.is_root() {
+                loss = dist
+                    .serve(&mut lock(&self.hooks), &mut self.output, true)?
+                    .loss;
+            }
+            // d(loss)/d(params) through what this stage sent: the sum of out · grad(out).
+            let mut surrogate: Option<Tensor> = None;
+            for out in &pipe.outputs {
+                let grad = grid.pp.recv(stage + 1)?.to_device(out.device())?;
+                let term = (out * grad)?.sum_all()?;
+                surrogate = Some(match surrogate {
+                    Some(s) => (s + term)?,
+                    None => term,
+                });
+            }
+            surrogate
+                .ok_or_else(|| Error::msg("no activations kept for the backward pass"))?
+                .backward()?
+        };
+        if stage > 0 {
+            if grid.stage_leader() {
+                dist.backward_done(if last { loss.as_ref() } else { None })?;
+            }
+            for input in &pipe.inputs {
+                let grad = match grads.get(input) {
+                    Some(g) => g.clone(),
+                    // A received table no layer of this stage differentiates.
+                    None => input.zeros_like()?,
+                };
+                grid.pp.send(&grad, stage - 1)?;
+            }
+        }
+        lock(&self.hooks).finish_backward(&mut self.output)?;
+        let device = self.model.device();
+        let (loss, logits) = match (loss, logits) {
+            (Some(loss), Some(logits)) if grid.is_root() => {
+                (loss.to_device(device)?, logits.to_device(device)?)
+            }
+            _ => (
+                Tensor::zeros((), DType::F32, device)?,
+                Tensor::zeros(0, DType::F32, device)?,
+            ),
+        };
+        Ok(LmBackward {
+            loss,
+            logits,
+            grads,
+        })
+    }
+
+    /// The last stage's logits, split by vocabulary and batch rows, whole on its leader.
+    fn assemble_logits(&self, dist: &Dist, local: &Tensor) -> Result<Option<Tensor>> {
+        let vocab = self.model.info().vocab_size;
+        let template = [Dim::Batch, Dim::Seq, Dim::Size(vocab)];
+        dist.assemble(local, &Layout::split_last(3, vocab), &template, false)
+    }
+
+    /// This rank's rows of `input` and the distributed pass over them.
+    fn local_rows(&self, input: &Input, grid: &Grid) -> Result<(Input, Dist)> {
+        let (batch, _) = input.dims()?;
+        let dp = grid.degrees.dp;
+        let rows = even_split(batch, dp);
+        if rows.iter().any(|&(_, n)| n == 0) {
+            return Err(Error::Input(format!(
+                "a batch of {batch} rows over {dp} data-parallel ranks: every rank needs a row"
+            )));
+        }
+        let (start, len) = rows[grid.dp.rank()];
+        let local = Input {
+            input_ids: input.input_ids.narrow(0, start, len)?,
+            attention_mask: match &input.attention_mask {
+                Some(m) => Some(m.narrow(0, start, len)?),
+                None => None,
+            },
+        };
+        let ranks = Ranks {
+            grid: grid.clone(),
+            dp_rows: rows.iter().map(|&(_, n)| n).collect(),
+        };
+        Ok((local, Dist::new(ranks)))
     }
 
     /// Creates an empty hook group (hooks join with [`HookFunction::group`] or
@@ -361,6 +502,12 @@ impl<M: Model> FlexModel<M> {
         Guard::new(self.hooks(), |h| &h.state, |h| &mut h.state)
     }
 
+    /// What moving hooked tensors between ranks cost in the last forward pass (zero in one
+    /// process).
+    pub fn comm_stats(&self) -> CommStats {
+        self.comm_stats
+    }
+
     /// The wrapped model.
     pub fn model(&self) -> &M {
         &self.model
@@ -370,6 +517,55 @@ impl<M: Model> FlexModel<M> {
     pub fn restore(self) -> M {
         self.model
     }
+}
+
+/// In a multi-rank job an error on one rank would leave the others waiting: report it and end
+/// every rank (MPI_Abort).
+fn or_abort<T>(grid: &Grid, result: Result<T>) -> Result<T> {
+    let Err(e) = result else {
+        return result;
+    };
+    eprintln!("flexmodel rank {}: error: {e}", grid.world.rank());
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        eprintln!("  caused by: {cause}");
+        source = cause.source();
+    }
+    grid.world.abort(1)
+}
+
+/// The result of [`FlexModel::lm_backward`].
+pub struct LmBackward {
+    /// The causal-LM loss of the whole batch (on rank 0 in a multi-rank job).
+    pub loss: Tensor,
+    /// The logits of the forward pass, `[batch, seq, vocab]` (on rank 0).
+    pub logits: Tensor,
+    /// Gradients of this rank's variables: trainable modules, and its weight slices when the
+    /// model was loaded with gradients.
+    pub grads: GradStore,
+}
+
+/// The full-vocabulary logits on every tensor-parallel rank, differentiable in this rank's
+/// slice (the other slices are constants: each rank's loss then sends gradient to its own
+/// slice, and the head's input gradient is summed over the ranks by the head itself).
+fn gather_vocab(local: &Tensor, grid: &Grid) -> Result<Tensor> {
+    let tp = &grid.tp;
+    if tp.size() == 1 {
+        return Ok(local.clone());
+    }
+    let pieces = tp.all_gather(&local.detach())?;
+    let parts = pieces
+        .into_iter()
+        .enumerate()
+        .map(|(r, p)| {
+            if r == tp.rank() {
+                Ok(local.clone())
+            } else {
+                p.to_device(local.device())
+            }
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 2)?)
 }
 
 /// Access to a part of a wrapper's hook state (output map, save context, modules) while the

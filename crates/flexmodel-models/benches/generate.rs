@@ -23,7 +23,8 @@ use candle_core::{Device, Tensor};
 use flexmodel_core::{FlexModel, GenerateOptions, HookFunction, Input};
 use flexmodel_models::{LoadOptions, load};
 
-use common::{LLAMA_125M, SMOKE, checkpoint, checkpoint_dir, token_ids};
+use common::checkpoint_dir;
+use flexmodel_models::random::{LLAMA_125M, SMOKE, token_ids};
 
 /// transformers, answering one timed `generate` per request.
 struct Peer {
@@ -101,7 +102,8 @@ fn main() {
     } else {
         (&LLAMA_125M, "llama-125m", 128, 128)
     };
-    let dir = checkpoint(shape, &checkpoint_dir(name));
+    let dir = checkpoint_dir(name);
+    shape.write(&dir).unwrap();
     let mut peer = flag("--hf").map(|python| Peer::start(&python, &dir));
     let model = load(&dir, &LoadOptions::default()).unwrap();
     let layers = model.info().decoder_layers.clone();

@@ -22,7 +22,8 @@ use flexmodel_core::{
 };
 use flexmodel_models::{LoadOptions, load};
 
-use common::{LLAMA_125M, SMOKE, checkpoint, checkpoint_dir, token_ids};
+use common::checkpoint_dir;
+use flexmodel_models::random::{LLAMA_125M, SMOKE, token_ids};
 
 /// A set of hooks to time, registered before and removed after its forward call.
 struct Variant {
@@ -174,7 +175,8 @@ fn main() {
     } else {
         (&LLAMA_125M, vec![(1, 128), (4, 128)], "llama-125m")
     };
-    let dir = checkpoint(shape, &checkpoint_dir(name));
+    let dir = checkpoint_dir(name);
+    shape.write(&dir).unwrap();
     let model = load(&dir, &LoadOptions::default()).unwrap();
     let params = shape.params();
     println!(

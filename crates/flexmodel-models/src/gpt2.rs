@@ -246,7 +246,7 @@ impl Family for Gpt2 {
         self.drop.forward(tokens.broadcast_add(&positions)?, run)
     }
 
-    fn tables(&self, _: &Tensor, _: &Pass, _: &mut Run, _: bool) -> FwdResult<Tables> {
+    fn tables(&self, _: &Tensor, _: &Pass, _: &mut Run) -> FwdResult<Tables> {
         Ok(Tables::None)
     }
 

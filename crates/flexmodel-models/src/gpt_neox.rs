@@ -262,8 +262,8 @@ impl Family for GptNeox {
         self.emb_dropout.forward(x, run)
     }
 
-    fn tables(&self, x: &Tensor, pass: &Pass, run: &mut Run, fire: bool) -> FwdResult<Tables> {
-        let (cos, sin) = self.rotary.forward(x, pass, run, fire)?;
+    fn tables(&self, x: &Tensor, pass: &Pass, run: &mut Run) -> FwdResult<Tables> {
+        let (cos, sin) = self.rotary.forward(x, pass, run)?;
         Ok(Tables::Rotary(cos, sin))
     }
 

@@ -30,6 +30,7 @@ mod llama;
 mod nn;
 mod opt;
 mod phi;
+pub mod random;
 mod rope;
 mod tokenizer;
 mod weights;
@@ -167,9 +168,8 @@ pub(crate) trait Family: Send + Sync + 'static {
     /// First stage: the embeddings, `[batch, seq, hidden]`.
     fn embed(&self, ids: &Tensor, pass: &Pass, run: &mut Run) -> FwdResult<Tensor>;
 
-    /// Per-pass tables every layer reads (rotary cosines and sines); `fire` on the stage that
-    /// runs the module (the first), silently elsewhere.
-    fn tables(&self, x: &Tensor, pass: &Pass, run: &mut Run, fire: bool) -> FwdResult<Tables>;
+    /// First stage: the per-pass tables every layer reads (rotary cosines and sines).
+    fn tables(&self, x: &Tensor, pass: &Pass, run: &mut Run) -> FwdResult<Tables>;
 
     /// Decoder layer `i`.
     fn layer(
@@ -194,6 +194,22 @@ pub(crate) enum Tables {
 }
 
 impl Tables {
+    /// The tensors to send to the next pipeline stage.
+    fn into_parts(self) -> Vec<Tensor> {
+        match self {
+            Tables::None => Vec::new(),
+            Tables::Rotary(cos, sin) => vec![cos, sin],
+        }
+    }
+
+    /// The tables a stage received.
+    fn from_parts(mut parts: Vec<Tensor>) -> Self {
+        match (parts.pop(), parts.pop()) {
+            (Some(sin), Some(cos)) => Tables::Rotary(cos, sin),
+            _ => Tables::None,
+        }
+    }
+
     /// The rotary tables; a family with rotary attention always has them.
     pub(crate) fn rotary(&self) -> FwdResult<(&Tensor, &Tensor)> {
         match self {
@@ -269,25 +285,43 @@ impl<F: Family> Model for Loaded<F> {
     fn forward_with(&self, input: &Input, run: &mut Run<'_>) -> FwdResult<Tensor> {
         let pass = Pass::new(input, run.past_len(), self.body.window(), &self.device)?;
         let stage = &self.stage;
-        let mut x = if stage.first {
+        // The hidden states and the per-pass tables travel from stage to stage together: later
+        // stages see any edit of the tables, and send their gradient back.
+        let (mut x, tables) = if stage.first {
             let ids = run.input(self.body.base_site(), &input.input_ids)?;
-            self.body.embed(&ids, &pass, run)?
+            let x = self.body.embed(&ids, &pass, run)?;
+            let tables = self.body.tables(&x, &pass, run)?;
+            (x, tables)
         } else {
-            self.grid
-                .pp
-                .recv(self.grid.stage() - 1)?
-                .to_device(&self.device)?
+            let prev = self.grid.stage() - 1;
+            let count = self.grid.pp.recv(prev)?.to_scalar::<u32>()? as usize;
+            let mut parts = Vec::with_capacity(count);
+            for _ in 0..count {
+                parts.push(self.grid.pp.recv(prev)?.to_device(&self.device)?);
+            }
+            let mut parts = run.stage_inputs(parts)?.into_iter();
+            let x = parts.next().ok_or_else(|| {
+                flexmodel_core::Error::msg("no activations from the previous stage")
+            })?;
+            (x, Tables::from_parts(parts.collect()))
         };
-        let tables = self.body.tables(&x, &pass, run, stage.first)?;
         for i in stage.layers.clone() {
             x = self.body.layer(i, &x, &tables, &pass, run)?;
         }
         if stage.last {
-            self.body.head(x, run)
-        } else {
-            self.grid.pp.send(&x, self.grid.stage() + 1)?;
-            Ok(Tensor::zeros(0, x.dtype(), &self.device)?)
+            return self.body.head(x, run);
         }
+        let mut parts = vec![x];
+        parts.extend(tables.into_parts());
+        run.stage_outputs(&parts);
+        let next = self.grid.stage() + 1;
+        self.grid
+            .pp
+            .send(&Tensor::new(parts.len() as u32, &Device::Cpu)?, next)?;
+        for part in &parts {
+            self.grid.pp.send(part, next)?;
+        }
+        Ok(Tensor::zeros(0, parts[0].dtype(), &self.device)?)
     }
 }
 

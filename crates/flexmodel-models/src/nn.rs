@@ -221,7 +221,7 @@ pub(crate) fn all_reduce(y: &Tensor, tp: &dyn Comm) -> FwdResult<Tensor> {
 }
 
 /// The identity, whose gradient is summed over the tensor-parallel ranks. Megatron's `f`.
-fn tp_copy(x: &Tensor, tp: &Arc<dyn Comm>) -> CResult<Tensor> {
+pub(crate) fn tp_copy(x: &Tensor, tp: &Arc<dyn Comm>) -> CResult<Tensor> {
     x.apply_op1_arc(Arc::new(Box::new(TpCopy(tp.clone()))))
 }
 

@@ -304,7 +304,7 @@ impl Family for Opt {
         Ok((tokens + positions)?)
     }
 
-    fn tables(&self, _: &Tensor, _: &Pass, _: &mut Run, _: bool) -> FwdResult<Tables> {
+    fn tables(&self, _: &Tensor, _: &Pass, _: &mut Run) -> FwdResult<Tables> {
         Ok(Tables::None)
     }
 

@@ -9,9 +9,14 @@ use serde_json::Value;
 use flexmodel_core::{Dim, Layout, Run, SiteId};
 
 use crate::FwdResult;
+use std::sync::Arc;
+
+use flexmodel_core::Comm;
+
 use crate::attention::Pass;
 use crate::config::RawConfig;
 use crate::error::{Error, Result};
+use crate::nn::tp_copy;
 use crate::weights::Vb;
 
 /// How the inverse frequencies are derived.
@@ -197,6 +202,9 @@ impl Rope {
 pub(crate) struct RotaryEmb {
     rope: Rope,
     site: SiteId,
+    /// Under tensor parallelism: every rank's heads read the same tables, so their gradient is
+    /// summed over the ranks.
+    tp: Option<Arc<dyn Comm>>,
 }
 
 impl RotaryEmb {
@@ -205,25 +213,28 @@ impl RotaryEmb {
             vec![Dim::PosBatch, Dim::Seq, Dim::Size(rope.dim)],
             Layout::Replicated,
         )?;
-        Ok(Self { rope, site })
+        let tp = vb.shard().tp.clone();
+        let tp = (tp.size() > 1).then_some(tp);
+        Ok(Self { rope, site, tp })
     }
 
     /// `(cos, sin)`, each `[pos_batch, seq, rot]`, in `x`'s dtype. `x` (the hidden states)
-    /// is the module's input, as in transformers. The site fires when `fire` (on the pipeline
-    /// stage that runs the module); other stages compute the same tables silently.
+    /// is the module's input, as in transformers.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         pass: &Pass,
         run: &mut Run,
-        fire: bool,
     ) -> FwdResult<(Tensor, Tensor)> {
-        if !fire {
-            return self.rope.cos_sin(&pass.positions, x.dtype(), x.device());
-        }
         let x = run.input(self.site, x)?;
         let (cos, sin) = self.rope.cos_sin(&pass.positions, x.dtype(), x.device())?;
-        Ok((run.site(self.site, cos)?, sin))
+        let cos = run.site(self.site, cos)?;
+        match &self.tp {
+            Some(tp) if cos.track_op() || sin.track_op() => {
+                Ok((tp_copy(&cos, tp)?, tp_copy(&sin, tp)?))
+            }
+            _ => Ok((cos, sin)),
+        }
     }
 }
 

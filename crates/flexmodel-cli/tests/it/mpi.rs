@@ -1,5 +1,5 @@
-//! Multi-process runs under `mpirun`: every layout gives the single-process result, errors end
-//! every rank promptly. (Built with `--features mpi`; CI installs Open MPI.)
+//! Multi-process runs under `mpirun`: every layout gives the single-process result (captures,
+//! edits, gradients), errors end every rank promptly. (Built with `--features mpi`; CI installs Open MPI.)
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -55,6 +55,7 @@ fn every_layout_equals_one_process_for_five_archs() {
             reference_json(arch)["edit"]["module"].as_str().unwrap()
         );
         let single = tmp.path().join("single.safetensors");
+        // Captures, an edit and the gradient of the loss at every site, in one run.
         let common = [
             "run",
             "--model",
@@ -65,6 +66,8 @@ fn every_layout_equals_one_process_for_five_archs() {
             "*",
             "--edit",
             &edit,
+            "--grad",
+            "*",
         ];
         flexmodel_ok(&[&common[..], &["--out", path_str(&single)]].concat());
         let want = load(&single);
