@@ -280,35 +280,8 @@ pub fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
     for &d in t.dims() {
         out.extend_from_slice(&(d as u64).to_le_bytes());
     }
-    let flat = t.flatten_all()?;
-    match t.dtype() {
-        DType::F32 => flat
-            .to_vec1::<f32>()?
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F64 => flat
-            .to_vec1::<f64>()?
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F16 => flat
-            .to_vec1::<half::f16>()?
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::BF16 => flat
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::U32 => flat
-            .to_vec1::<u32>()?
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::I64 => flat
-            .to_vec1::<i64>()?
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::U8 => out.extend_from_slice(&flat.to_vec1::<u8>()?),
-        other => return Err(Error::msg(format!("cannot send a {other:?} tensor"))),
-    }
+    // The dtype was checked above, so candle's byte view cannot fail here.
+    out.extend_from_slice(&safetensors::View::data(&t));
     Ok(out)
 }
 
