@@ -32,6 +32,11 @@ pub struct Args {
     #[arg(long, value_name = "PATTERN")]
     grad: Vec<String>,
 
+    /// Write a parameter by its Hugging Face name as `param.<name>` (gathered from every rank
+    /// that holds a piece of it); repeatable.
+    #[arg(long, value_name = "NAME")]
+    param: Vec<String>,
+
     /// Output safetensors file: `logits` and one tensor per captured site, named by the site
     /// (a site that fires k times per forward also writes `<site>#1` ... `<site>#k-1`).
     #[arg(long, value_name = "FILE")]
@@ -77,6 +82,10 @@ pub fn main(args: Args) -> Result<()> {
         backward.logits
     };
     tensors.insert(0, ("logits".to_string(), logits.to_dtype(out_dtype)?));
+    for name in &args.param {
+        let p = fm.parameter(name)?;
+        tensors.push((format!("param.{name}"), p.to_dtype(out_dtype)?));
+    }
     for (site, firings) in fm.take_output() {
         for (k, t) in firings.into_iter().enumerate() {
             let name = if k == 0 {

@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::comm::Grid;
+use crate::layout::Layout;
 use crate::run::Run;
 use crate::site::SiteTable;
 use crate::{Error, Result};
@@ -93,31 +94,68 @@ fn serialize_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result
 
 /// The parameters of a model by Hugging Face name (`model.layers.0.mlp.up_proj.weight`), in
 /// load order. A tied weight appears under both names, as `named_parameters` would resolve
-/// `get_parameter`.
+/// `get_parameter`. In a multi-rank job each rank holds its slices: with their layout over
+/// tensor-parallel ranks, and whether its pipeline stage holds them at all.
 #[derive(Clone, Debug, Default)]
 pub struct Parameters {
     names: Vec<String>,
-    by_name: std::collections::HashMap<String, Tensor>,
+    by_name: std::collections::HashMap<String, Param>,
+}
+
+#[derive(Clone, Debug)]
+struct Param {
+    tensor: Tensor,
+    layout: Layout,
+    held: bool,
 }
 
 impl Parameters {
-    /// Records `tensor` as parameter `name` (the first record of a name wins).
+    /// Records `tensor` as parameter `name`, whole on every rank (the first record of a name
+    /// wins).
     pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
+        self.insert_piece(name, tensor, Layout::Replicated, true);
+    }
+
+    /// Records this rank's piece of parameter `name`: split over tensor-parallel ranks by
+    /// `layout`; `held` is false where another pipeline stage holds it (the tensor is then a
+    /// placeholder of the right shape).
+    pub fn insert_piece(
+        &mut self,
+        name: impl Into<String>,
+        tensor: Tensor,
+        layout: Layout,
+        held: bool,
+    ) {
         let name = name.into();
         if !self.by_name.contains_key(&name) {
             self.names.push(name.clone());
-            self.by_name.insert(name, tensor);
+            self.by_name.insert(
+                name,
+                Param {
+                    tensor,
+                    layout,
+                    held,
+                },
+            );
         }
     }
 
-    /// The parameter `name`.
+    /// The parameter `name` (this rank's piece).
     pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.by_name.get(name)
+        self.by_name.get(name).map(|p| &p.tensor)
+    }
+
+    /// How parameter `name` is split over tensor-parallel ranks, and whether this rank's
+    /// pipeline stage holds it.
+    pub fn placement(&self, name: &str) -> Option<(&Layout, bool)> {
+        self.by_name.get(name).map(|p| (&p.layout, p.held))
     }
 
     /// Names and tensors in load order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.names.iter().map(|n| (n.as_str(), &self.by_name[n]))
+        self.names
+            .iter()
+            .map(|n| (n.as_str(), &self.by_name[n].tensor))
     }
 
     /// Number of parameters.

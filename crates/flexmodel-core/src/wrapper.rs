@@ -430,19 +430,62 @@ impl<M: Model> FlexModel<M> {
     }
 
     /// The full tensor of parameter `name` (a Hugging Face parameter name such as
-    /// `model.layers.0.mlp.up_proj.weight`), as FlexModel's `get_module_parameter`.
+    /// `model.layers.0.mlp.up_proj.weight`), as FlexModel's `get_module_parameter`. In a
+    /// multi-rank job every rank calls it: the pieces are gathered from the tensor-parallel
+    /// ranks of the stage that holds the parameter, and rank 0 returns the full tensor (the
+    /// others their piece).
     ///
     /// # Errors
-    /// [`Error::UnknownParameter`] with the nearest names.
+    /// [`Error::UnknownParameter`] with the nearest names; a communication error.
     pub fn parameter(&self, name: &str) -> Result<Tensor> {
         let params = self.model.parameters();
-        params
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::UnknownParameter {
+        let (Some(local), Some((layout, held))) = (params.get(name), params.placement(name)) else {
+            return Err(Error::UnknownParameter {
                 name: name.to_string(),
                 suggestions: crate::site::nearest(name, params.iter().map(|(n, _)| n), 3),
-            })
+            });
+        };
+        let grid = self.model.grid();
+        if !grid.is_distributed() {
+            return Ok(local.clone());
+        }
+        // The first stage that holds it.
+        let cpu = &candle_core::Device::Cpu;
+        let flags = grid.pp.all_gather(&Tensor::new(&[u32::from(held)], cpu)?)?;
+        let mut owner = None;
+        for (stage, flag) in flags.iter().enumerate() {
+            if flag.to_vec1::<u32>()?[0] == 1 {
+                owner = Some(stage);
+                break;
+            }
+        }
+        let owner =
+            owner.ok_or_else(|| Error::msg(format!("no stage holds parameter `{name}`")))?;
+        let mut full = None;
+        if grid.stage() == owner {
+            full = match layout {
+                Layout::Replicated => (grid.tp.rank() == 0).then(|| local.clone()),
+                _ => match grid.tp.gather(&local.detach(), 0)? {
+                    Some(pieces) => Some(layout.assemble(&pieces)?),
+                    None => None,
+                },
+            };
+            if owner != 0 && grid.stage_leader() {
+                if let Some(t) = &full {
+                    grid.pp.send(t, 0)?;
+                }
+            }
+        }
+        if grid.is_root() {
+            if owner != 0 {
+                full = Some(grid.pp.recv(owner)?);
+            }
+            return full
+                .map(|t| t.to_device(local.device()))
+                .transpose()?
+                .ok_or_else(|| Error::msg(format!("parameter `{name}` did not reach rank 0")));
+        }
+        Ok(local.clone())
     }
 
     /// Registers a trainable module under `name`, with the variables an optimizer trains;

@@ -33,7 +33,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (batch, seq, repeats) = (flag("--batch", 4), flag("--seq", 128), flag("--repeats", 5));
     // One process runs without MPI, as `flexmodel` does.
-    let grid = if degrees.world() == 1 { Grid::single() } else { Grid::new(flexmodel_dist::init()?, degrees)? };
+    let grid = if degrees.world() == 1 {
+        Grid::single()
+    } else {
+        Grid::new(flexmodel_dist::init()?, degrees)?
+    };
     let dir =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/flexmodel-bench/llama-125m");
     if grid.is_root() {

@@ -142,7 +142,11 @@ impl Linear {
         if !tied {
             return Self::new(vb, (d_in, vocab), bias, BS, Parallel::Column(vocab));
         }
-        vb.record("weight", &embed.weight);
+        let rows = Layout::Split {
+            dim: 0,
+            units: vocab,
+        };
+        vb.record("weight", &embed.weight, rows);
         let bias = if bias {
             Some(vb.get_split("bias", vocab, 0, vocab)?)
         } else {

@@ -358,18 +358,18 @@ impl Vb {
         let t = self
             .weights
             .get(&self.full(name), &shape, dtype, None, self.meta)?;
-        self.finish(name, t)
+        self.finish(name, t, Layout::Replicated)
     }
 
     /// A loaded weight as the model keeps it: a variable when gradients reach weights, and
-    /// recorded as a parameter.
-    fn finish(&self, name: &str, t: Tensor) -> Result<Tensor> {
+    /// recorded as a parameter with its layout over tensor-parallel ranks.
+    fn finish(&self, name: &str, t: Tensor, layout: Layout) -> Result<Tensor> {
         let t = if self.weights.requires_grad && !self.meta {
             Var::from_tensor(&t)?.as_tensor().clone()
         } else {
             t
         };
-        self.record(name, &t);
+        self.record(name, &t, layout);
         Ok(t)
     }
 
@@ -433,7 +433,19 @@ impl Vb {
         } else {
             Tensor::cat(&pieces, dim)?
         };
-        self.finish(name, t)
+        let layout = match parts {
+            [
+                Part {
+                    size: 0,
+                    units: Some(units),
+                },
+            ] => Layout::Split { dim, units: *units },
+            _ => Layout::Fused {
+                dim,
+                parts: parts.to_vec(),
+            },
+        };
+        self.finish(name, t, layout)
     }
 
     /// This module on its pipeline stage: `active` says whether this rank's stage computes it;
@@ -465,11 +477,15 @@ impl Vb {
         &self.shard
     }
 
-    /// Records `t` as parameter `<path>.<name>` (a tied weight under its second name).
-    pub(crate) fn record(&self, name: &str, t: &Tensor) {
-        self.params
-            .borrow_mut()
-            .insert(join(&self.path, &name), t.clone());
+    /// Records `t` as parameter `<path>.<name>` (a tied weight under its second name), laid
+    /// out over tensor-parallel ranks by `layout`.
+    pub(crate) fn record(&self, name: &str, t: &Tensor, layout: Layout) {
+        self.params.borrow_mut().insert_piece(
+            join(&self.path, &name),
+            t.clone(),
+            layout,
+            !self.meta,
+        );
     }
 
     /// Whether the checkpoint has `name` under this path.

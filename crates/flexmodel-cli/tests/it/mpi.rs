@@ -271,3 +271,80 @@ fn multi_rank_run_writes_what_one_process_writes() {
         1
     );
 }
+
+#[test]
+fn parameters_are_gathered_from_every_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ["llama", "falcon", "gpt2"] {
+        let dir = model_dir(arch);
+        let ids = dir.join("reference.safetensors");
+        let names: Vec<String> = match arch {
+            "llama" => vec![
+                "model.embed_tokens.weight",
+                "lm_head.weight",
+                "model.layers.1.self_attn.k_proj.weight",
+                "model.layers.1.mlp.down_proj.weight",
+                "model.norm.weight",
+            ],
+            "falcon" => vec![
+                "transformer.h.1.self_attention.query_key_value.weight",
+                "lm_head.weight",
+            ],
+            _ => vec![
+                "transformer.h.1.attn.c_attn.weight",
+                "transformer.h.1.attn.c_attn.bias",
+                "transformer.h.0.mlp.c_proj.weight",
+            ],
+        }
+        .into_iter()
+        .map(String::from)
+        .collect();
+        let mut args = vec![
+            "run".to_string(),
+            "--model".into(),
+            path_str(&dir).into(),
+            "--input-ids".into(),
+            path_str(&ids).into(),
+        ];
+        for n in &names {
+            args.extend(["--param".to_string(), n.clone()]);
+        }
+        let single = tmp.path().join("single.safetensors");
+        let with_out = |out: &std::path::Path| -> Vec<String> {
+            args.iter()
+                .cloned()
+                .chain(["--out".into(), path_str(out).into()])
+                .collect()
+        };
+        flexmodel_ok(
+            &with_out(&single)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        let want = load(&single);
+        let weights = load(&dir.join("model.safetensors"));
+        assert_close(
+            &format!("{arch} {}", names[0]),
+            &want[&format!("param.{}", names[0])],
+            weights
+                .get(&names[0])
+                .unwrap_or_else(|| &weights[names[0].trim_start_matches("transformer.")]),
+            0.0,
+        );
+        let multi = tmp.path().join("multi.safetensors");
+        let mut margs = with_out(&multi);
+        margs.extend(["--tp", "2", "--pp", "2"].map(String::from));
+        let (run, _) = mpirun(4, &margs.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            run.status.success(),
+            "{arch}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let got = load(&multi);
+        for n in &names {
+            let key = format!("param.{n}");
+            assert_close(&format!("{arch} {key}"), &got[&key], &want[&key], 0.0);
+        }
+    }
+}
