@@ -11,6 +11,7 @@ use flexmodel::{
 };
 
 use crate::opts::{FloatType, HookOpts, InputOpts, ModelOpts, Padding};
+use crate::parallel::ParallelOpts;
 use crate::run::check_out_dir;
 use crate::safetensors_io;
 
@@ -25,6 +26,9 @@ pub struct Args {
 
     #[command(flatten)]
     hooks: HookOpts,
+
+    #[command(flatten)]
+    parallel: ParallelOpts,
 
     /// New tokens per prompt at most.
     #[arg(long, value_name = "N")]
@@ -104,8 +108,10 @@ pub fn main(args: Args) -> Result<()> {
         pad_token_id,
     };
 
+    let grid = args.parallel.grid()?;
     let load = LoadOptions {
         dtype: args.compute_dtype.into(),
+        grid: grid.clone(),
         ..LoadOptions::default()
     };
     let model =
@@ -117,6 +123,10 @@ pub fn main(args: Args) -> Result<()> {
     let batch = input.input_ids.dim(0)?;
     let mut stream = Stream::new(tokenizer.as_ref(), batch, &args.stop);
     let generation = fm.generate(&input, &options, |row, token| stream.push(row, token))?;
+    // Rank 0 chose the tokens, holds the captures and writes.
+    if !grid.is_root() {
+        return Ok(());
+    }
     stream.finish()?;
 
     if let Some(out) = &args.out {

@@ -24,6 +24,9 @@ pub(crate) struct Ranks {
     pub(crate) grid: Grid,
     /// Rows of the batch each data-parallel rank holds.
     pub(crate) dp_rows: Vec<usize>,
+    /// Whether the input has an attention mask: then position tables (`Dim::PosBatch`) hold a
+    /// row per sequence, else one row shared by the batch.
+    pub(crate) masked: bool,
 }
 
 /// A distributed pass: its ranks, and what moving hooked tensors cost so far.
@@ -98,6 +101,11 @@ impl Dist {
         &self.ranks.grid
     }
 
+    /// Whether a tensor laid out as `template` is one position table shared by the batch.
+    fn shared(&self, template: &[Dim]) -> bool {
+        !self.ranks.masked && template.contains(&Dim::PosBatch)
+    }
+
     /// The full tensor on the stage leader (`None` on the other ranks of the stage). A
     /// `gradient`'s replicated blocks are partial sums, added up.
     pub(crate) fn assemble(
@@ -124,7 +132,12 @@ impl Dist {
             return Ok(Some(tp_full));
         }
         match dp.gather(&tp_full, 0)? {
-            Some(rows) => Ok(Some(concat_rows(rows, template, gradient)?)),
+            Some(rows) => Ok(Some(concat_rows(
+                rows,
+                template,
+                self.shared(template),
+                gradient,
+            )?)),
             None => Ok(None),
         }
     }
@@ -144,7 +157,13 @@ impl Dist {
         let tp_full = if tp.rank() == 0 {
             Some(if dp.size() > 1 {
                 let pieces = match full {
-                    Some(f) => Some(split_rows(&f, template, &self.ranks.dp_rows, gradient)?),
+                    Some(f) => Some(split_rows(
+                        &f,
+                        template,
+                        &self.ranks.dp_rows,
+                        self.shared(template),
+                        gradient,
+                    )?),
                     None => None,
                 };
                 dp.scatter(pieces.as_deref(), 0)?
@@ -302,10 +321,15 @@ impl Dist {
     }
 }
 
-/// The data-parallel pieces of a tensor laid out as `template`, as one batch. A position table
-/// without a mask is one row shared by the whole batch: every rank holds it (a gradient: each
-/// rank its rows' part, added up).
-fn concat_rows(rows: Vec<Tensor>, template: &[Dim], gradient: bool) -> Result<Tensor> {
+/// The data-parallel pieces of a tensor laid out as `template`, as one batch. A `shared` tensor
+/// (a position table without a mask: one row for the whole batch) is held whole by every rank
+/// (a gradient: each rank its rows' part, added up).
+fn concat_rows(
+    rows: Vec<Tensor>,
+    template: &[Dim],
+    shared: bool,
+    gradient: bool,
+) -> Result<Tensor> {
     let first = rows.first().ok_or_else(|| Error::msg("no rows"))?;
     let Some(axis) = template
         .iter()
@@ -313,7 +337,7 @@ fn concat_rows(rows: Vec<Tensor>, template: &[Dim], gradient: bool) -> Result<Te
     else {
         return Ok(first.clone());
     };
-    if template[axis] == Dim::PosBatch && first.dim(axis)? == 1 {
+    if shared {
         if !gradient {
             return Ok(first.clone());
         }
@@ -326,12 +350,13 @@ fn concat_rows(rows: Vec<Tensor>, template: &[Dim], gradient: bool) -> Result<Te
     Ok(Tensor::cat(&rows, axis)?)
 }
 
-/// The rows of `full` for each data-parallel rank (`rows[r]` batch rows each); a shared
-/// position table goes to every rank whole (a gradient: in equal shares).
+/// The rows of `full` for each data-parallel rank (`rows[r]` batch rows each); a `shared`
+/// tensor goes to every rank whole (a gradient: in equal shares).
 fn split_rows(
     full: &Tensor,
     template: &[Dim],
     rows: &[usize],
+    shared: bool,
     gradient: bool,
 ) -> Result<Vec<Tensor>> {
     let total: usize = rows.iter().sum();
@@ -341,7 +366,7 @@ fn split_rows(
     else {
         return Ok(rows.iter().map(|_| full.clone()).collect());
     };
-    if template[axis] == Dim::PosBatch && full.dim(axis)? == 1 {
+    if shared {
         let share = if gradient {
             (full / rows.len() as f64)?
         } else {

@@ -1,6 +1,6 @@
 //! Generation with hooks: a key/value cache, greedy or sampled decoding, per-step hooks.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::cache::KvCache;
 use crate::hook::PassInfo;
@@ -69,7 +69,9 @@ impl<M: Model> FlexModel<M> {
     /// (one position each); [`HookFunction::steps`](crate::HookFunction::steps) limits a hook to
     /// some steps, and `cx.step()`/`cx.positions()` tell a hook where it is. Captures append one
     /// entry per step. `on_token(row, token)` sees each new token as it is chosen and returns
-    /// `true` to end that row (a stop string); a row also ends at an EOS token. Positions and
+    /// `true` to end that row (a stop string); a row also ends at an EOS token. In a multi-rank
+    /// job rank 0 chooses the tokens (and calls `on_token`), every rank runs the same steps,
+    /// and every rank returns the sequences. Positions and
     /// masks follow transformers' `generate`: a left-padded batch (`input.attention_mask`)
     /// generates what each prompt generates alone.
     ///
@@ -82,11 +84,7 @@ impl<M: Model> FlexModel<M> {
         mut on_token: impl FnMut(usize, u32) -> bool,
     ) -> Result<Generation> {
         let (batch, prompt) = input.dims()?;
-        if self.model().grid().is_distributed() {
-            return Err(Error::msg(
-                "generation is not yet supported in multi-rank runs; generate in one process",
-            ));
-        }
+        let grid = self.model().grid().clone();
         if let Sampling::Sample { temperature, .. } = options.sampling {
             if temperature <= 0.0 || temperature.is_nan() {
                 return Err(Error::Input(format!(
@@ -111,21 +109,43 @@ impl<M: Model> FlexModel<M> {
         for step in 0..options.max_new_tokens {
             let logits = self.forward_cached(&step_input, &mut cache, step)?; // [batch, 1, vocab]
             steps += 1;
-            let last: Vec<Vec<f32>> = logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?;
+            // Rank 0 holds the logits and chooses; in a multi-rank job it tells every rank the
+            // tokens and which rows ended, so that all take the same next step.
             let mut next = Vec::with_capacity(batch);
-            for (row, scores) in last.iter().enumerate() {
-                let token = if finished[row] {
-                    options.pad_token_id
-                } else {
-                    let token = pick(scores, &options.sampling, &mut rng);
-                    if options.eos_token_ids.contains(&token) | on_token(row, token) {
-                        finished[row] = true;
+            if grid.is_root() {
+                let last: Vec<Vec<f32>> = logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?;
+                for (row, scores) in last.iter().enumerate() {
+                    let token = if finished[row] {
+                        options.pad_token_id
+                    } else {
+                        let token = pick(scores, &options.sampling, &mut rng);
+                        if options.eos_token_ids.contains(&token) | on_token(row, token) {
+                            finished[row] = true;
+                        }
+                        token
+                    };
+                    next.push(token);
+                }
+            }
+            if grid.is_distributed() {
+                let decided = match grid.is_root() {
+                    true => {
+                        let flags = finished.iter().map(|&f| u32::from(f));
+                        Some(Tensor::from_vec(
+                            next.iter().copied().chain(flags).collect::<Vec<u32>>(),
+                            2 * batch,
+                            &Device::Cpu,
+                        )?)
                     }
-                    token
+                    false => None,
                 };
+                let decided: Vec<u32> = grid.world.broadcast(decided.as_ref(), 0)?.to_vec1()?;
+                next = decided[..batch].to_vec();
+                finished = decided[batch..].iter().map(|&f| f == 1).collect();
+            }
+            for (row, &token) in next.iter().enumerate() {
                 rows[row].push(token);
                 mask[row].push(1);
-                next.push(token);
             }
             if finished.iter().all(|&f| f) {
                 break;

@@ -382,6 +382,7 @@ impl<M: Model> FlexModel<M> {
         let ranks = Ranks {
             grid: grid.clone(),
             dp_rows: rows.iter().map(|&(_, n)| n).collect(),
+            masked: input.attention_mask.is_some(),
         };
         Ok((local, Dist::new(ranks)))
     }

@@ -348,3 +348,83 @@ fn parameters_are_gathered_from_every_layout() {
         }
     }
 }
+
+/// Greedy generation under mpirun gives transformers' tokens, and every step's captures equal
+/// a one-process run's.
+#[test]
+fn generation_under_every_layout_gives_the_greedy_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ["llama", "gpt2", "falcon"] {
+        let dir = model_dir(arch);
+        let ids = dir.join("reference.safetensors");
+        let refs = load(&ids);
+        let padded = tmp.path().join("padded.safetensors");
+        let tensors = [
+            ("input_ids", "generate.padded.input_ids"),
+            ("attention_mask", "generate.padded.attention_mask"),
+        ]
+        .map(|(name, key)| (name.to_string(), refs[key].clone()));
+        candle_core::safetensors::save(&tensors.into_iter().collect(), &padded).unwrap();
+        for (input, want) in [
+            (&ids, "generate.greedy"),
+            (&padded, "generate.padded.greedy"),
+        ] {
+            let common = [
+                "generate",
+                "--model",
+                path_str(&dir),
+                "--input-ids",
+                path_str(input),
+                "--max-new-tokens",
+                "12",
+                "--ignore-eos",
+                "--capture",
+                "*",
+            ];
+            let single = tmp.path().join("single.safetensors");
+            flexmodel_ok(&[&common[..], &["--out", path_str(&single)]].concat());
+            let single = load(&single);
+            assert_eq!(
+                as_ids(&single["sequences"]),
+                as_ids(&refs[want]),
+                "{arch} one process {want}"
+            );
+            for (layout, ranks) in [
+                (&["--tp", "2"][..], 2),
+                (&["--pp", "2"][..], 2),
+                (&["--dp", "2"][..], 2),
+                (&["--tp", "2", "--pp", "2", "--dp", "2"][..], 8),
+            ] {
+                let out = tmp.path().join("multi.safetensors");
+                let (run, _) = mpirun(
+                    ranks,
+                    &[&common[..], layout, &["--out", path_str(&out)]].concat(),
+                );
+                assert!(
+                    run.status.success(),
+                    "{arch} {layout:?}: {}",
+                    String::from_utf8_lossy(&run.stderr)
+                );
+                let got = load(&out);
+                assert_eq!(
+                    as_ids(&got["sequences"]),
+                    as_ids(&refs[want]),
+                    "{arch} {layout:?} {want}"
+                );
+                assert_eq!(got.len(), single.len(), "{arch} {layout:?}: same tensors");
+                for (name, t) in &single {
+                    if name != "sequences" {
+                        assert_close(&format!("{arch} {layout:?} {name}"), &got[name], t, 1e-5);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn as_ids(t: &candle_core::Tensor) -> Vec<Vec<i64>> {
+    t.to_dtype(candle_core::DType::I64)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap()
+}
