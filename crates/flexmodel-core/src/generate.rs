@@ -128,16 +128,12 @@ impl<M: Model> FlexModel<M> {
                 }
             }
             if grid.is_distributed() {
-                let decided = match grid.is_root() {
-                    true => {
-                        let flags = finished.iter().map(|&f| u32::from(f));
-                        Some(Tensor::from_vec(
-                            next.iter().copied().chain(flags).collect::<Vec<u32>>(),
-                            2 * batch,
-                            &Device::Cpu,
-                        )?)
-                    }
-                    false => None,
+                let decided = if grid.is_root() {
+                    let flags = finished.iter().map(|&f| u32::from(f));
+                    let data: Vec<u32> = next.iter().copied().chain(flags).collect();
+                    Some(Tensor::from_vec(data, 2 * batch, &Device::Cpu)?)
+                } else {
+                    None
                 };
                 let decided: Vec<u32> = grid.world.broadcast(decided.as_ref(), 0)?.to_vec1()?;
                 next = decided[..batch].to_vec();
