@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
 use crate::{Error, Result};
 
@@ -34,6 +34,19 @@ pub trait Comm: Send + Sync {
     /// # Errors
     /// The communication library failed.
     fn gather(&self, t: &Tensor, root: usize) -> Result<Option<Vec<Tensor>>>;
+
+    /// Every rank's tensor on `root`, concatenated along `dim` in rank order (`None`
+    /// elsewhere); the tensors may differ in size along `dim` only. A backend may place each
+    /// piece straight where it belongs in the result, without a concatenation pass.
+    ///
+    /// # Errors
+    /// The communication library failed; the tensors do not fit together.
+    fn gather_cat(&self, t: &Tensor, dim: usize, root: usize) -> Result<Option<Tensor>> {
+        match self.gather(t, root)? {
+            Some(pieces) => Ok(Some(Tensor::cat(&pieces, dim)?)),
+            None => Ok(None),
+        }
+    }
 
     /// Every rank's tensor on every rank, in rank order.
     ///
@@ -76,6 +89,12 @@ pub trait Comm: Send + Sync {
     /// # Errors
     /// The communication library failed.
     fn barrier(&self) -> Result<()>;
+
+    /// Seconds this rank spent, since the last call, waiting at gathers for the other ranks to
+    /// arrive (load imbalance, not transfer), where the backend can tell; else 0.
+    fn take_waiting(&self) -> f64 {
+        0.0
+    }
 
     /// Ends every rank of the job (MPI_Abort): the way out of an error that other ranks
     /// would otherwise wait on forever.
@@ -265,94 +284,9 @@ pub fn even_split(n: usize, parts: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// A tensor as bytes: dtype code, rank, dims, then the data (little endian), for backends
-/// that move bytes.
-pub fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    let t = t.to_device(&Device::Cpu)?.contiguous()?;
-    let code = DTYPES
-        .iter()
-        .position(|d| *d == t.dtype())
-        .ok_or_else(|| Error::msg(format!("cannot send a {:?} tensor", t.dtype())))?;
-    let mut out =
-        Vec::with_capacity(16 + 8 * t.rank() + t.elem_count() * t.dtype().size_in_bytes());
-    out.push(code as u8);
-    out.push(t.rank() as u8);
-    for &d in t.dims() {
-        out.extend_from_slice(&(d as u64).to_le_bytes());
-    }
-    // The dtype was checked above, so candle's byte view cannot fail here.
-    out.extend_from_slice(&safetensors::View::data(&t));
-    Ok(out)
-}
-
-const DTYPES: [DType; 7] = [
-    DType::F32,
-    DType::F64,
-    DType::F16,
-    DType::BF16,
-    DType::U32,
-    DType::I64,
-    DType::U8,
-];
-
-/// The tensor [`to_bytes`] wrote, on `device`.
-///
-/// # Errors
-/// Bytes that are not a tensor.
-pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Tensor> {
-    let bad = || Error::msg("received bytes are not a tensor");
-    let (&code, rest) = bytes.split_first().ok_or_else(bad)?;
-    let (&rank, mut rest) = rest.split_first().ok_or_else(bad)?;
-    let dtype = *DTYPES.get(code as usize).ok_or_else(bad)?;
-    let mut dims = Vec::with_capacity(rank as usize);
-    for _ in 0..rank {
-        let (d, r) = rest.split_at_checked(8).ok_or_else(bad)?;
-        dims.push(u64::from_le_bytes(d.try_into().map_err(|_| bad())?) as usize);
-        rest = r;
-    }
-    if rest.len() != dims.iter().product::<usize>() * dtype.size_in_bytes() {
-        return Err(bad());
-    }
-    Ok(Tensor::from_raw_buffer(rest, dtype, &dims, device)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tensors_round_trip_through_bytes() {
-        let t = Tensor::arange(0f32, 24.0, &Device::Cpu)
-            .unwrap()
-            .reshape((2, 3, 4))
-            .unwrap();
-        for dtype in [DType::F32, DType::BF16, DType::F16, DType::U32, DType::I64] {
-            let t = t.to_dtype(dtype).unwrap();
-            let back = from_bytes(&to_bytes(&t).unwrap(), &Device::Cpu).unwrap();
-            assert_eq!(back.dims(), t.dims());
-            assert_eq!(back.dtype(), dtype);
-            let diff =
-                (back.to_dtype(DType::F32).unwrap() - t.to_dtype(DType::F32).unwrap()).unwrap();
-            assert_eq!(
-                diff.abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap(),
-                0.0
-            );
-        }
-        let scalar = Tensor::new(3.5f32, &Device::Cpu).unwrap();
-        assert_eq!(
-            from_bytes(&to_bytes(&scalar).unwrap(), &Device::Cpu)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-            3.5
-        );
-        assert!(from_bytes(&[0, 1, 2], &Device::Cpu).is_err());
-    }
 
     #[test]
     fn even_split_gives_the_first_parts_one_more() {

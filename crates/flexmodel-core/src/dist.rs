@@ -45,6 +45,10 @@ pub struct CommStats {
     pub bytes: usize,
     /// Seconds spent gathering and assembling them (and splitting edits back).
     pub seconds: f64,
+    /// The part of `seconds` spent waiting for the other ranks to reach the site (where the
+    /// communicator can tell): the ranks' imbalance, which the next collective would
+    /// otherwise absorb.
+    pub waiting: f64,
 }
 
 /// Messages from a later stage's leader to rank 0: a header `[kind, site, point, call]`, then a
@@ -91,6 +95,9 @@ pub(crate) struct Served {
 
 impl Dist {
     pub(crate) fn new(ranks: Ranks) -> Self {
+        // Waiting recorded by earlier passes' other gathers is not this pass's.
+        ranks.grid.tp.take_waiting();
+        ranks.grid.dp.take_waiting();
         Self {
             ranks,
             stats: Cell::default(),
@@ -117,8 +124,10 @@ impl Dist {
     ) -> Result<Option<Tensor>> {
         let Grid { tp, dp, .. } = self.grid();
         let x = x.detach();
-        let tp_full = match layout {
-            Layout::Replicated => (tp.rank() == 0).then_some(x),
+        let tp_full = match (layout, layout.concat_dim(tp.size())) {
+            (Layout::Replicated, _) => (tp.rank() == 0).then_some(x),
+            // Pieces that concatenate are placed straight into the full tensor.
+            (_, Some(dim)) if tp.size() > 1 => tp.gather_cat(&x, dim, 0)?,
             _ => match tp.gather(&x, 0)? {
                 Some(pieces) if gradient => Some(layout.assemble_gradient(&pieces)?),
                 Some(pieces) => Some(layout.assemble(&pieces)?),
@@ -131,14 +140,15 @@ impl Dist {
         if dp.size() == 1 {
             return Ok(Some(tp_full));
         }
-        match dp.gather(&tp_full, 0)? {
-            Some(rows) => Ok(Some(concat_rows(
-                rows,
-                template,
-                self.shared(template),
-                gradient,
-            )?)),
-            None => Ok(None),
+        let batch_axis = template
+            .iter()
+            .position(|d| matches!(d, Dim::Batch | Dim::Tokens | Dim::PosBatch));
+        match batch_axis {
+            Some(axis) if !self.shared(template) => dp.gather_cat(&tp_full, axis, 0),
+            _ => match dp.gather(&tp_full, 0)? {
+                Some(rows) => Ok(Some(same_rows(rows, gradient)?)),
+                None => Ok(None),
+            },
         }
     }
 
@@ -213,6 +223,8 @@ impl Dist {
     fn count(&self, start: Instant, assembled: Option<&Tensor>) {
         let mut stats = self.stats.get();
         stats.seconds += start.elapsed().as_secs_f64();
+        let Grid { tp, dp, .. } = self.grid();
+        stats.waiting += tp.take_waiting() + dp.take_waiting();
         if let Some(full) = assembled {
             stats.sites += 1;
             stats.bytes += full.elem_count() * full.dtype().size_in_bytes();
@@ -321,33 +333,15 @@ impl Dist {
     }
 }
 
-/// The data-parallel pieces of a tensor laid out as `template`, as one batch. A `shared` tensor
-/// (a position table without a mask: one row for the whole batch) is held whole by every rank
-/// (a gradient: each rank its rows' part, added up).
-fn concat_rows(
-    rows: Vec<Tensor>,
-    template: &[Dim],
-    shared: bool,
-    gradient: bool,
-) -> Result<Tensor> {
-    let first = rows.first().ok_or_else(|| Error::msg("no rows"))?;
-    let Some(axis) = template
-        .iter()
-        .position(|d| matches!(d, Dim::Batch | Dim::Tokens | Dim::PosBatch))
-    else {
-        return Ok(first.clone());
-    };
-    if shared {
-        if !gradient {
-            return Ok(first.clone());
-        }
-        let mut total = first.clone();
-        for r in &rows[1..] {
-            total = (total + r)?;
-        }
-        return Ok(total);
+/// What every data-parallel rank holds whole (a tensor without a batch axis, a position
+/// table shared by the batch): rank 0's (a gradient: each rank's part for its rows, added up).
+fn same_rows(rows: Vec<Tensor>, gradient: bool) -> Result<Tensor> {
+    let mut rows = rows.into_iter();
+    let first = rows.next().ok_or_else(|| Error::msg("no rows"))?;
+    if !gradient {
+        return Ok(first);
     }
-    Ok(Tensor::cat(&rows, axis)?)
+    rows.try_fold(first, |total, r| Ok((total + r)?))
 }
 
 /// The rows of `full` for each data-parallel rank (`rows[r]` batch rows each); a `shared`

@@ -126,6 +126,18 @@ impl Layout {
         }
     }
 
+    /// The dimension along which the pieces of `world` ranks simply concatenate, in rank
+    /// order, into the full tensor (activations and gradients alike), if they do.
+    pub fn concat_dim(&self, world: usize) -> Option<usize> {
+        match self {
+            Layout::Split { dim, units } => deal(*units, world)
+                .ok()
+                .filter(|d| d.copies == 1)
+                .map(|_| *dim),
+            _ => None,
+        }
+    }
+
     /// The full tensor from the pieces of every rank, `pieces[r]` coming from rank `r`.
     ///
     /// # Errors
@@ -348,6 +360,13 @@ mod tests {
         for layout in &layouts {
             for world in [1, 2, 4] {
                 assert_same(&round_trip(layout, &t, world), &t);
+                // Where the layout says its pieces concatenate, they do.
+                if let Some(dim) = layout.concat_dim(world) {
+                    let pieces: Vec<Tensor> = (0..world)
+                        .map(|r| layout.shard(&t, r, world).unwrap())
+                        .collect();
+                    assert_same(&Tensor::cat(&pieces, dim).unwrap(), &t);
+                }
             }
         }
     }
@@ -361,6 +380,8 @@ mod tests {
         assert_same(&piece(0), &piece(1));
         assert_same(&piece(2), &t.narrow(2, 1, 1).unwrap());
         assert_same(&round_trip(&layout, &t, 4), &t);
+        assert_eq!(layout.concat_dim(4), None);
+        assert_eq!(layout.concat_dim(2), Some(2));
     }
 
     #[test]

@@ -34,6 +34,7 @@ mod output;
 pub mod rng;
 mod run;
 pub mod site;
+pub mod wire;
 mod wrapper;
 
 pub use cache::KvCache;

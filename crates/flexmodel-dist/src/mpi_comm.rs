@@ -1,15 +1,16 @@
 //! The MPI communicator: tensors travel as bytes (dtype, shape, data) through the `mpi` crate.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use flexmodel_core::comm::{from_bytes, to_bytes};
+use flexmodel_core::wire::{self, HEADER_LEN, Header};
 use flexmodel_core::{Comm, Error, Result};
 use mpi::Count;
 use mpi::collective::SystemOperation;
-use mpi::datatype::{Partition, PartitionMut};
+use mpi::datatype::{MutView, Partition, PartitionMut, UserDatatype};
 use mpi::environment::Universe;
-use mpi::topology::{Color, SimpleCommunicator};
+use mpi::topology::{Color, Process, SimpleCommunicator};
 use mpi::traits::*;
 
 /// Keeps MPI initialized while any communicator lives; finalizes it after the last.
@@ -22,6 +23,8 @@ pub(crate) struct MpiComm {
     env: Arc<Mutex<Env>>,
     rank: usize,
     size: usize,
+    /// Seconds spent waiting for the other ranks at gathers, not yet taken.
+    waiting: Mutex<f64>,
 }
 
 // SAFETY: an MPI communicator handle may be used from any thread once MPI runs at
@@ -65,12 +68,43 @@ impl MpiComm {
             env,
             rank,
             size,
+            waiting: Mutex::new(0.0),
         }
     }
 
     fn comm(&self) -> MutexGuard<'_, SimpleCommunicator> {
         self.comm.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// On the root: every rank's header. The root waits here until the last rank reaches
+    /// the gather; that time is recorded as waiting.
+    fn gather_headers(&self, root: &Process<'_>, header: &[u64; HEADER_LEN]) -> Vec<u64> {
+        let start = Instant::now();
+        let mut words = vec![0u64; HEADER_LEN * self.size];
+        root.gather_into_root(&header[..], &mut words[..]);
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) += start.elapsed().as_secs_f64();
+        words
+    }
+}
+
+/// `bytes`, or an empty slice of a real buffer: an empty `Vec<u8>`'s dangling pointer is 1,
+/// which Open MPI reads as `MPI_IN_PLACE`.
+fn sendable(bytes: &[u8]) -> &[u8] {
+    static ONE: [u8; 1] = [0];
+    if bytes.is_empty() { &ONE[..0] } else { bytes }
+}
+
+/// [`wire::receive`], handing `fill` a real buffer even for an empty tensor (see
+/// [`sendable`]).
+fn receive(
+    header: &Header,
+    device: &Device,
+    fill: impl FnOnce(&mut [u8]) -> Result<()>,
+) -> Result<Tensor> {
+    wire::receive(header, device, |buf| {
+        let mut one = [0u8; 1];
+        fill(if buf.is_empty() { &mut one[..0] } else { buf })
+    })
 }
 
 fn count(n: usize) -> Result<Count> {
@@ -92,14 +126,71 @@ fn displacements(counts: &[Count]) -> Vec<Count> {
         .collect()
 }
 
-fn split_bytes(buf: &[u8], counts: &[Count]) -> Vec<Vec<u8>> {
-    let mut out = Vec::with_capacity(counts.len());
-    let mut start = 0;
-    for &c in counts {
-        out.push(buf[start..start + c as usize].to_vec());
-        start += c as usize;
+fn headers(words: &[u64]) -> Result<Vec<Header>> {
+    words.chunks(HEADER_LEN).map(Header::decode).collect()
+}
+
+/// The header of the concatenation along `dim` of tensors with `headers`.
+fn concatenated(headers: &[Header], dim: usize) -> Result<Header> {
+    let first = &headers[0];
+    let fits = |h: &Header| {
+        h.dtype == first.dtype
+            && h.dims.len() == first.dims.len()
+            && h.dims
+                .iter()
+                .zip(&first.dims)
+                .enumerate()
+                .all(|(d, (a, b))| d == dim || a == b)
+    };
+    if let Some(h) = headers.iter().find(|h| !fits(h)) {
+        return Err(Error::msg(format!(
+            "cannot concatenate a {:?} {:?} piece with a {:?} {:?} one along dimension {dim}",
+            first.dtype, first.dims, h.dtype, h.dims
+        )));
     }
-    out
+    let mut dims = first.dims.clone();
+    dims[dim] = headers.iter().map(|h| h.dims[dim]).sum();
+    Ok(Header {
+        dtype: first.dtype,
+        dims,
+    })
+}
+
+/// Everyone's pieces, received into one buffer of `dtype` on `device`, as views of it.
+fn receive_pieces(
+    headers: &[Header],
+    device: &Device,
+    fill: impl FnOnce(&mut [u8], &[Count], &[Count]) -> Result<()>,
+) -> Result<Vec<Tensor>> {
+    let dtype = headers[0].dtype;
+    if let Some(h) = headers.iter().find(|h| h.dtype != dtype) {
+        return Err(Error::msg(format!(
+            "ranks sent pieces of different dtypes ({dtype:?} and {:?})",
+            h.dtype
+        )));
+    }
+    let counts: Vec<Count> = headers
+        .iter()
+        .map(|h| count(h.bytes()))
+        .collect::<Result<_>>()?;
+    let displs = displacements(&counts);
+    let elems: usize = headers.iter().map(Header::elems).sum();
+    let all = Header {
+        dtype,
+        dims: vec![elems],
+    };
+    let all = receive(&all, device, |buf| fill(buf, &counts, &displs))?;
+    let mut start = 0;
+    headers
+        .iter()
+        .map(|h| {
+            let piece = all
+                .narrow(0, start, h.elems())?
+                .reshape(h.dims.as_slice())?;
+            start += h.elems();
+            Ok(piece)
+        })
+        .collect()
 }
 
 impl Comm for MpiComm {
@@ -124,57 +215,106 @@ impl Comm for MpiComm {
     }
 
     fn gather(&self, t: &Tensor, root: usize) -> Result<Option<Vec<Tensor>>> {
-        let bytes = to_bytes(t)?;
+        let header = Header::of(t)?.encode();
         let comm = self.comm();
         let root_process = comm.process_at_rank(root as i32);
-        let len = count(bytes.len())?;
         if self.rank != root {
-            root_process.gather_into(&len);
-            root_process.gather_varcount_into(&bytes[..]);
-            return Ok(None);
+            root_process.gather_into(&header[..]);
+            return wire::with_bytes(t, |bytes| {
+                root_process.gather_varcount_into(sendable(bytes))
+            })
+            .map(|()| None);
         }
-        let mut counts = vec![0 as Count; self.size];
-        root_process.gather_into_root(&len, &mut counts[..]);
-        let displs = displacements(&counts);
-        let mut buf = vec![0u8; counts.iter().map(|&c| c as usize).sum()];
-        {
-            let mut partition = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
-            root_process.gather_varcount_into_root(&bytes[..], &mut partition);
+        let words = self.gather_headers(&root_process, &header);
+        let pieces = receive_pieces(&headers(&words)?, t.device(), |buf, counts, displs| {
+            let mut partition = PartitionMut::new(buf, counts, displs);
+            wire::with_bytes(t, |own| {
+                root_process.gather_varcount_into_root(sendable(own), &mut partition);
+            })
+        })?;
+        Ok(Some(pieces))
+    }
+
+    fn gather_cat(&self, t: &Tensor, dim: usize, root: usize) -> Result<Option<Tensor>> {
+        let header = Header::of(t)?;
+        if dim >= t.rank() {
+            return Err(Error::msg(format!(
+                "cannot concatenate along dimension {dim} of a tensor of shape {:?}",
+                t.dims()
+            )));
         }
-        let device = t.device();
-        split_bytes(&buf, &counts)
-            .iter()
-            .map(|b| from_bytes(b, device))
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        let comm = self.comm();
+        let root_process = comm.process_at_rank(root as i32);
+        if self.rank != root {
+            root_process.gather_into(&header.encode()[..]);
+            return wire::with_bytes(t, |bytes| root_process.send(sendable(bytes))).map(|()| None);
+        }
+        let headers = headers(&self.gather_headers(&root_process, &header.encode()))?;
+        let full = concatenated(&headers, dim)?;
+        // Row-major: `outer` rows, in each of which rank r owns a run of `runs[r]` bytes.
+        let outer: usize = full.dims[..dim].iter().product();
+        let inner = full.dims[dim + 1..].iter().product::<usize>() * full.dtype.size_in_bytes();
+        let runs: Vec<usize> = headers.iter().map(|h| h.dims[dim] * inner).collect();
+        let row: usize = runs.iter().sum();
+        let full = receive(&full, t.device(), |buf| {
+            let mut offset = 0;
+            for (r, &run) in runs.iter().enumerate() {
+                if r == root {
+                    wire::with_bytes(t, |own| {
+                        for (i, chunk) in own.chunks(run.max(1)).enumerate() {
+                            buf[i * row + offset..][..run].copy_from_slice(chunk);
+                        }
+                    })?;
+                } else if outer == 1 || run == 0 || run == row {
+                    comm.process_at_rank(r as i32)
+                        .receive_into(&mut buf[offset..offset + outer * run]);
+                } else {
+                    // MPI writes each row's run straight to its place.
+                    let runs_of_rows = UserDatatype::vector(
+                        count(outer)?,
+                        count(run)?,
+                        count(row)?,
+                        &u8::equivalent_datatype(),
+                    );
+                    let target = &mut buf[offset..];
+                    debug_assert!((outer - 1) * row + run <= target.len());
+                    // SAFETY: the datatype spans `(outer - 1) * row + run` bytes from the start
+                    // of `target`, within it since `offset + run <= row`, and maps plain bytes.
+                    #[allow(unsafe_code)]
+                    let mut view =
+                        unsafe { MutView::with_count_and_datatype(target, 1, &runs_of_rows) };
+                    comm.process_at_rank(r as i32).receive_into(&mut view);
+                }
+                offset += run;
+            }
+            Ok(())
+        })?;
+        Ok(Some(full))
     }
 
     fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
-        let bytes = to_bytes(t)?;
+        let header = Header::of(t)?.encode();
         let comm = self.comm();
-        let mut counts = vec![0 as Count; self.size];
-        comm.all_gather_into(&count(bytes.len())?, &mut counts[..]);
-        let displs = displacements(&counts);
-        let mut buf = vec![0u8; counts.iter().map(|&c| c as usize).sum()];
-        {
-            let mut partition = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
-            comm.all_gather_varcount_into(&bytes[..], &mut partition);
-        }
-        split_bytes(&buf, &counts)
-            .iter()
-            .map(|b| from_bytes(b, t.device()))
-            .collect()
+        let mut words = vec![0u64; HEADER_LEN * self.size];
+        comm.all_gather_into(&header[..], &mut words[..]);
+        receive_pieces(&headers(&words)?, t.device(), |buf, counts, displs| {
+            let mut partition = PartitionMut::new(buf, counts, displs);
+            wire::with_bytes(t, |own| {
+                comm.all_gather_varcount_into(sendable(own), &mut partition)
+            })
+        })
     }
 
     fn scatter(&self, pieces: Option<&[Tensor]>, root: usize) -> Result<Tensor> {
         let comm = self.comm();
         let root_process = comm.process_at_rank(root as i32);
-        let mut len: Count = 0;
+        let mut header = [0u64; HEADER_LEN];
         if self.rank != root {
-            root_process.scatter_into(&mut len);
-            let mut buf = vec![0u8; len as usize];
-            root_process.scatter_varcount_into(&mut buf[..]);
-            return from_bytes(&buf, &Device::Cpu);
+            root_process.scatter_into(&mut header[..]);
+            return receive(&Header::decode(&header)?, &Device::Cpu, |buf| {
+                root_process.scatter_varcount_into(buf);
+                Ok(())
+            });
         }
         let pieces = pieces.filter(|p| p.len() == self.size).ok_or_else(|| {
             Error::msg(format!(
@@ -182,33 +322,49 @@ impl Comm for MpiComm {
                 self.size
             ))
         })?;
-        let encoded: Vec<Vec<u8>> = pieces.iter().map(to_bytes).collect::<Result<_>>()?;
-        let counts: Vec<Count> = encoded
+        let all: Vec<Header> = pieces.iter().map(Header::of).collect::<Result<_>>()?;
+        let words: Vec<u64> = all.iter().flat_map(Header::encode).collect();
+        let counts: Vec<Count> = all
             .iter()
-            .map(|b| count(b.len()))
+            .map(|h| count(h.bytes()))
             .collect::<Result<_>>()?;
-        root_process.scatter_into_root(&counts[..], &mut len);
-        let flat: Vec<u8> = encoded.concat();
+        root_process.scatter_into_root(&words[..], &mut header[..]);
+        // One send buffer holding every piece, in rank order.
+        let mut flat = Vec::with_capacity(all.iter().map(Header::bytes).sum());
+        for p in pieces {
+            wire::with_bytes(p, |b| flat.extend_from_slice(b))?;
+        }
         let displs = displacements(&counts);
-        let mut buf = vec![0u8; len as usize];
-        let partition = Partition::new(&flat[..], &counts[..], &displs[..]);
-        root_process.scatter_varcount_into_root(&partition, &mut buf[..]);
-        from_bytes(&buf, pieces[root].device())
+        let partition = Partition::new(sendable(&flat), &counts[..], &displs[..]);
+        receive(&all[root], pieces[root].device(), |buf| {
+            root_process.scatter_varcount_into_root(&partition, buf);
+            Ok(())
+        })
     }
 
     fn broadcast(&self, t: Option<&Tensor>, root: usize) -> Result<Tensor> {
         let comm = self.comm();
         let root_process = comm.process_at_rank(root as i32);
-        let mut bytes = match (self.rank == root, t) {
-            (true, Some(t)) => to_bytes(t)?,
-            (true, None) => return Err(Error::msg("broadcast: no tensor on the root")),
-            (false, _) => Vec::new(),
-        };
-        let mut len = count(bytes.len())?;
-        root_process.broadcast_into(&mut len);
-        bytes.resize(len as usize, 0);
-        root_process.broadcast_into(&mut bytes[..]);
-        from_bytes(&bytes, &Device::Cpu)
+        let mut header = [0u64; HEADER_LEN];
+        if self.rank == root {
+            let t = t.ok_or_else(|| Error::msg("broadcast: no tensor on the root"))?;
+            header = Header::of(t)?.encode();
+            root_process.broadcast_into(&mut header[..]);
+            // MPI's broadcast takes a mutable buffer on the root too: send a copy. (An empty
+            // tensor has no data to send; MPI refuses an empty broadcast.)
+            if t.elem_count() > 0 {
+                let mut bytes = wire::with_bytes(t, <[u8]>::to_vec)?;
+                root_process.broadcast_into(&mut bytes[..]);
+            }
+            return Ok(t.clone());
+        }
+        root_process.broadcast_into(&mut header[..]);
+        receive(&Header::decode(&header)?, &Device::Cpu, |buf| {
+            if !buf.is_empty() {
+                root_process.broadcast_into(buf);
+            }
+            Ok(())
+        })
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
@@ -230,14 +386,26 @@ impl Comm for MpiComm {
     }
 
     fn send(&self, t: &Tensor, dest: usize) -> Result<()> {
-        let bytes = to_bytes(t)?;
-        self.comm().process_at_rank(dest as i32).send(&bytes[..]);
-        Ok(())
+        let header = Header::of(t)?.encode();
+        let comm = self.comm();
+        let process = comm.process_at_rank(dest as i32);
+        process.send(&header[..]);
+        wire::with_bytes(t, |bytes| process.send(sendable(bytes)))
     }
 
     fn recv(&self, src: usize) -> Result<Tensor> {
-        let (bytes, _) = self.comm().process_at_rank(src as i32).receive_vec::<u8>();
-        from_bytes(&bytes, &Device::Cpu)
+        let comm = self.comm();
+        let process = comm.process_at_rank(src as i32);
+        let mut header = [0u64; HEADER_LEN];
+        process.receive_into(&mut header[..]);
+        receive(&Header::decode(&header)?, &Device::Cpu, |buf| {
+            process.receive_into(buf);
+            Ok(())
+        })
+    }
+
+    fn take_waiting(&self) -> f64 {
+        std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn barrier(&self) -> Result<()> {

@@ -1,0 +1,219 @@
+//! Tensors as bytes, for communication backends that move bytes (MPI): a fixed-size header
+//! (dtype and shape) travels first, then the data, read straight from the tensor's storage and
+//! received straight into the new tensor's storage, without intermediate copies.
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+
+use crate::{Error, Result};
+
+/// The dtypes that can travel, by their code in a [`Header`].
+const DTYPES: [DType; 7] = [
+    DType::F32,
+    DType::F64,
+    DType::F16,
+    DType::BF16,
+    DType::U32,
+    DType::I64,
+    DType::U8,
+];
+
+/// Most dimensions a tensor on the wire may have.
+const MAX_RANK: usize = 8;
+
+/// Length of an encoded [`Header`], in `u64`s.
+pub const HEADER_LEN: usize = 2 + MAX_RANK;
+
+/// What the receiver needs to know before a tensor's data: its dtype and shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Header {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub dims: Vec<usize>,
+}
+
+impl Header {
+    /// The header of `t`.
+    ///
+    /// # Errors
+    /// A dtype that cannot travel, or more than 8 dimensions.
+    pub fn of(t: &Tensor) -> Result<Self> {
+        if !DTYPES.contains(&t.dtype()) {
+            return Err(Error::msg(format!(
+                "cannot send a {:?} tensor (sendable: {DTYPES:?})",
+                t.dtype()
+            )));
+        }
+        if t.rank() > MAX_RANK {
+            return Err(Error::msg(format!(
+                "cannot send a tensor of {} dimensions (at most {MAX_RANK})",
+                t.rank()
+            )));
+        }
+        Ok(Self {
+            dtype: t.dtype(),
+            dims: t.dims().to_vec(),
+        })
+    }
+
+    /// The header as `[dtype code, rank, dims..., 0...]`.
+    pub fn encode(&self) -> [u64; HEADER_LEN] {
+        let mut out = [0u64; HEADER_LEN];
+        // `of` admitted only listed dtypes.
+        out[0] = DTYPES.iter().position(|d| *d == self.dtype).unwrap_or(0) as u64;
+        out[1] = self.dims.len() as u64;
+        for (slot, &d) in out[2..].iter_mut().zip(&self.dims) {
+            *slot = d as u64;
+        }
+        out
+    }
+
+    /// The header [`Header::encode`] wrote.
+    ///
+    /// # Errors
+    /// Numbers that are not a header.
+    pub fn decode(words: &[u64]) -> Result<Self> {
+        let bad = || Error::msg(format!("received words are not a tensor header: {words:?}"));
+        let (&code, rest) = words.split_first().ok_or_else(bad)?;
+        let (&rank, dims) = rest.split_first().ok_or_else(bad)?;
+        let dtype = *DTYPES.get(code as usize).ok_or_else(bad)?;
+        let dims = dims.get(..rank as usize).ok_or_else(bad)?;
+        Ok(Self {
+            dtype,
+            dims: dims.iter().map(|&d| d as usize).collect(),
+        })
+    }
+
+    /// Number of elements.
+    pub fn elems(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// Number of bytes of the data.
+    pub fn bytes(&self) -> usize {
+        self.elems() * self.dtype.size_in_bytes()
+    }
+}
+
+/// Calls `f` with the data of `t` as bytes: borrowed from the storage when `t` is a
+/// contiguous tensor in memory (else from a contiguous copy).
+///
+/// # Errors
+/// A dtype that cannot travel, or candle's error copying the tensor to memory.
+pub fn with_bytes<R>(t: &Tensor, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+    Header::of(t)?;
+    let t = t.to_device(&Device::Cpu)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::msg("a contiguous tensor has no contiguous offsets"))?;
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::msg("a tensor moved to the CPU is not in memory"));
+    };
+    let bytes: &[u8] = match cpu {
+        CpuStorage::F32(v) => bytemuck::cast_slice(&v[start..end]),
+        CpuStorage::F64(v) => bytemuck::cast_slice(&v[start..end]),
+        CpuStorage::F16(v) => bytemuck::cast_slice(&v[start..end]),
+        CpuStorage::BF16(v) => bytemuck::cast_slice(&v[start..end]),
+        CpuStorage::U32(v) => bytemuck::cast_slice(&v[start..end]),
+        CpuStorage::I64(v) => bytemuck::cast_slice(&v[start..end]),
+        CpuStorage::U8(v) => &v[start..end],
+        _ => return Err(Error::msg(format!("cannot send a {:?} tensor", t.dtype()))),
+    };
+    Ok(f(bytes))
+}
+
+/// A tensor of shape `header.dims` on `device` whose data `fill` writes as bytes into the
+/// tensor's own (zeroed) storage.
+///
+/// # Errors
+/// `fill`'s error, or candle's moving the tensor to `device`.
+pub fn receive(
+    header: &Header,
+    device: &Device,
+    fill: impl FnOnce(&mut [u8]) -> Result<()>,
+) -> Result<Tensor> {
+    fn typed<T: bytemuck::Pod + candle_core::WithDType>(
+        header: &Header,
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<Tensor> {
+        let mut data = vec![T::zeroed(); header.elems()];
+        fill(bytemuck::cast_slice_mut(&mut data))?;
+        Ok(Tensor::from_vec(
+            data,
+            header.dims.as_slice(),
+            &Device::Cpu,
+        )?)
+    }
+    let t = match header.dtype {
+        DType::F32 => typed::<f32>(header, fill)?,
+        DType::F64 => typed::<f64>(header, fill)?,
+        DType::F16 => typed::<half::f16>(header, fill)?,
+        DType::BF16 => typed::<half::bf16>(header, fill)?,
+        DType::U32 => typed::<u32>(header, fill)?,
+        DType::I64 => typed::<i64>(header, fill)?,
+        DType::U8 => typed::<u8>(header, fill)?,
+        other => return Err(Error::msg(format!("cannot receive a {other:?} tensor"))),
+    };
+    Ok(t.to_device(device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(t: &Tensor) -> Tensor {
+        let header = Header::decode(&Header::of(t).unwrap().encode()).unwrap();
+        let bytes = with_bytes(t, <[u8]>::to_vec).unwrap();
+        receive(&header, &Device::Cpu, |buf| {
+            buf.copy_from_slice(&bytes);
+            Ok(())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn tensors_round_trip_through_bytes() {
+        let t = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 4))
+            .unwrap();
+        // A narrowed view (offset storage) and a transposed one (a copy) travel too.
+        let views = [
+            t.clone(),
+            t.narrow(0, 1, 1).unwrap(),
+            t.transpose(1, 2).unwrap(),
+        ];
+        for view in views {
+            for dtype in DTYPES {
+                let sent = view.to_dtype(dtype).unwrap();
+                let back = round_trip(&sent);
+                assert_eq!(back.dims(), sent.dims());
+                assert_eq!(back.dtype(), dtype);
+                let as_f64 = |t: &Tensor| {
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap()
+                };
+                assert_eq!(as_f64(&back), as_f64(&sent), "{dtype:?} {:?}", view.dims());
+            }
+        }
+        let scalar = Tensor::new(3.5f32, &Device::Cpu).unwrap();
+        assert_eq!(round_trip(&scalar).to_scalar::<f32>().unwrap(), 3.5);
+    }
+
+    #[test]
+    fn bad_headers_are_refused() {
+        assert!(Header::decode(&[0]).is_err());
+        assert!(Header::decode(&[99, 0]).is_err());
+        assert!(Header::decode(&[0, 3, 1]).is_err());
+        let i16s = Tensor::new(&[1f32, 2.0], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::I16)
+            .unwrap();
+        assert!(Header::of(&i16s).is_err());
+    }
+}

@@ -1,0 +1,127 @@
+//! The MPI communicator against the definitions of its operations, on three ranks: uneven and
+//! empty pieces, every root, several dtypes. The test starts itself under `mpirun`; each rank
+//! builds every rank's tensors, so each can check what it received. A mismatch panics, and a
+//! panic aborts the whole job.
+#![cfg(feature = "mpi")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+
+const RANKS: usize = 3;
+
+/// Rank `r`'s tensor: shape `[2, 3, 4]` with `dims[dim]` set to `[1, 0, 2][r]`, values
+/// distinct across ranks.
+fn piece(r: usize, dim: usize, dtype: DType) -> Tensor {
+    let mut dims = vec![2, 3, 4];
+    dims[dim] = [1, 0, 2][r];
+    let n: usize = dims.iter().product();
+    Tensor::arange(0f32, n as f32, &Device::Cpu)
+        .and_then(|t| t + 100.0 * r as f64)
+        .and_then(|t| t.reshape(dims))
+        .and_then(|t| t.to_dtype(dtype))
+        .unwrap()
+}
+
+fn assert_same(got: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
+    assert_eq!(got.dtype(), want.dtype(), "{what}: dtypes");
+    let values = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f64>())
+            .unwrap()
+    };
+    assert_eq!(values(got), values(want), "{what}: values");
+}
+
+fn check_every_operation() {
+    let world = flexmodel_dist::init().unwrap();
+    assert_eq!(world.size(), RANKS);
+    let me = world.rank();
+    for dtype in [DType::F32, DType::BF16, DType::I64, DType::U8] {
+        for dim in 0..3 {
+            let all: Vec<Tensor> = (0..RANKS).map(|r| piece(r, dim, dtype)).collect();
+            let want = Tensor::cat(&all, dim).unwrap();
+            for root in 0..RANKS {
+                let what = format!("{dtype:?} dim {dim} root {root}");
+                let cat = world.gather_cat(&all[me], dim, root).unwrap();
+                let pieces = world.gather(&all[me], root).unwrap();
+                if me == root {
+                    assert_same(&cat.unwrap(), &want, &format!("gather_cat {what}"));
+                    let pieces = pieces.unwrap();
+                    for (got, sent) in pieces.iter().zip(&all) {
+                        assert_same(got, sent, &format!("gather {what}"));
+                    }
+                } else {
+                    assert!(
+                        cat.is_none() && pieces.is_none(),
+                        "{what}: only the root gets"
+                    );
+                }
+                let scattered = world
+                    .scatter((me == root).then_some(&all[..]), root)
+                    .unwrap();
+                assert_same(&scattered, &all[me], &format!("scatter {what}"));
+                let sent = world
+                    .broadcast((me == root).then_some(&all[root]), root)
+                    .unwrap();
+                assert_same(&sent, &all[root], &format!("broadcast {what}"));
+            }
+            for (got, sent) in world.all_gather(&all[me]).unwrap().iter().zip(&all) {
+                assert_same(got, sent, &format!("all_gather {dtype:?} dim {dim}"));
+            }
+            // A ring: each rank sends its piece on and receives its neighbour's.
+            let (next, prev) = ((me + 1) % RANKS, (me + RANKS - 1) % RANKS);
+            if me % 2 == 0 {
+                world.send(&all[me], next).unwrap();
+                assert_same(&world.recv(prev).unwrap(), &all[prev], "ring");
+            } else {
+                let got = world.recv(prev).unwrap();
+                world.send(&all[me], next).unwrap();
+                assert_same(&got, &all[prev], "ring");
+            }
+        }
+    }
+    // A concatenation of pieces that do not fit is refused on the root, naming both shapes.
+    let odd = Tensor::zeros((2, 1 + me), DType::F32, &Device::Cpu).unwrap();
+    let refused = world.gather_cat(&odd, 0, 0);
+    if me == 0 {
+        let err = refused.unwrap_err().to_string();
+        assert!(err.contains("[2, 1]") && err.contains("[2, 2]"), "{err}");
+    }
+    world.barrier().unwrap();
+}
+
+#[test]
+fn collectives_match_their_definitions_on_three_ranks() {
+    if flexmodel_dist::launched_size().is_some() {
+        return check_every_operation();
+    }
+    let out = Command::new("mpirun")
+        .args(["--oversubscribe", "-n", &RANKS.to_string()])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "collectives_match_their_definitions_on_three_ranks",
+            "--test-threads=1",
+            "--color=never",
+        ])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .output()
+        .expect("run mpirun (install openmpi-bin)");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every rank ran the checks (libtest prints one result line per process).
+    let passed = String::from_utf8_lossy(&out.stdout)
+        .matches("test result: ok. 1 passed")
+        .count();
+    assert_eq!(passed, RANKS);
+}
