@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo build --release -p flexmodel-dist --features mpi --example dist_bench
-//! RAYON_NUM_THREADS=2 mpirun -n 1 target/release/examples/dist_bench
+//! RAYON_NUM_THREADS=2 target/release/examples/dist_bench --repeats 5   # one process, no MPI
 //! RAYON_NUM_THREADS=1 mpirun -n 2 target/release/examples/dist_bench --tp 2   # also --pp 2, --dp 2
 //! ```
 
