@@ -4,6 +4,7 @@
 
 mod edit;
 mod generate;
+mod harvest;
 mod opts;
 mod parallel;
 mod run;
@@ -34,6 +35,9 @@ enum Command {
     Run(run::Args),
     /// Generate text with a key/value cache, with captures and edits at every step.
     Generate(generate::Args),
+    /// Store the activations of chosen sites over a dataset: safetensors shards and a
+    /// manifest, bounded in memory, resumable.
+    Harvest(harvest::Args),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         Command::Sites(args) => sites::main(args),
         Command::Run(args) => run::main(args),
         Command::Generate(args) => generate::main(args),
+        Command::Harvest(args) => harvest::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,6 +27,8 @@
 //! Site names are Hugging Face module paths plus attention internals; see
 //! [`flexmodel_core`] for the list and [`Layout`] for how sites are split over ranks.
 
+pub mod harvest;
+
 pub use candle_core::{D, DType, Device, Tensor};
 pub use flexmodel_core::{
     Comm, Dim, Edit, Error, FlexModel, GenerateOptions, Generation, Grid, Groups, Guard, HookCtx,

@@ -1,0 +1,181 @@
+//! `flexmodel harvest`: activations over a dataset, streamed to safetensors shards.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use flexmodel::harvest::{
+    self, DataSource, HarvestOptions, Positions, Progress, Settings, StoreDType,
+};
+use flexmodel::{FlexModel, LoadOptions, Tokenizer};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::opts::{FloatType, ModelOpts};
+use crate::parallel::ParallelOpts;
+
+/// Arguments of `flexmodel harvest`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelOpts,
+
+    #[command(flatten)]
+    parallel: ParallelOpts,
+
+    /// The documents: `.txt` (one per line), `.jsonl` (text in --text-field) or
+    /// `.safetensors` (integer `input_ids` [docs, len], optional `attention_mask`).
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+
+    /// The field of each JSON line that holds the text.
+    #[arg(long, default_value = "text", value_name = "NAME")]
+    text_field: String,
+
+    /// Sites to capture, by name or pattern (`*` matches any characters); repeatable.
+    #[arg(long, required = true, num_args = 1.., value_name = "PATTERN")]
+    sites: Vec<String>,
+
+    /// Output directory: shard-NNNNNN.safetensors files and manifest.json.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+
+    /// Tokens per row.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    seq_len: usize,
+
+    /// Lay documents end to end and cut rows every --seq-len tokens (default: one row per
+    /// document, truncated).
+    #[arg(long)]
+    packing: bool,
+
+    /// Rows per forward pass.
+    #[arg(long, default_value_t = 8, value_name = "B")]
+    batch_size: usize,
+
+    /// Stop after this many input tokens.
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<usize>,
+
+    /// Dtype of the stored activations.
+    #[arg(long, value_enum, default_value_t = FloatType::F32)]
+    dtype: FloatType,
+
+    /// Positions stored: all (padding too), real (non-padding), last, or START:END.
+    #[arg(long, default_value = "real", value_name = "WHICH")]
+    positions: String,
+
+    /// Tokens per shard (a shard closes at the first batch boundary past it).
+    #[arg(long, default_value_t = 65_536, value_name = "N")]
+    shard_tokens: usize,
+
+    /// Peak resident memory of the process, in MB: shards shrink to fit.
+    #[arg(long, value_name = "MB")]
+    memory_budget: Option<u64>,
+
+    /// Continue the harvest in --out after an interruption.
+    #[arg(long)]
+    resume: bool,
+
+    /// Dtype the model computes in.
+    #[arg(long, value_enum, default_value_t = FloatType::F32)]
+    compute_dtype: FloatType,
+}
+
+pub fn main(args: Args) -> Result<()> {
+    // What can be checked without the weights is checked first.
+    let dir = args.model.dir()?;
+    let data = DataSource::from_path(&args.data, &args.text_field)?;
+    let positions: Positions = args.positions.parse()?;
+    let options = HarvestOptions {
+        settings: Settings {
+            sites: args.sites.clone(),
+            seq_len: args.seq_len,
+            packing: args.packing,
+            batch_size: args.batch_size,
+            max_tokens: args.max_tokens,
+            dtype: match args.dtype {
+                FloatType::F32 => StoreDType::F32,
+                FloatType::F16 => StoreDType::F16,
+                FloatType::Bf16 => StoreDType::Bf16,
+            },
+            positions,
+            shard_tokens: args.shard_tokens,
+        },
+        memory_budget: args.memory_budget.map(|mb| mb * 1_000_000),
+        resume: args.resume,
+    };
+    let tokenizer = Tokenizer::from_dir(&dir).ok();
+    let grid = args.parallel.grid()?;
+    let load = LoadOptions {
+        dtype: args.compute_dtype.into(),
+        grid: grid.clone(),
+        ..LoadOptions::default()
+    };
+    let model =
+        flexmodel::load(&dir, &load).with_context(|| format!("loading {}", dir.display()))?;
+    let mut fm = FlexModel::new(model);
+
+    let bar = progress_bar(grid.is_root(), args.max_tokens);
+    let result = harvest::run(
+        &mut fm,
+        &dir,
+        tokenizer.as_ref(),
+        &data,
+        &args.out,
+        &options,
+        |p: &Progress| show(&bar, p),
+    );
+    bar.finish_and_clear();
+    let summary = match result {
+        Ok(summary) => summary,
+        // The other ranks wait in the next forward pass: end them all.
+        Err(e) if grid.is_distributed() => {
+            eprintln!("flexmodel rank {}: error: {e}", grid.world.rank());
+            grid.world.abort(1)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if grid.is_root() {
+        let mb = |b: u64| b as f64 / 1e6;
+        println!(
+            "harvested {} tokens ({} rows) into {} shards, {:.1} MB, in {}: {} tokens this run, {:.0} tokens/s{}",
+            summary.stored_tokens,
+            summary.rows,
+            summary.shards,
+            mb(summary.bytes),
+            args.out.display(),
+            summary.tokens,
+            summary.tokens as f64 / summary.seconds.max(1e-9),
+            summary
+                .peak_rss
+                .map(|b| format!(", peak memory {:.0} MB", mb(b)))
+                .unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr (rank 0, a terminal): tokens against --max-tokens when given.
+fn progress_bar(root: bool, total: Option<usize>) -> ProgressBar {
+    if !root || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = match total {
+        Some(n) => ProgressBar::new(n as u64).with_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} tokens, {per_sec}, ETA {eta} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {pos} tokens, {per_sec} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    };
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn show(bar: &ProgressBar, p: &Progress) {
+    bar.set_position(p.tokens as u64);
+    bar.set_message(format!("({} stored, {} shards)", p.stored_tokens, p.shards));
+}
