@@ -65,9 +65,10 @@ pub struct Args {
     #[arg(long, default_value = "real", value_name = "WHICH")]
     positions: String,
 
-    /// Tokens per shard (a shard closes at the first batch boundary past it).
-    #[arg(long, default_value_t = 65_536, value_name = "N")]
-    shard_tokens: usize,
+    /// Tokens per shard (a shard closes at the first batch boundary past it). Default: about
+    /// 256 MiB of activations per shard.
+    #[arg(long, value_name = "N")]
+    shard_tokens: Option<usize>,
 
     /// Peak resident memory of the process, in MB: shards shrink to fit.
     #[arg(long, value_name = "MB")]

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod generate;
+mod harvest;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod run;

@@ -21,7 +21,8 @@
 //! The output directory holds `shard-NNNNNN.safetensors` files and `manifest.json`. Each
 //! shard holds, for the tokens it covers, `input_ids`, `doc` (document index) and `position`
 //! (position in the document), all I64 `[tokens]`, and one `[tokens, ...]` tensor per captured
-//! site, named by the site. Shards are cut at batch boundaries once they hold `shard_tokens`.
+//! site, named by the site. Shards are cut at batch boundaries once they hold `shard_tokens`
+//! (by default, about 256 MB of activations).
 //!
 //! Who writes: global rank 0. Every rank reads the same data and runs each batch (data-parallel
 //! ranks take their share of its rows, tensor- and pipeline-parallel ranks their part of the
@@ -74,7 +75,7 @@ pub enum Error {
         /// What differs.
         what: String,
     },
-    /// The memory budget cannot hold the model, one batch and two shards.
+    /// The memory budget cannot hold the model, one batch and the shards in flight.
     #[error("{0}")]
     Budget(String),
     /// The model or a hook failed.
@@ -87,6 +88,9 @@ pub enum Error {
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }
+
+/// Stored bytes per shard when no shard size is given.
+pub const DEFAULT_SHARD_BYTES: u64 = 256 << 20;
 
 /// Which positions of each row are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,8 +177,9 @@ pub struct Settings {
     pub dtype: StoreDType,
     /// Which positions are stored.
     pub positions: Positions,
-    /// A shard is closed at the first batch boundary at which it holds this many tokens.
-    pub shard_tokens: usize,
+    /// A shard is closed at the first batch boundary at which it holds this many tokens
+    /// (`None`: about [`DEFAULT_SHARD_BYTES`] of stored data).
+    pub shard_tokens: Option<usize>,
 }
 
 impl Default for Settings {
@@ -187,7 +192,7 @@ impl Default for Settings {
             max_tokens: None,
             dtype: StoreDType::F32,
             positions: Positions::Real,
-            shard_tokens: 65_536,
+            shard_tokens: None,
         }
     }
 }
@@ -198,7 +203,7 @@ impl Settings {
         if self.sites.is_empty() {
             return bad("no sites to harvest: give at least one site name or pattern");
         }
-        if self.seq_len == 0 || self.batch_size == 0 || self.shard_tokens == 0 {
+        if self.seq_len == 0 || self.batch_size == 0 || self.shard_tokens == Some(0) {
             return bad("sequence length, batch size and shard size must be at least 1");
         }
         if let Positions::Range { start, end } = self.positions {
@@ -219,7 +224,8 @@ pub struct HarvestOptions {
     /// What is stored and how.
     pub settings: Settings,
     /// Peak resident memory of the whole process, in bytes (Linux): shards are made small
-    /// enough that the model, one batch and two shards (one filling, one being written) fit.
+    /// enough that the model, one batch and two shards (one filling, one being written, plus
+    /// the allocator's slack) fit.
     pub memory_budget: Option<u64>,
     /// Continue the harvest in the output directory (else it must hold none).
     pub resume: bool,
@@ -301,7 +307,7 @@ pub fn run(
     };
     if state.as_ref().is_some_and(|s| s.manifest.complete) {
         let manifest = state.map(|s| s.manifest);
-        return Ok(summary(manifest, out, 0, start, settings.shard_tokens));
+        return Ok(summary(manifest, out, 0, start, 0));
     }
 
     let mut handles = Vec::new();
@@ -455,7 +461,7 @@ fn harvest_rows(
     let mut writer: Option<Writer> = None;
     let tokens_done = state.as_ref().map_or(0, |s| s.manifest.tokens_done());
     let mut shards = state.as_ref().map_or(0, |s| s.manifest.shards.len());
-    let mut shard_tokens = settings.shard_tokens;
+    let mut shard_tokens = 0;
     let mut filling = Filling::starting_at(rows_done, tokens_done);
     let mut done = Progress {
         rows: rows_done,
@@ -481,8 +487,11 @@ fn harvest_rows(
             Some(w) => w,
             None => {
                 open.manifest.tensors = tensor_entries(&tensors)?;
+                shard_tokens = settings.shard_tokens.unwrap_or_else(|| {
+                    (DEFAULT_SHARD_BYTES / per_token_bytes(&tensors)).max(1) as usize
+                });
                 if let Some(budget) = options.memory_budget {
-                    shard_tokens = fit_budget(budget, &tensors, kept, settings.shard_tokens)?;
+                    shard_tokens = fit_budget(budget, &tensors, kept, shard_tokens)?;
                 }
                 writer.insert(Writer::start(out.to_path_buf(), open.manifest.clone()))
             }
@@ -708,7 +717,7 @@ fn doc_range(tensors: &[(String, Tensor)]) -> (i64, i64) {
 
 /// The shard size (tokens) that keeps the process under `budget` bytes: measured after the
 /// first batch (the model, the forward's working memory and one batch's captures are then
-/// resident), two shards of at most `shard + one batch` tokens must fit in what is left.
+/// resident), three shards of at most `shard + one batch` tokens must fit in what is left.
 fn fit_budget(
     budget: u64,
     tensors: &[(String, Tensor)],
@@ -728,20 +737,31 @@ fn fit_budget(
         })
         .sum();
     let mb = |b: u64| b as f64 / 1e6;
-    // A tenth of the rest is left for the allocator's slack.
-    let room = budget.saturating_sub(used) * 9 / 10;
-    let fits = (room / (2 * per_token.max(1))) as usize;
+    // Two shards are held at once; a third's worth is left for the allocator's slack (freed
+    // chunks it keeps, fragmentation: measured 2.4 shards of growth past the first batch).
+    let room = budget.saturating_sub(used);
+    let fits = (room / (3 * per_token.max(1))) as usize;
     if fits <= batch_tokens {
         return Err(Error::Budget(format!(
             "memory budget {:.0} MB too small: the model and one batch already use {:.0} MB, and \
-             two shards of at least one batch ({batch_tokens} tokens x {per_token} bytes) need \
+             three shards of at least one batch ({batch_tokens} tokens x {per_token} bytes) need \
              {:.0} MB more; raise --memory-budget or lower --batch-size",
             mb(budget),
             mb(used),
-            mb(2 * (batch_tokens as u64 + 1) * per_token) / 0.9
+            mb(3 * (batch_tokens as u64 + 1) * per_token)
         )));
     }
     Ok(shard_tokens.min(fits - batch_tokens))
+}
+
+/// Bytes stored per token.
+fn per_token_bytes(tensors: &[(String, Tensor)]) -> u64 {
+    let row = |t: &Tensor| t.dims()[1..].iter().product::<usize>() * t.dtype().size_in_bytes();
+    tensors
+        .iter()
+        .map(|(_, t)| row(t) as u64)
+        .sum::<u64>()
+        .max(1)
 }
 
 /// Peak resident memory of this process (`VmHWM`), on Linux.
