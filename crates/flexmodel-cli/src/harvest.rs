@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use flexmodel::harvest::{
-    self, DataSource, HarvestOptions, Positions, Progress, Settings, StoreDType,
+    self, DataSource, HarvestOptions, Positions, Progress, Settings, StatsSettings, StoreDType,
 };
 use flexmodel::{FlexModel, LoadOptions, Tokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -70,6 +70,27 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     shard_tokens: Option<usize>,
 
+    /// Also keep statistics of every site: running mean and variance of each unit and its
+    /// top-k activating tokens with context (stats.safetensors).
+    #[arg(long)]
+    stats: bool,
+
+    /// Statistics only: store no activations.
+    #[arg(long, requires = "stats")]
+    no_raw: bool,
+
+    /// Top activating tokens kept per unit (with --stats).
+    #[arg(long, default_value_t = 10, value_name = "K")]
+    top_k: usize,
+
+    /// Tokens of context stored with each top token, ending at it (with --stats).
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    context: usize,
+
+    /// Also the covariance between the units of each site of at most 4096 units (with --stats).
+    #[arg(long, requires = "stats")]
+    covariance: bool,
+
     /// Peak resident memory of the process, in MB: shards shrink to fit.
     #[arg(long, value_name = "MB")]
     memory_budget: Option<u64>,
@@ -101,6 +122,12 @@ pub fn main(args: Args) -> Result<()> {
                 FloatType::Bf16 => StoreDType::Bf16,
             },
             positions,
+            raw: !args.no_raw,
+            stats: args.stats.then_some(StatsSettings {
+                top_k: args.top_k,
+                context: args.context,
+                covariance: args.covariance,
+            }),
             shard_tokens: args.shard_tokens,
         },
         memory_budget: args.memory_budget.map(|mb| mb * 1_000_000),

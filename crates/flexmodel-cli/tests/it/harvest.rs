@@ -227,13 +227,14 @@ fn a_harvest_killed_at_random_points_and_resumed_equals_an_uninterrupted_one() {
     let data = tmp.path().join("docs.txt");
     numbered_text(&data, 2000);
     let whole = tmp.path().join("whole");
+    let stats = ["--stats", "--top-k", "3"];
     let start = std::time::Instant::now();
-    flexmodel_ok(&harvest_args(&model, &data, &whole));
+    flexmodel_ok(&[&harvest_args(&model, &data, &whole)[..], &stats].concat());
     let full_time = start.elapsed();
 
     let resumed = tmp.path().join("resumed");
     let args = harvest_args(&model, &data, &resumed);
-    let resume_args = [&args[..], &["--resume"]].concat();
+    let resume_args = [&args[..], &stats, &["--resume"]].concat();
     // Kill points spread over the uninterrupted run's duration (seeded, so reruns agree).
     let mut rng = flexmodel::rng::SplitMix64::new(17);
     let mut kills = 0;
@@ -269,10 +270,134 @@ fn a_harvest_killed_at_random_points_and_resumed_equals_an_uninterrupted_one() {
         }
     }
     assert_eq!(m1["tensors"], m2["tensors"]);
+    // The statistics too: restored exactly at each checkpoint, no token counted twice.
+    let (s1, s2) = (
+        load(&whole.join("stats.safetensors")),
+        load(&resumed.join("stats.safetensors")),
+    );
+    assert_eq!(s1.len(), s2.len());
+    for (name, t) in &s1 {
+        let (a, b) = (
+            t.to_dtype(DType::F64).unwrap(),
+            s2[name].to_dtype(DType::F64).unwrap(),
+        );
+        let same = (a.flatten_all().unwrap().to_vec1::<f64>().unwrap().iter())
+            .zip(b.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .all(|(x, y)| *x == y || (x.is_nan() && y.is_nan()));
+        assert!(same, "stats {name} differ after resuming");
+    }
     // No leftovers.
     for entry in std::fs::read_dir(&resumed).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
         assert!(!name.ends_with(".tmp"), "{name} left behind");
+    }
+}
+
+#[test]
+fn statistics_equal_those_of_the_raw_harvest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("h");
+    let (k, context, seq_len) = (4, 3, 16);
+    flexmodel_ok(&[
+        "harvest",
+        "--model",
+        path_str(&model_dir("llama")),
+        "--data",
+        path_str(&tiny_text()),
+        "--sites",
+        "model.layers.*.mlp",
+        "--sites",
+        "model.layers.0.self_attn.hook_q",
+        "--out",
+        path_str(&out),
+        "--seq-len",
+        "16",
+        "--packing",
+        "--batch-size",
+        "3",
+        "--shard-tokens",
+        "200",
+        "--stats",
+        "--covariance",
+        "--top-k",
+        "4",
+        "--context",
+        "3",
+    ]);
+    let (manifest, raw) = read_harvest(&out);
+    assert_eq!(manifest["stats"], "stats.safetensors");
+    let stats = load(&out.join("stats.safetensors"));
+    let ids = i64s(&raw["input_ids"]);
+    for site in [
+        "model.layers.0.mlp",
+        "model.layers.1.mlp",
+        "model.layers.0.self_attn.hook_q",
+    ] {
+        let x = raw[site].to_dtype(DType::F64).unwrap();
+        let n = x.dim(0).unwrap();
+        let x = x.reshape((n, ())).unwrap();
+        let units = x.dim(1).unwrap();
+        let mean = x.mean(0).unwrap();
+        let centered = x.broadcast_sub(&mean).unwrap();
+        let var = (centered.sqr().unwrap().sum(0).unwrap() / (n - 1) as f64).unwrap();
+        let cov = (centered.t().unwrap().matmul(&centered).unwrap() / (n - 1) as f64).unwrap();
+        let flat = |name: &str| stats[&format!("{site}.{name}")].flatten_all().unwrap();
+        assert_eq!(
+            stats[&format!("{site}.count")].to_scalar::<i64>().unwrap(),
+            n as i64
+        );
+        assert_close(&format!("{site} mean"), &flat("mean"), &mean, 1e-5);
+        assert_close(&format!("{site} var"), &flat("var"), &var, 1e-5);
+        assert_close(
+            &format!("{site} covariance"),
+            &stats[&format!("{site}.covariance")],
+            &cov,
+            1e-5,
+        );
+        // Top-k by brute force: every unit's k largest values, earlier tokens first on ties.
+        let values: Vec<f32> = raw[site]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let top_values: Vec<f32> = flat("top.values").to_vec1().unwrap();
+        let top_pos: Vec<i64> = flat("top.position").to_vec1().unwrap();
+        let top_doc: Vec<i64> = flat("top.doc").to_vec1().unwrap();
+        let top_ctx: Vec<i64> = flat("top.context").to_vec1().unwrap();
+        let (docs, positions) = (i64s(&raw["doc"]), i64s(&raw["position"]));
+        for u in 0..units {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| {
+                values[b * units + u]
+                    .total_cmp(&values[a * units + u])
+                    .then(a.cmp(&b))
+            });
+            for (i, &t) in order.iter().take(k).enumerate() {
+                assert_eq!(
+                    top_values[u * k + i],
+                    values[t * units + u],
+                    "{site} unit {u} #{i}"
+                );
+                assert_eq!(top_doc[u * k + i], docs[t], "{site} unit {u} #{i}");
+                assert_eq!(top_pos[u * k + i], positions[t], "{site} unit {u} #{i}");
+                // Its context: the tokens of its row up to it (rows are 16 tokens, packed).
+                let row_start = t / seq_len * seq_len;
+                let want: Vec<i64> = (0..context)
+                    .map(|j| {
+                        (t + j + 1)
+                            .checked_sub(context)
+                            .filter(|&q| q >= row_start)
+                            .map_or(-1, |q| ids[q])
+                    })
+                    .collect();
+                assert_eq!(
+                    top_ctx[(u * k + i) * context..(u * k + i + 1) * context],
+                    want[..]
+                );
+            }
+        }
     }
 }
 

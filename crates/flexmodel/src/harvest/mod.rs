@@ -30,6 +30,7 @@
 //! harvest asks rank 0 where to continue and every rank skips the same rows.
 
 mod data;
+mod stats;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -39,12 +40,14 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use data::{DataSource, Document, Row, Rows};
+pub use stats::{MAX_COVARIANCE_WIDTH, StatsSettings};
 pub use store::{
     DataIdentity, MANIFEST, Manifest, ModelIdentity, ShardEntry, TensorEntry, hash_file,
     model_identity,
 };
 
 use crate::{Dim, FlexModel, HookFunction, Input, Tokenizer};
+use stats::{Stats, TokenInfo};
 use store::{Shard, Writer};
 
 /// What can go wrong in a harvest.
@@ -177,6 +180,10 @@ pub struct Settings {
     pub dtype: StoreDType,
     /// Which positions are stored.
     pub positions: Positions,
+    /// Store the activations (shards); else only statistics.
+    pub raw: bool,
+    /// Keep statistics of every site (saved with each shard, final in `stats.safetensors`).
+    pub stats: Option<StatsSettings>,
     /// A shard is closed at the first batch boundary at which it holds this many tokens
     /// (`None`: about [`DEFAULT_SHARD_BYTES`] of stored data).
     pub shard_tokens: Option<usize>,
@@ -192,6 +199,8 @@ impl Default for Settings {
             max_tokens: None,
             dtype: StoreDType::F32,
             positions: Positions::Real,
+            raw: true,
+            stats: None,
             shard_tokens: None,
         }
     }
@@ -205,6 +214,16 @@ impl Settings {
         }
         if self.seq_len == 0 || self.batch_size == 0 || self.shard_tokens == Some(0) {
             return bad("sequence length, batch size and shard size must be at least 1");
+        }
+        if !self.raw && self.stats.is_none() {
+            return bad("nothing to keep: store the activations, statistics, or both");
+        }
+        if self
+            .stats
+            .as_ref()
+            .is_some_and(|s| s.top_k == 0 || s.context == 0)
+        {
+            return bad("statistics need top-k and context of at least 1");
         }
         if let Positions::Range { start, end } = self.positions {
             if start >= end || end > self.seq_len {
@@ -362,6 +381,7 @@ fn open(
         settings: options.settings.clone(),
         tensors: Default::default(),
         shards: Vec::new(),
+        stats: None,
         complete: false,
     };
     let manifest = match Manifest::read(out)? {
@@ -459,6 +479,10 @@ fn harvest_rows(
     let mut rows = rows.skip(rows_done).peekable();
     // Started on rank 0 once the first batch says what the shards hold.
     let mut writer: Option<Writer> = None;
+    let mut stats = match state {
+        Some(open) => open_stats(out, &open.manifest)?,
+        None => None,
+    };
     let tokens_done = state.as_ref().map_or(0, |s| s.manifest.tokens_done());
     let mut shards = state.as_ref().map_or(0, |s| s.manifest.shards.len());
     let mut shard_tokens = 0;
@@ -482,7 +506,15 @@ fn harvest_rows(
         let Some(open) = state.as_mut() else {
             continue; // Not rank 0: nothing to store.
         };
-        let (tensors, kept) = select(&batch, captures, fm, settings)?;
+        let (tensors, flat) = select(&batch, captures, fm, settings)?;
+        let kept = flat.len();
+        if let Some(stats) = &mut stats {
+            let context = settings.stats.as_ref().map_or(1, |s| s.context);
+            stats.add(
+                &tensors[3..],
+                &token_info(&batch, &tensors, &flat, settings.seq_len, context)?,
+            )?;
+        }
         let writer = match &mut writer {
             Some(w) => w,
             None => {
@@ -505,11 +537,14 @@ fn harvest_rows(
         }
         filling.rows[1] += batch.len();
         filling.tokens[1] += kept;
-        filling.append(tensors)?;
+        if settings.raw {
+            filling.append(tensors)?;
+        }
         done.stored_tokens += kept;
         if filling.len() >= shard_tokens {
             let next = Filling::starting_at(filling.rows[1], filling.tokens[1]);
-            writer.send(shard(std::mem::replace(&mut filling, next), shards))?;
+            let full = std::mem::replace(&mut filling, next);
+            writer.send(shard(full, shards, settings.raw, stats.as_ref())?)?;
             shards += 1;
             done.shards = shards;
         }
@@ -522,15 +557,29 @@ fn harvest_rows(
     let mut manifest = match writer.as_mut() {
         Some(writer) => {
             if filling.rows[1] > filling.rows[0] {
-                writer.send(shard(filling, shards))?;
+                writer.send(shard(filling, shards, settings.raw, stats.as_ref())?)?;
             }
             writer.finish()?
         }
         // Every row was stored by an earlier run.
         None => open.manifest,
     };
+    // The final statistics under their own name, then the manifest that names them.
+    let old_stats = match &stats {
+        Some(stats) => {
+            store::write_tensors(&out.join(STATS), stats.tensors()?)?;
+            manifest
+                .stats
+                .replace(STATS.into())
+                .filter(|old| old != STATS)
+        }
+        None => None,
+    };
     manifest.complete = true;
     manifest.write(out)?;
+    if let Some(old) = old_stats {
+        let _ = std::fs::remove_file(out.join(old));
+    }
     Ok(summary(
         Some(manifest),
         out,
@@ -538,6 +587,64 @@ fn harvest_rows(
         start,
         shard_tokens,
     ))
+}
+
+/// The statistics to continue from (statistics mode): those the manifest names, if any.
+fn open_stats(out: &Path, manifest: &Manifest) -> Result<Option<Stats>, Error> {
+    let Some(settings) = &manifest.settings.stats else {
+        return Ok(None);
+    };
+    let Some(file) = &manifest.stats else {
+        return Ok(Some(Stats::new(settings.clone())));
+    };
+    let path = out.join(file);
+    let saved = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| {
+        Error::Data(format!(
+            "{}: cannot read the statistics: {e}",
+            path.display()
+        ))
+    })?;
+    let sites: Vec<(String, Vec<usize>)> = manifest
+        .tensors
+        .iter()
+        .filter(|(name, _)| !META.contains(&name.as_str()))
+        .map(|(name, t)| (name.clone(), t.shape.clone()))
+        .collect();
+    Stats::restore(settings.clone(), &saved, &sites).map(Some)
+}
+
+/// Tensors by name.
+type Named = Vec<(String, Tensor)>;
+
+/// The per-token tensors every shard holds before the sites.
+const META: [&str; 3] = ["input_ids", "doc", "position"];
+
+/// The statistics file of a finished harvest.
+pub const STATS: &str = "stats.safetensors";
+
+/// Where each kept token is, and the `context` tokens ending at it in its row.
+fn token_info(
+    batch: &[Row],
+    tensors: &[(String, Tensor)],
+    flat: &[u32],
+    seq_len: usize,
+    context: usize,
+) -> Result<TokenInfo, Error> {
+    let mut contexts = Vec::with_capacity(flat.len() * context);
+    for &f in flat {
+        let (r, p) = (f as usize / seq_len, f as usize % seq_len);
+        let ids = &batch[r].ids;
+        for back in (0..context).rev() {
+            // The token `back` places before this one (-1 before the row or in its padding).
+            let id = p.checked_sub(back).and_then(|q| ids.get(q));
+            contexts.push(id.map_or(-1, |&id| i64::from(id)));
+        }
+    }
+    Ok(TokenInfo {
+        docs: tensors[1].1.to_vec1()?,
+        positions: tensors[2].1.to_vec1()?,
+        contexts,
+    })
 }
 
 /// The manifest's description of the stored tensors.
@@ -556,16 +663,19 @@ fn tensor_entries(
         .collect()
 }
 
-fn shard(filling: Filling, index: usize) -> Shard {
-    Shard {
+/// The shard `filling` becomes: its file (with raw storage), its statistics (in statistics
+/// mode).
+fn shard(filling: Filling, index: usize, raw: bool, stats: Option<&Stats>) -> Result<Shard, Error> {
+    Ok(Shard {
         entry: ShardEntry {
-            file: store::shard_name(index),
+            file: raw.then(|| store::shard_name(index)),
             rows: filling.rows,
             tokens: filling.tokens,
             docs: filling.docs,
         },
         tensors: filling.tensors,
-    }
+        stats: stats.map(Stats::tensors).transpose()?,
+    })
 }
 
 fn summary(
@@ -579,7 +689,7 @@ fn summary(
     let bytes = m.map_or(0, |m| {
         m.shards
             .iter()
-            .filter_map(|s| std::fs::metadata(out.join(&s.file)).ok())
+            .filter_map(|s| std::fs::metadata(out.join(s.file.as_ref()?)).ok())
             .map(|f| f.len())
             .sum()
     });
@@ -615,13 +725,13 @@ fn batch_input(batch: &[Row], seq_len: usize) -> Result<Input, Error> {
 }
 
 /// The stored tensors of one batch: `input_ids`, `doc`, `position`, then each capture, all
-/// `[kept tokens, ...]`; and the number of kept tokens.
+/// `[kept tokens, ...]`; and where the kept tokens are (`row * seq_len + position`).
 fn select(
     batch: &[Row],
     captures: crate::OutputMap,
     fm: &FlexModel,
     settings: &Settings,
-) -> Result<(Vec<(String, Tensor)>, usize), Error> {
+) -> Result<(Named, Vec<u32>), Error> {
     let seq_len = settings.seq_len;
     // Flat indices (row * seq_len + position) of the kept positions, with their metadata.
     let (mut flat, mut ids, mut docs, mut positions) =
@@ -647,7 +757,7 @@ fn select(
         }
     }
     let kept = flat.len();
-    let index = Tensor::from_vec(flat, kept, &Device::Cpu)?;
+    let index = Tensor::new(flat.as_slice(), &Device::Cpu)?;
     let mut tensors = vec![
         (
             "input_ids".to_string(),
@@ -680,7 +790,7 @@ fn select(
             tensors.push((name, per_token.index_select(&index, 0)?.to_dtype(dtype)?));
         }
     }
-    Ok((tensors, kept))
+    Ok((tensors, flat))
 }
 
 /// An activation laid out as `template`, as `[batch * seq, ...]` (row-major over batch then

@@ -33,6 +33,8 @@ pub struct Manifest {
     pub tensors: BTreeMap<String, TensorEntry>,
     /// Complete shards, in order.
     pub shards: Vec<ShardEntry>,
+    /// The statistics file (statistics mode), as of the last shard.
+    pub stats: Option<String>,
     /// Whether the whole dataset has been harvested.
     pub complete: bool,
 }
@@ -70,11 +72,11 @@ pub struct TensorEntry {
     pub dtype: String,
 }
 
-/// One complete shard.
+/// One complete shard: a checkpoint of the harvest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ShardEntry {
-    /// File name in the directory.
-    pub file: String,
+    /// File name in the directory (`None` when only statistics are kept).
+    pub file: Option<String>,
     /// Rows (model input sequences) it covers: `[start, end)`.
     pub rows: [usize; 2],
     /// Stored tokens it holds: `[start, end)` in the whole harvest.
@@ -222,10 +224,14 @@ fn write_safetensors(w: &mut impl Write, tensors: &[(String, Vec<Tensor>)]) -> s
             .first()
             .ok_or_else(|| invalid(format!("tensor `{name}` has no data")))?;
         let mut shape = first.dims().to_vec();
-        if shape.is_empty() {
-            return Err(invalid(format!("tensor `{name}` has no token axis")));
+        if chunks.len() > 1 {
+            if shape.is_empty() {
+                return Err(invalid(format!(
+                    "tensor `{name}` has no axis to join chunks on"
+                )));
+            }
+            shape[0] = chunks.iter().map(|c| c.dim(0).unwrap_or(0)).sum();
         }
-        shape[0] = chunks.iter().map(|c| c.dim(0).unwrap_or(0)).sum();
         let bytes = shape.iter().product::<usize>() * first.dtype().size_in_bytes();
         header.insert(
             name.clone(),
@@ -266,8 +272,10 @@ pub(crate) fn dtype_name(dtype: DType) -> Result<&'static str, String> {
 /// A complete shard on its way to disk.
 pub(crate) struct Shard {
     pub(crate) entry: ShardEntry,
-    /// Each tensor as chunks along the token axis.
+    /// Each tensor as chunks along the token axis (none when only statistics are kept).
     pub(crate) tensors: Vec<(String, Vec<Tensor>)>,
+    /// The statistics as of the end of this shard, in statistics mode.
+    pub(crate) stats: Option<Vec<(String, Tensor)>>,
 }
 
 /// Writes shards on a thread of its own, overlapping disk writes with the model's compute,
@@ -337,17 +345,36 @@ fn write_shards(
     rx: &Receiver<Shard>,
 ) -> Result<Manifest, Error> {
     for shard in rx {
-        write_atomic(&dir.join(&shard.entry.file), |w| {
-            write_safetensors(w, &shard.tensors)
-        })?;
+        if let Some(file) = &shard.entry.file {
+            write_atomic(&dir.join(file), |w| write_safetensors(w, &shard.tensors))?;
+        }
+        let old_stats = match shard.stats {
+            Some(stats) => {
+                let name = format!("stats-{:06}.safetensors", manifest.shards.len());
+                write_tensors(&dir.join(&name), stats)?;
+                manifest.stats.replace(name)
+            }
+            None => None,
+        };
         manifest.shards.push(shard.entry);
         manifest.write(dir)?;
+        // The manifest now names the new statistics: the old ones can go.
+        if let Some(old) = old_stats {
+            let _ = fs::remove_file(dir.join(old));
+        }
     }
     Ok(manifest)
 }
 
-/// Removes what an interrupted harvest left: temporary files, and shards the manifest does not
-/// list (renamed before the manifest was updated; they are written again).
+/// Writes whole tensors to a safetensors file, atomically.
+pub(crate) fn write_tensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<(), Error> {
+    let tensors: Vec<(String, Vec<Tensor>)> =
+        tensors.into_iter().map(|(n, t)| (n, vec![t])).collect();
+    write_atomic(path, |w| write_safetensors(w, &tensors))
+}
+
+/// Removes what an interrupted harvest left: temporary files, and shards and statistics the
+/// manifest does not list (renamed before the manifest was updated; they are written again).
 ///
 /// # Errors
 /// The directory cannot be read or a file removed.
@@ -362,9 +389,14 @@ pub(crate) fn clean(dir: &Path, manifest: &Manifest) -> Result<(), Error> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let listed = manifest.shards.iter().any(|s| s.file == name);
-        let stale_shard = name.starts_with("shard-") && name.ends_with(".safetensors") && !listed;
-        if name.ends_with(".tmp") || stale_shard {
+        let listed = manifest
+            .shards
+            .iter()
+            .any(|s| s.file.as_deref() == Some(&name))
+            || manifest.stats.as_deref() == Some(&name);
+        let ours = name.starts_with("shard-") || name.starts_with("stats");
+        let stale = ours && name.ends_with(".safetensors") && !listed;
+        if name.ends_with(".tmp") || stale {
             fs::remove_file(&path).map_err(|source| Error::Io { path, source })?;
         }
     }
