@@ -19,7 +19,7 @@ fn path_str(p: &Path) -> &str {
 }
 
 /// The manifest, and every stored tensor: the shards the manifest lists, concatenated.
-fn read_harvest(dir: &Path) -> (serde_json::Value, HashMap<String, Tensor>) {
+pub fn read_harvest(dir: &Path) -> (serde_json::Value, HashMap<String, Tensor>) {
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     let mut parts: HashMap<String, Vec<Tensor>> = HashMap::new();

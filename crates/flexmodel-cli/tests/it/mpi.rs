@@ -428,3 +428,100 @@ fn as_ids(t: &candle_core::Tensor) -> Vec<Vec<i64>> {
         .to_vec2::<i64>()
         .unwrap()
 }
+
+/// A harvest under mpirun stores what one process stores, and resumes where one process left.
+#[test]
+fn harvest_under_every_layout_equals_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_dir("llama");
+    let data = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/tiny.txt");
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "harvest",
+            "--model",
+            path_str(&dir),
+            "--data",
+            path_str(&data),
+            "--sites",
+            "model.layers.*",
+            "--out",
+            path_str(out),
+            "--seq-len",
+            "16",
+            // 40 rows: the last batch has one row, fewer than the data-parallel ranks.
+            "--batch-size",
+            "3",
+            "--shard-tokens",
+            "150",
+            "--stats",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let single = tmp.path().join("single");
+    let single_args = args(&single);
+    flexmodel_ok(&single_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let want = crate::harvest::read_harvest(&single).1;
+    let want_stats = load(&single.join("stats.safetensors"));
+    let compare = |out: &std::path::Path, what: &str| {
+        let got = crate::harvest::read_harvest(out).1;
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (name, t) in &want {
+            assert_close(&format!("{what} {name}"), &got[name], t, 1e-5);
+        }
+        let stats = load(&out.join("stats.safetensors"));
+        for (name, t) in &want_stats {
+            if !name.contains(".top.") {
+                assert_close(&format!("{what} {name}"), &stats[name], t, 1e-5);
+            }
+        }
+    };
+    for (layout, ranks) in [
+        (&["--tp", "2"][..], 2),
+        (&["--pp", "2"][..], 2),
+        (&["--dp", "2"][..], 2),
+        (&["--tp", "2", "--pp", "2", "--dp", "2"][..], 8),
+    ] {
+        let out = tmp.path().join(format!("multi{ranks}{}", layout[0]));
+        let a = args(&out);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let (run, _) = mpirun(ranks, &[&a[..], layout].concat());
+        assert!(
+            run.status.success(),
+            "{layout:?}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        compare(&out, &format!("{layout:?}"));
+    }
+    // An interrupted harvest (the last two shards never written), resumed under dp2.
+    let partial = tmp.path().join("partial");
+    let a = args(&partial);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    flexmodel_ok(&a);
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(partial.join("manifest.json")).unwrap())
+            .unwrap();
+    let shards = manifest["shards"].as_array_mut().unwrap();
+    for dropped in shards.split_off(shards.len() - 2) {
+        std::fs::remove_file(partial.join(dropped["file"].as_str().unwrap())).unwrap();
+    }
+    manifest["complete"] = serde_json::Value::Bool(false);
+    manifest["stats"] = serde_json::Value::Null;
+    manifest["settings"]["stats"] = serde_json::Value::Null;
+    std::fs::remove_file(partial.join("stats.safetensors")).unwrap();
+    std::fs::write(partial.join("manifest.json"), manifest.to_string()).unwrap();
+    let without_stats: Vec<&str> = a.iter().copied().filter(|x| *x != "--stats").collect();
+    let (run, _) = mpirun(
+        2,
+        &[&without_stats[..], &["--dp", "2", "--resume"]].concat(),
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let got = crate::harvest::read_harvest(&partial).1;
+    for (name, t) in &want {
+        assert_close(&format!("resumed {name}"), &got[name], t, 1e-5);
+    }
+}

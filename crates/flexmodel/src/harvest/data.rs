@@ -248,6 +248,17 @@ pub struct Row {
     pub positions: Vec<i64>,
 }
 
+impl Row {
+    /// A one-token row that fills a batch and is not stored.
+    pub(crate) fn placeholder() -> Self {
+        Self {
+            ids: vec![0],
+            docs: vec![-1],
+            positions: vec![-1],
+        }
+    }
+}
+
 /// Cuts documents into rows: one row per document, cut at `seq_len` (truncation), or
 /// documents laid end to end and cut every `seq_len` tokens (packing; a document may continue
 /// in the next row). Stops after `max_tokens` tokens.

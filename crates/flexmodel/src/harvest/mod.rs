@@ -477,6 +477,7 @@ fn harvest_rows(
         settings.max_tokens,
     );
     let mut rows = rows.skip(rows_done).peekable();
+    let dp = fm.model().grid().degrees.dp;
     // Started on rank 0 once the first batch says what the shards hold.
     let mut writer: Option<Writer> = None;
     let mut stats = match state {
@@ -494,19 +495,24 @@ fn harvest_rows(
         ..Progress::default()
     };
     while rows.peek().is_some() {
-        let batch: Vec<Row> = rows
+        let mut batch: Vec<Row> = rows
             .by_ref()
             .take(settings.batch_size)
             .collect::<Result<_, _>>()?;
+        let real = batch.len();
+        // Every data-parallel rank needs a row: a short last batch gets one-token rows
+        // that nothing stores.
+        batch.resize(real.max(dp), Row::placeholder());
         let input = batch_input(&batch, settings.seq_len)?;
         fm.forward_input(&input)?;
         let captures = fm.take_output();
-        done.rows += batch.len();
+        batch.truncate(real);
+        done.rows += real;
         done.tokens += batch.iter().map(|r| r.ids.len()).sum::<usize>();
         let Some(open) = state.as_mut() else {
             continue; // Not rank 0: nothing to store.
         };
-        let (tensors, flat) = select(&batch, captures, fm, settings)?;
+        let (tensors, flat) = select(&batch, real.max(dp), captures, fm, settings)?;
         let kept = flat.len();
         if let Some(stats) = &mut stats {
             let context = settings.stats.as_ref().map_or(1, |s| s.context);
@@ -724,10 +730,12 @@ fn batch_input(batch: &[Row], seq_len: usize) -> Result<Input, Error> {
     })
 }
 
-/// The stored tensors of one batch: `input_ids`, `doc`, `position`, then each capture, all
-/// `[kept tokens, ...]`; and where the kept tokens are (`row * seq_len + position`).
+/// The stored tensors of the rows of `batch` (of the `batch_rows` the model ran):
+/// `input_ids`, `doc`, `position`, then each capture, all `[kept tokens, ...]`; and where the
+/// kept tokens are (`row * seq_len + position`).
 fn select(
     batch: &[Row],
+    batch_rows: usize,
     captures: crate::OutputMap,
     fm: &FlexModel,
     settings: &Settings,
@@ -785,7 +793,7 @@ fn select(
             } else {
                 format!("{site}#{k}")
             };
-            let per_token = per_token(&t, template, batch.len(), seq_len)
+            let per_token = per_token(&t, template, batch_rows, seq_len)
                 .map_err(|e| Error::Data(format!("site `{site}`: {e}")))?;
             tensors.push((name, per_token.index_select(&index, 0)?.to_dtype(dtype)?));
         }
