@@ -144,7 +144,7 @@ pub fn main(args: Args) -> Result<()> {
         flexmodel::load(&dir, &load).with_context(|| format!("loading {}", dir.display()))?;
     let mut fm = FlexModel::new(model);
 
-    let bar = progress_bar(grid.is_root(), args.max_tokens);
+    let bar = progress_bar(grid.is_root());
     let result = harvest::run(
         &mut fm,
         &dir,
@@ -184,26 +184,25 @@ pub fn main(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// A progress bar on stderr (rank 0, a terminal): tokens against --max-tokens when given.
-fn progress_bar(root: bool, total: Option<usize>) -> ProgressBar {
+/// A progress bar on stderr (rank 0, a terminal), in thousandths of the data, with the ETA.
+fn progress_bar(root: bool) -> ProgressBar {
     if !root || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar = match total {
-        Some(n) => ProgressBar::new(n as u64).with_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} tokens, {per_sec}, ETA {eta} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        ),
-        None => ProgressBar::new_spinner().with_style(
-            ProgressStyle::with_template("{spinner} {pos} tokens, {per_sec} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        ),
-    };
+    let style = ProgressStyle::with_template("{bar:30} {percent:>3}% ETA {eta} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bar = ProgressBar::new(1000).with_style(style);
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
 }
 
 fn show(bar: &ProgressBar, p: &Progress) {
-    bar.set_position(p.tokens as u64);
-    bar.set_message(format!("({} stored, {} shards)", p.stored_tokens, p.shards));
+    bar.set_position((p.fraction * 1000.0) as u64);
+    bar.set_message(format!(
+        "{} tokens, {:.0} tokens/s, {} stored in {} shards",
+        p.tokens,
+        p.tokens as f64 / p.seconds.max(1e-9),
+        p.stored_tokens,
+        p.shards
+    ));
 }

@@ -94,6 +94,8 @@ impl DataSource {
             Self::Text { path } => Box::new(TextDocs {
                 lines: BufReader::new(open(path)?).lines(),
                 line: 0,
+                read: 0,
+                size: file_size(path)?,
                 path,
                 tokenizer: need_tokenizer()?,
                 field: None,
@@ -101,6 +103,8 @@ impl DataSource {
             Self::Jsonl { path, field } => Box::new(TextDocs {
                 lines: BufReader::new(open(path)?).lines(),
                 line: 0,
+                read: 0,
+                size: file_size(path)?,
                 path,
                 tokenizer: need_tokenizer()?,
                 field: Some(field),
@@ -110,6 +114,15 @@ impl DataSource {
     }
 }
 
+fn file_size(path: &Path) -> Result<u64, Error> {
+    std::fs::metadata(path)
+        .map(|m| m.len().max(1))
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 /// One document: its index in the data file and its tokens.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Document {
@@ -117,11 +130,16 @@ pub struct Document {
     pub index: usize,
     /// Token ids.
     pub tokens: Vec<u32>,
+    /// How far through the data file it ends, from 0 to 1.
+    pub end: f64,
 }
 
 struct TextDocs<'a> {
     lines: Lines<BufReader<File>>,
     line: usize,
+    /// Bytes read so far, of `size`.
+    read: u64,
+    size: u64,
     path: &'a Path,
     tokenizer: &'a Tokenizer,
     field: Option<&'a str>,
@@ -143,6 +161,7 @@ impl Iterator for TextDocs<'_> {
                     }));
                 }
             };
+            self.read += line.len() as u64 + 1;
             if line.trim().is_empty() {
                 continue;
             }
@@ -164,7 +183,8 @@ impl Iterator for TextDocs<'_> {
                 Err(e) => return Some(Err(Error::Load(e))),
             };
             if !tokens.is_empty() {
-                return Some(Ok(Document { index, tokens }));
+                let end = (self.read as f64 / self.size as f64).min(1.0);
+                return Some(Ok(Document { index, tokens, end }));
             }
         }
     }
@@ -217,7 +237,8 @@ fn id_rows(path: &Path) -> Result<Vec<Document>, Error> {
         }
         None => None,
     };
-    let mut docs = Vec::with_capacity(ids.len());
+    let rows = ids.len();
+    let mut docs = Vec::with_capacity(rows);
     for (index, row) in ids.into_iter().enumerate() {
         let mut tokens = Vec::with_capacity(row.len());
         for (j, id) in row.into_iter().enumerate() {
@@ -230,7 +251,8 @@ fn id_rows(path: &Path) -> Result<Vec<Document>, Error> {
             );
         }
         if !tokens.is_empty() {
-            docs.push(Document { index, tokens });
+            let end = (index + 1) as f64 / rows as f64;
+            docs.push(Document { index, tokens, end });
         }
     }
     Ok(docs)
@@ -246,6 +268,8 @@ pub struct Row {
     pub docs: Vec<i64>,
     /// Position of each token in its document.
     pub positions: Vec<i64>,
+    /// How far through the data file the last document read into it ends, from 0 to 1.
+    pub data_end: f64,
 }
 
 impl Row {
@@ -255,6 +279,7 @@ impl Row {
             ids: vec![0],
             docs: vec![-1],
             positions: vec![-1],
+            data_end: 0.0,
         }
     }
 }
@@ -267,8 +292,8 @@ pub struct Rows<'a> {
     seq_len: usize,
     packing: bool,
     left: Option<usize>,
-    /// Packing: the unread rest of the current document (index, next position, tokens).
-    pending: VecDeque<(usize, usize, Vec<u32>)>,
+    /// Packing: the unread rest of the current document.
+    pending: VecDeque<(Document, usize)>,
 }
 
 impl<'a> Rows<'a> {
@@ -299,24 +324,25 @@ impl Iterator for Rows<'_> {
         }
         let mut row = Row::default();
         while row.ids.len() < room {
-            let (index, start, tokens) = match self.pending.pop_front() {
+            let (doc, start) = match self.pending.pop_front() {
                 Some(rest) => rest,
                 None => match self.docs.next() {
                     None => break,
                     Some(Err(e)) => return Some(Err(e)),
-                    Some(Ok(doc)) => (doc.index, 0, doc.tokens),
+                    Some(Ok(doc)) => (doc, 0),
                 },
             };
-            let take = (tokens.len() - start).min(room - row.ids.len());
-            row.ids.extend_from_slice(&tokens[start..start + take]);
-            row.docs.extend(std::iter::repeat_n(index as i64, take));
+            let take = (doc.tokens.len() - start).min(room - row.ids.len());
+            row.ids.extend_from_slice(&doc.tokens[start..start + take]);
+            row.docs.extend(std::iter::repeat_n(doc.index as i64, take));
             row.positions
                 .extend((start..start + take).map(|p| p as i64));
+            row.data_end = doc.end;
             if !self.packing {
                 break;
             }
-            if start + take < tokens.len() {
-                self.pending.push_back((index, start + take, tokens));
+            if start + take < doc.tokens.len() {
+                self.pending.push_back((doc, start + take));
             }
         }
         if row.ids.is_empty() {
@@ -340,6 +366,7 @@ mod tests {
             .map(|(index, &n)| Document {
                 index,
                 tokens: (0..n as u32).map(|t| 100 * index as u32 + t).collect(),
+                end: (index + 1) as f64 / lengths.len() as f64,
             })
             .collect();
         Box::new(docs.into_iter().map(Ok))

@@ -263,6 +263,8 @@ pub struct Progress {
     pub shards: usize,
     /// Seconds since this run started.
     pub seconds: f64,
+    /// How far through the data (or through `max_tokens`, if that ends first), from 0 to 1.
+    pub fraction: f64,
 }
 
 /// What a harvest did.
@@ -476,7 +478,12 @@ fn harvest_rows(
         settings.packing,
         settings.max_tokens,
     );
-    let mut rows = rows.skip(rows_done).peekable();
+    let mut rows = rows.peekable();
+    // The rows an earlier run stored: read (tokenized) again, not run.
+    let mut tokens_in_done = 0;
+    for row in rows.by_ref().take(rows_done) {
+        tokens_in_done += row?.ids.len();
+    }
     let dp = fm.model().grid().degrees.dp;
     // Started on rank 0 once the first batch says what the shards hold.
     let mut writer: Option<Writer> = None;
@@ -509,6 +516,11 @@ fn harvest_rows(
         batch.truncate(real);
         done.rows += real;
         done.tokens += batch.iter().map(|r| r.ids.len()).sum::<usize>();
+        let through_data = batch.last().map_or(0.0, |r| r.data_end);
+        let through_limit = settings.max_tokens.map_or(0.0, |m| {
+            (done.tokens + tokens_in_done) as f64 / m.max(1) as f64
+        });
+        done.fraction = through_data.max(through_limit).min(1.0);
         let Some(open) = state.as_mut() else {
             continue; // Not rank 0: nothing to store.
         };
