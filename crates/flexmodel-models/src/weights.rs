@@ -14,7 +14,7 @@ use flexmodel_core::layout::{Part, block};
 use flexmodel_core::{Comm, Dim, Grid, Layout, Parameters, SiteId, SiteKind, SiteTable};
 
 use crate::config::RawConfig;
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
@@ -159,23 +159,33 @@ impl Weights {
             // A zero-stride view: the right shape, no memory, no read.
             return Ok(Tensor::zeros((), dtype, &self.device)?.broadcast_as(dims)?);
         }
-        let bytes = &self.files[entry.file][entry.start..entry.end];
-        let t = match slice {
-            None => Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &self.device)?,
+        // Byte ranges to read: the whole tensor, or this rank's block (`outer` runs of
+        // `len * inner` bytes).
+        let elem = entry.dtype.size_in_bytes();
+        let runs: Vec<(usize, usize)> = match slice {
+            None => vec![(entry.start, entry.end)],
             Some(s) => {
-                // Only this rank's block: `outer` runs of `len * inner` elements.
-                let elem = entry.dtype.size_in_bytes();
                 let inner: usize = entry.shape[s.dim + 1..].iter().product::<usize>() * elem;
                 let outer: usize = entry.shape[..s.dim].iter().product();
                 let run = entry.shape[s.dim] * inner;
-                let mut block = Vec::with_capacity(outer * s.len * inner);
-                for o in 0..outer {
-                    let at = o * run + s.start * inner;
-                    block.extend_from_slice(&bytes[at..at + s.len * inner]);
-                }
-                Tensor::from_raw_buffer(&block, entry.dtype, &dims, &self.device)?
+                (0..outer)
+                    .map(|o| entry.start + o * run + s.start * inner)
+                    .map(|at| (at, at + s.len * inner))
+                    .collect()
             }
         };
+        let map = &self.files[entry.file];
+        let t = match entry.dtype {
+            DType::F32 => read::<f32>(map, &runs, &dims, &self.device),
+            DType::F16 => read::<half::f16>(map, &runs, &dims, &self.device),
+            DType::BF16 => read::<half::bf16>(map, &runs, &dims, &self.device),
+            DType::F64 => read::<f64>(map, &runs, &dims, &self.device),
+            DType::I64 => read::<i64>(map, &runs, &dims, &self.device),
+            DType::I32 => read::<i32>(map, &runs, &dims, &self.device),
+            DType::U32 => read::<u32>(map, &runs, &dims, &self.device),
+            DType::U8 => read::<u8>(map, &runs, &dims, &self.device),
+            other => unreachable!("`to_dtype` admits no {other:?}"),
+        }?;
         Ok(t.to_dtype(dtype)?)
     }
 
@@ -195,6 +205,45 @@ fn map(path: &Path) -> Result<Mmap> {
     #[allow(unsafe_code)]
     let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
     Ok(mmap)
+}
+
+/// Bytes copied between two releases of the mapping's pages.
+const CHUNK: usize = 4 << 20;
+
+/// Copies the byte ranges `runs` of the mapping into one tensor of `dims`, dropping the
+/// mapping's pages behind the copy every [`CHUNK`] bytes. Each weight is copied once, into its
+/// tensor; without the release the process would also hold it in the mapping, and the peak
+/// memory of loading would be twice the model.
+fn read<T>(map: &Mmap, runs: &[(usize, usize)], dims: &[usize], device: &Device) -> Result<Tensor>
+where
+    T: candle_core::WithDType + bytemuck::Pod,
+{
+    let len: usize = runs.iter().map(|(a, b)| b - a).sum();
+    // Zeroed allocations come straight from the kernel: no pass over the memory.
+    let mut data = bytemuck::zeroed_vec::<T>(len / size_of::<T>());
+    let out: &mut [u8] = bytemuck::cast_slice_mut(&mut data);
+    let (mut at, mut released) = (0, runs.first().map_or(0, |r| r.0));
+    for &(start, end) in runs {
+        for from in (start..end).step_by(CHUNK) {
+            let to = end.min(from + CHUNK);
+            out[at..at + to - from].copy_from_slice(&map[from..to]);
+            at += to - from;
+            if to - released >= CHUNK || to == end {
+                release(map, released, to);
+                released = to;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, dims, device)?)
+}
+
+/// Drops the pages of `start..end` from this process; they stay in the page cache.
+fn release(mmap: &Mmap, start: usize, end: usize) {
+    // SAFETY: the mapping is read-only and file-backed: after MADV_DONTNEED, a read faults the
+    // same bytes back in from the page cache, so no reference into the mapping sees a change.
+    // The advice can only fail on a bad range, and then nothing was dropped: ignore it.
+    #[allow(unsafe_code)]
+    let _ = unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
 }
 
 fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
