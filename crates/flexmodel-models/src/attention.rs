@@ -7,7 +7,7 @@ use flexmodel_core::{Comm, Dim, Input, Layout, Run, SiteId};
 
 use crate::FwdResult;
 use crate::error::Result;
-use crate::nn::softmax_last_dim;
+use crate::kernels;
 use crate::weights::Vb;
 
 /// Facts about one forward pass that every layer needs.
@@ -210,20 +210,22 @@ pub(crate) fn attend(
     // Heads of one KV group are adjacent, so [b, heads, s, d] regroups as
     // [b, kv_heads, n_rep * s, d] and meets its keys in one matmul without repeating them.
     let n_rep = heads / kv_heads;
+    // The scale goes on the queries (s × d values) rather than on the scores (s × s), in the
+    // copy that makes them contiguous anyway.
     let qg = q
         .transpose(1, 2)?
-        .contiguous()?
+        .affine(scale, 0.0)?
         .reshape((b, kv_heads, n_rep * s, d))?;
     let kt = k.transpose(1, 2)?.contiguous()?;
     let vt = v.transpose(1, 2)?.contiguous()?;
     // With a cache, the keys and values of earlier positions come first.
     let (kt, vt) = run.keys_values(sites.layer, kt, vt)?;
     let kv_len = kt.dim(2)?;
-    let scores = (qg.matmul(&kt.t()?)? * scale)?
+    let scores = qg
+        .matmul(&kt.t()?)?
         .reshape((b, heads, s, kv_len))?
-        .to_dtype(DType::F32)?
-        .broadcast_add(mask)?;
-    let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        .to_dtype(DType::F32)?;
+    let probs = kernels::masked_softmax(&scores, mask)?.to_dtype(dtype)?;
     let probs = run.site(sites.probs, probs)?;
     let out = probs
         .reshape((b, kv_heads, n_rep * s, kv_len))?

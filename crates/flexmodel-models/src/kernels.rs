@@ -1,12 +1,12 @@
-//! A CPU matmul for the few rows of a decode step.
+//! CPU kernels for hot paths candle leaves unfused.
 //!
-//! candle's gemm packs its operands for every call and runs at ~20 GFLOP/s on 2 cores when the
+//! A matmul for the few rows of a decode step: candle's gemm packs its operands for every call and runs at ~20 GFLOP/s on 2 cores when the
 //! left matrix has 2 to 8 rows; the product is then compute-bound at 3-4x the cost of one row.
 //! Here each weight row is read once and multiplied into every input row while it is in
 //! registers, so the product stays bound by memory like a matrix-vector product
 //! (BENCHMARKS.md has the measurements).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
@@ -109,6 +109,81 @@ impl WithSimd for Block<'_> {
     }
 }
 
+/// `softmax(scores + mask)` over the last dimension, in one pass over the scores: candle adds
+/// a broadcast mask through its strided path and then reads the sum again for the softmax.
+/// `scores` `[b, h, s, k]` and `mask` `[b|1, 1, s, k]`, f32 on the CPU without gradients;
+/// anything else takes the unfused ops.
+pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let fused = scores.device().is_cpu()
+        && scores.dtype() == DType::F32
+        && mask.dtype() == DType::F32
+        && !scores.track_op()
+        && !mask.track_op()
+        && scores.rank() == 4
+        && mask.rank() == 4
+        && mask.dim(1)? == 1
+        && mask.dims()[2..] == scores.dims()[2..]
+        && (mask.dim(0)? == 1 || mask.dim(0)? == scores.dim(0)?);
+    if fused {
+        scores.apply_op2_no_bwd(mask, &MaskedSoftmax)
+    } else {
+        crate::nn::softmax_last_dim(&scores.broadcast_add(mask)?)
+    }
+}
+
+struct MaskedSoftmax;
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "flexmodel-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(xs), CpuStorage::F32(ms)) = (xs, ms) else {
+            candle_core::bail!("masked softmax: f32 only");
+        };
+        let (Some((x0, x1)), Some((m0, m1))) = (xl.contiguous_offsets(), ml.contiguous_offsets())
+        else {
+            candle_core::bail!("masked softmax: contiguous operands only");
+        };
+        let (x, m) = (&xs[x0..x1], &ms[m0..m1]);
+        let (b, h, s, k) = xl.shape().dims4()?;
+        // Mask rows per batch row: `s` (one mask per batch row) or 0 (one shared mask).
+        let mask_batch_stride = if ml.dims()[0] == 1 { 0 } else { s * k };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(k)
+            .zip(x.par_chunks(k))
+            .enumerate()
+            .for_each(|(row, (out, scores))| {
+                let (batch, query) = (row / (h * s), row % s);
+                let at = batch * mask_batch_stride + query * k;
+                let mask = &m[at..at + k];
+                let mut max = f32::NEG_INFINITY;
+                for ((o, &x), &m) in out.iter_mut().zip(scores).zip(mask) {
+                    *o = x + m;
+                    max = max.max(*o);
+                }
+                let mut sum = 0f32;
+                for o in out.iter_mut() {
+                    *o = (*o - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                for o in out.iter_mut() {
+                    *o *= inv;
+                }
+            });
+        debug_assert_eq!(b * h * s * k, y.len());
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +215,36 @@ mod tests {
                     .unwrap();
                 assert!(err <= 1e-5 * scale.max(1.0), "m {m} k {k} n {n}: {err}");
             }
+        }
+    }
+
+    #[test]
+    fn masked_softmax_equals_add_then_softmax() {
+        let dev = Device::Cpu;
+        let scores = Tensor::randn(0f32, 3.0, (2, 3, 5, 7), &dev).unwrap();
+        // A causal-like mask per batch row, one row fully hidden, and a shared mask.
+        let mut per_row = vec![0f32; 2 * 5 * 7];
+        for (i, v) in per_row.iter_mut().enumerate() {
+            let (b, q, k) = (i / 35, (i / 7) % 5, i % 7);
+            if k > q + 2 || (b == 1 && q == 0) {
+                *v = f32::MIN;
+            }
+        }
+        let per_row = Tensor::from_vec(per_row, (2, 1, 5, 7), &dev).unwrap();
+        let shared = per_row.narrow(0, 0, 1).unwrap().contiguous().unwrap();
+        for mask in [per_row, shared] {
+            let want =
+                candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
+            let got = masked_softmax(&scores, &mask).unwrap();
+            let err = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err <= 1e-6, "{err}");
         }
     }
 }

@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+mod alloc;
 mod attention;
 mod config;
 mod error;
@@ -88,6 +89,12 @@ impl Default for LoadOptions {
 
 /// Loads the model in `dir`.
 ///
+/// On Linux with glibc, the first call also tunes the C allocator for model runs: blocks up
+/// to 32 MiB stay in the heap once freed (`M_MMAP_THRESHOLD`), and so does up to 1 GiB of free
+/// heap (`M_TRIM_THRESHOLD`), so that each layer reuses the buffers of the last instead of
+/// faulting in fresh zeroed pages. Setting `MALLOC_MMAP_THRESHOLD_` or
+/// `MALLOC_TRIM_THRESHOLD_` in the environment turns this off.
+///
 /// # Errors
 /// A missing or malformed file, an unsupported architecture or config option, a tensor missing
 /// from the checkpoint or of the wrong shape; each error names the offending value.
@@ -95,6 +102,7 @@ pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Box<dyn Mode
     let dir = dir.as_ref();
     let cfg = RawConfig::read(dir)?;
     check_dtype(options.dtype)?;
+    alloc::keep_freed_buffers();
     let shard = || Shard::of(&cfg, &options.grid);
     // A layout that cannot work fails here, before any weight is read: the model is built
     // once without reading (every split is checked), then for real.

@@ -246,6 +246,16 @@ impl RotaryEmb {
 pub(crate) fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let rot = cos.dim(D::Minus1)?;
     let head_dim = x.dim(D::Minus1)?;
+    let tracked = x.track_op() || cos.track_op() || sin.track_op();
+    if rot == head_dim && !tracked && x.is_contiguous() && cos.dtype() == x.dtype() {
+        // candle's fused kernel (one pass, no backward) reads each half of the tables.
+        let half = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let t = t.narrow(D::Minus1, 0, rot / 2)?;
+            let t = if t.dim(0)? == 1 { t.squeeze(0)? } else { t };
+            t.contiguous()
+        };
+        return candle_nn::rotary_emb::rope_thd(x, &half(cos)?, &half(sin)?);
+    }
     let cos = cos.unsqueeze(2)?;
     let sin = sin.unsqueeze(2)?;
     let (x_rot, x_pass) = if rot == head_dim {
