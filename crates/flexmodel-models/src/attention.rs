@@ -221,17 +221,62 @@ pub(crate) fn attend(
     // With a cache, the keys and values of earlier positions come first.
     let (kt, vt) = run.keys_values(sites.layer, kt, vt)?;
     let kv_len = kt.dim(2)?;
-    let scores = qg
-        .matmul(&kt.t()?)?
-        .reshape((b, heads, s, kv_len))?
-        .to_dtype(DType::F32)?;
-    let probs = kernels::masked_softmax(&scores, mask)?.to_dtype(dtype)?;
-    let probs = run.site(sites.probs, probs)?;
-    let out = probs
-        .reshape((b, kv_heads, n_rep * s, kv_len))?
-        .matmul(&vt)?
-        .reshape((b, heads, s, d))?
-        .transpose(1, 2)?;
+    // Without padding (one mask for every row) each query sees at least itself, so keys past
+    // a chunk's last position have zero weight; a padding query sees nothing, and like
+    // transformers takes the mean of every value, which needs all keys.
+    let unpadded = mask.dim(0)? == 1;
+    let out = if s > QUERY_CHUNK && unpadded && !run.is_hooked(sites.probs) {
+        // Nobody reads the probabilities: queries in chunks, each against the keys up to its
+        // last position only, skipping most of the masked half of the scores.
+        let qg = qg.reshape((b, kv_heads, n_rep, s, d))?;
+        let mut outs = Vec::with_capacity(s.div_ceil(QUERY_CHUNK));
+        for start in (0..s).step_by(QUERY_CHUNK) {
+            let rows = QUERY_CHUNK.min(s - start);
+            let keys = kv_len - s + start + rows;
+            let q =
+                qg.narrow(3, start, rows)?
+                    .contiguous()?
+                    .reshape((b, kv_heads, n_rep * rows, d))?;
+            let mask = mask
+                .narrow(2, start, rows)?
+                .narrow(3, 0, keys)?
+                .contiguous()?;
+            let probs = probabilities(&q, &kt.narrow(2, 0, keys)?, &mask, (heads, rows))?;
+            let out = probs
+                .to_dtype(dtype)?
+                .reshape((b, kv_heads, n_rep * rows, keys))?
+                .matmul(&vt.narrow(2, 0, keys)?.contiguous()?)?;
+            outs.push(out.reshape((b, kv_heads, n_rep, rows, d))?);
+        }
+        Tensor::cat(&outs, 3)?
+    } else {
+        let probs = probabilities(&qg, &kt, mask, (heads, s))?.to_dtype(dtype)?;
+        let probs = run.site(sites.probs, probs)?;
+        probs
+            .reshape((b, kv_heads, n_rep * s, kv_len))?
+            .matmul(&vt)?
+    };
+    let out = out.reshape((b, heads, s, d))?.transpose(1, 2)?;
     let out = run.site(sites.head_out, out)?;
     Ok(out.reshape((b, s, heads * d))?)
+}
+
+/// Query positions per chunk of [`attend`] when the probabilities are not hooked.
+const QUERY_CHUNK: usize = 128;
+
+/// `softmax(q k^T + mask)` in f32, `[b, heads, rows, keys]`, for grouped queries `q`
+/// `[b, kv_heads, n_rep * rows, d]` (already scaled) and keys `[b, kv_heads, keys, d]`.
+fn probabilities(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    (heads, rows): (usize, usize),
+) -> FwdResult<Tensor> {
+    let (b, _, _, _) = q.dims4()?;
+    let keys = k.dim(2)?;
+    let scores = q
+        .matmul(&k.t()?)?
+        .reshape((b, heads, rows, keys))?
+        .to_dtype(DType::F32)?;
+    Ok(kernels::masked_softmax(&scores, mask)?)
 }
