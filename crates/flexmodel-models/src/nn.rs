@@ -520,9 +520,9 @@ impl Activation {
 
     pub(crate) fn apply(self, x: &Tensor) -> CResult<Tensor> {
         match self {
-            Self::Silu => x.silu(),
-            Self::Gelu => x.gelu_erf(),
-            Self::GeluTanh => x.gelu(),
+            Self::Silu => kernels::activation(x, kernels::Fast::Silu),
+            Self::Gelu => kernels::activation(x, kernels::Fast::GeluErf),
+            Self::GeluTanh => kernels::activation(x, kernels::Fast::GeluTanh),
             Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
             Self::Relu => x.relu(),
         }
