@@ -166,24 +166,52 @@ impl CustomOp2 for MaskedSoftmax {
                 let (batch, query) = (row / (h * s), row % s);
                 let at = batch * mask_batch_stride + query * k;
                 let mask = &m[at..at + k];
-                let mut max = f32::NEG_INFINITY;
-                for ((o, &x), &m) in out.iter_mut().zip(scores).zip(mask) {
-                    *o = x + m;
-                    max = max.max(*o);
-                }
-                let mut sum = 0f32;
-                for o in out.iter_mut() {
-                    *o = (*o - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                for o in out.iter_mut() {
-                    *o *= inv;
-                }
+                Arch::new().dispatch(SoftmaxRow { scores, mask, out });
             });
         debug_assert_eq!(b * h * s * k, y.len());
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
+}
+
+/// One row of [`masked_softmax`], compiled for the best instruction set the CPU has.
+struct SoftmaxRow<'a> {
+    scores: &'a [f32],
+    mask: &'a [f32],
+    out: &'a mut [f32],
+}
+
+impl WithSimd for SoftmaxRow<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        let SoftmaxRow { scores, mask, out } = self;
+        for ((o, &x), &m) in out.iter_mut().zip(scores).zip(mask) {
+            *o = x + m;
+        }
+        let max = lanes(out, f32::NEG_INFINITY, f32::max);
+        for o in out.iter_mut() {
+            *o = exp(*o - max);
+        }
+        let inv = 1.0 / lanes(out, 0.0, |a, b| a + b);
+        for o in out.iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+/// Reduces `x` with `f` over 8 independent lanes (so that the loop vectorizes), then the lanes.
+#[inline(always)]
+fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(init, |a, &b| f(a, b));
+    for c in chunks {
+        for (a, &b) in acc.iter_mut().zip(c) {
+            *a = f(*a, b);
+        }
+    }
+    acc.iter().fold(tail, |a, &b| f(a, b))
 }
 
 /// Elementwise activations whose `exp`, `tanh` and `erf` go through libm one value at a time
