@@ -253,7 +253,12 @@ def main():
     python = a.python
     binaries = {"flexmodel": build_flexmodel()}
     if "candle-mi" in peers:
-        binaries["candle-mi"] = build_candle_mi()
+        try:
+            binaries["candle-mi"] = build_candle_mi()
+        except subprocess.CalledProcessError as e:
+            print(f"warning: the candle-mi worker did not build ({e}); running without it",
+                  file=sys.stderr)
+            peers.remove("candle-mi")
     meta = versions(python)
     meta["load_before"] = loadavg()
     timings, memory = [], []
