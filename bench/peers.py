@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """flexmodel side by side with transformers (PyTorch hooks), FlexModel 0.1.0 and candle-mi.
 
-    bench/run.sh [--models llama,gpt2] [--shapes 1x128,4x128,1x512] [--repeats 5] [--smoke]
+    bench/run.sh [--models llama,gpt2] [--shapes 1x128,4x128,1x512] [--repeats 7] [--smoke]
 
 (`bench/run.sh` makes the Python venv and calls this with it.) The checkpoints are random
 Llama- and GPT-2-shaped models of ~125M parameters, written once by transformers into
@@ -237,7 +237,7 @@ def main():
                     help="a Python with torch, transformers and flex-model")
     ap.add_argument("--models", default="llama,gpt2")
     ap.add_argument("--shapes", default="1x128,4x128,1x512")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--peers", default="flexmodel,hf,flex-model,candle-mi")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs")
     ap.add_argument("--json", default=str(BENCH / ".cache" / "peers.json"))
