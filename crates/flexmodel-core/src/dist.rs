@@ -58,6 +58,11 @@ const DONE: u32 = 1;
 const LOGITS: u32 = 2;
 const LOSS: u32 = 3;
 
+/// Point codes of `HOOK` messages beyond [`Point`]'s: an output edit whose graph rank 0 keeps,
+/// and the gradient through such an edit.
+const KEPT: u32 = 3;
+const VJP: u32 = 4;
+
 fn point_code(point: Point) -> u32 {
     match point {
         Point::Output => 0,
@@ -269,6 +274,94 @@ impl Dist {
         Ok(piece)
     }
 
+    /// As [`Dist::fire`] at the output of `id` in a gradient pass, when the hooks there edit:
+    /// rank 0 keeps the edit's graph. Returns this rank's piece of the result and, when the
+    /// result depends on the input, the firing's number for [`Dist::edit_vjp`] (every rank of
+    /// the stage learns it from the leader).
+    pub(crate) fn fire_kept(
+        &self,
+        hooks: &mut Hooks,
+        id: SiteId,
+        x: Tensor,
+        output: &mut OutputMap,
+    ) -> Result<(Tensor, Option<u32>)> {
+        let call = hooks.next_kept_call(id);
+        let (layout, template) = hooks.layout(id, Point::Output);
+        let start = Instant::now();
+        let assembled = self.assemble(&x, &layout, &template, false)?;
+        self.count(start, assembled.as_ref());
+        let world = &self.grid().world;
+        let (result, depends) = match assembled {
+            Some(full) if self.grid().is_root() => {
+                let (y, depends) = hooks.fire_kept(id, call, full, output)?;
+                (Some(y), Some(depends))
+            }
+            Some(full) => {
+                world.send(&header(HOOK, id.index() as u32, KEPT, call)?, 0)?;
+                world.send(&full, 0)?;
+                let y = world.recv(0)?;
+                let depends: Vec<u32> = world.recv(0)?.to_vec1()?;
+                (Some(y), Some(depends == [1]))
+            }
+            None => (None, None),
+        };
+        let Grid { tp, dp, .. } = self.grid();
+        let flag = depends
+            .map(|d| Tensor::new(&[u32::from(d)], &candle_core::Device::Cpu))
+            .transpose()?;
+        let flag = if tp.rank() == 0 && dp.size() > 1 {
+            Some(dp.broadcast(flag.as_ref(), 0)?)
+        } else {
+            flag
+        };
+        let flag = if tp.size() > 1 {
+            tp.broadcast(flag.as_ref(), 0)?
+        } else {
+            flag.ok_or_else(|| Error::msg("the stage leader has no edit result"))?
+        };
+        let start = Instant::now();
+        let piece = self.split_back(result, &layout, &template, &x, false)?;
+        self.count(start, None);
+        Ok((piece, (flag.to_vec1::<u32>()? == [1]).then_some(call)))
+    }
+
+    /// In the backward pass: this rank's piece of the gradient with respect to the input of
+    /// the kept edit `(id, call)`, given its piece `grad` of the gradient with respect to the
+    /// edit's output.
+    pub(crate) fn edit_vjp(
+        &self,
+        hooks: &mut Hooks,
+        (id, call): (SiteId, u32),
+        grad: &Tensor,
+    ) -> Result<Tensor> {
+        let (layout, template) = hooks.layout(id, Point::Output);
+        let assembled = self.assemble(grad, &layout, &template, true)?;
+        let result = self.on_root(assembled, (id, VJP, call), |full| {
+            hooks.edit_vjp(id, call, &full)
+        })?;
+        self.split_back(result, &layout, &template, grad, true)
+    }
+
+    /// Runs `f` on the assembled tensor on rank 0, or asks rank 0 to (a later stage's leader
+    /// sends it and receives the result); `None` on the ranks that assembled nothing.
+    fn on_root(
+        &self,
+        assembled: Option<Tensor>,
+        (id, code, call): (SiteId, u32, u32),
+        f: impl FnOnce(Tensor) -> Result<Tensor>,
+    ) -> Result<Option<Tensor>> {
+        Ok(match assembled {
+            Some(full) if self.grid().is_root() => Some(f(full)?),
+            Some(full) => {
+                let world = &self.grid().world;
+                world.send(&header(HOOK, id.index() as u32, code, call)?, 0)?;
+                world.send(&full, 0)?;
+                Some(world.recv(0)?)
+            }
+            None => None,
+        })
+    }
+
     /// On a later stage's leader: the stage is done, after sending what rank 0 needs from it.
     fn stage_done(&self, result: Option<(u32, &Tensor)>) -> Result<()> {
         let world = &self.grid().world;
@@ -310,11 +403,24 @@ impl Dist {
             loop {
                 let head: Vec<u32> = world.recv(leader)?.to_vec1()?;
                 match head.as_slice() {
-                    [HOOK, site, point, call] => {
-                        let (id, point) = (SiteId::from_index(*site as usize), point_of(*point)?);
+                    [HOOK, site, code, call] => {
+                        let id = SiteId::from_index(*site as usize);
                         let full = world.recv(leader)?;
-                        let y = hooks.fire(id, point, *call, full, output)?;
-                        if hooks.has_edit(id, point) {
+                        let reply = match *code {
+                            KEPT => {
+                                let (y, depends) = hooks.fire_kept(id, *call, full, output)?;
+                                world.send(&y, leader)?;
+                                let depends = [u32::from(depends)];
+                                Some(Tensor::new(&depends, &candle_core::Device::Cpu)?)
+                            }
+                            VJP => Some(hooks.edit_vjp(id, *call, &full)?),
+                            code => {
+                                let point = point_of(code)?;
+                                let y = hooks.fire(id, point, *call, full, output)?;
+                                hooks.has_edit(id, point).then_some(y)
+                            }
+                        };
+                        if let Some(y) = reply {
                             world.send(&y, leader)?;
                         }
                     }

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CustomOp1, Device, Layout as CLayout, Shape, Tensor, Var};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout as CLayout, Shape, Tensor, Var,
+};
 
 use crate::cache::KvCache;
 use crate::dist::{Dist, Ranks};
@@ -81,6 +83,11 @@ pub(crate) struct Hooks {
     pass: PassInfo,
     /// Firings of each gradient-hooked site in the current forward pass.
     grad_calls: Vec<u32>,
+    /// Firings of each edited site whose edit rank 0 ran on a graph it keeps (a gradient
+    /// pass across ranks), and those graphs: the edit's input variable and its output, by
+    /// `(site, call)`, until the backward pass asks for the edit's vector-Jacobian product.
+    kept_calls: Vec<u32>,
+    kept: HashMap<(SiteId, u32), (Var, Tensor)>,
     /// Gradient captures of a backward pass, flushed in forward order once it completes.
     pending_grads: Vec<(SiteId, u32, Tensor)>,
     /// The first error a gradient hook raised (candle's backward carries only strings).
@@ -108,6 +115,8 @@ impl Hooks {
             disabled: HashSet::new(),
             pass: PassInfo::default(),
             grad_calls: vec![0; sites.len()],
+            kept_calls: vec![0; sites.len()],
+            kept: HashMap::new(),
             pending_grads: Vec::new(),
             pending_error: None,
             grad_fired: 0,
@@ -259,7 +268,56 @@ impl Hooks {
                 .fold(0, |m, e| m | bit(e.point));
         }
         self.grad_calls.iter_mut().for_each(|c| *c = 0);
+        self.kept_calls.iter_mut().for_each(|c| *c = 0);
+        self.kept.clear();
         Ok(())
+    }
+
+    /// Numbers the kept-graph firings of site `id` in the current pass (on every rank alike).
+    pub(crate) fn next_kept_call(&mut self, id: SiteId) -> u32 {
+        let call = &mut self.kept_calls[id.index()];
+        *call += 1;
+        *call - 1
+    }
+
+    /// On rank 0: runs the hooks at the output of `id` on `full` as a variable, keeping the
+    /// edit's graph for [`Hooks::edit_vjp`]. Also returns whether the result depends on the
+    /// input as autograd sees it: not after a replacement, nor after a product with zero,
+    /// which candle's backward prunes (and one process then gives the sites behind it no
+    /// gradient at all).
+    pub(crate) fn fire_kept(
+        &mut self,
+        id: SiteId,
+        call: u32,
+        full: Tensor,
+        output: &mut OutputMap,
+    ) -> Result<(Tensor, bool)> {
+        let input = Var::from_tensor(&full)?;
+        let y = self.fire(id, Point::Output, 0, input.as_tensor().clone(), output)?;
+        let probe = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+        let depends = probe.get(input.as_tensor()).is_some();
+        if depends {
+            self.kept.insert((id, call), (input, y.clone()));
+        }
+        Ok((y.detach(), depends))
+    }
+
+    /// On rank 0: the gradient with respect to the edit's input of the kept firing
+    /// `(id, call)`, given `grad`, the full gradient with respect to its output.
+    pub(crate) fn edit_vjp(&mut self, id: SiteId, call: u32, grad: &Tensor) -> Result<Tensor> {
+        let (input, y) = self.kept.remove(&(id, call)).ok_or_else(|| {
+            Error::msg(format!(
+                "no kept edit of `{}` (firing {call}) for its gradient",
+                self.names[id.index()]
+            ))
+        })?;
+        let product = (y.to_dtype(DType::F32)? * grad.to_dtype(DType::F32)?)?.sum_all()?;
+        let grads = product.backward()?;
+        Ok(match grads.get(input.as_tensor()) {
+            Some(g) => g.to_dtype(grad.dtype())?,
+            // The edit does not depend on its input (a replacement, a zeroing).
+            None => grad.zeros_like()?,
+        })
     }
 
     /// How the tensor at `(id, point)` is laid out over ranks, and its shape template.
@@ -464,6 +522,53 @@ impl CustomOp1 for GradSite {
     }
 }
 
+/// An edited activation in a gradient pass across ranks: its value is the edit's result `y`
+/// (this rank's piece of it); in the backward pass the gradient reaches the edit's input `x`
+/// through the edit's vector-Jacobian product, computed on rank 0 from the graph it kept, as
+/// one process's autograd would.
+struct EditVjp {
+    hooks: Arc<Mutex<Hooks>>,
+    site: SiteId,
+    call: u32,
+    ranks: Ranks,
+}
+
+impl CustomOp2 for EditVjp {
+    fn name(&self) -> &'static str {
+        "flexmodel-edit-vjp"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _xl: &CLayout,
+        y: &CpuStorage,
+        yl: &CLayout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut out = y.device().zeros_impl(yl.shape(), y.dtype())?;
+        y.copy_strided_src(&mut out, 0, yl)?;
+        Ok((out, yl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut hooks = lock(&self.hooks);
+        match Dist::new(self.ranks.clone()).edit_vjp(&mut hooks, (self.site, self.call), grad) {
+            Ok(g) => Ok((Some(g), None)),
+            Err(e) => {
+                let message = e.to_string();
+                hooks.pending_error.get_or_insert(e);
+                Err(candle_core::Error::Msg(message))
+            }
+        }
+    }
+}
+
 /// The context a model's forward pass threads through its blocks. Model code passes each
 /// module's input through [`Run::input`] and each activation through [`Run::site`]; with no
 /// hook there, that is a bounds-checked load and a branch (no clone, no allocation, no string
@@ -652,6 +757,23 @@ impl Hooked<'_> {
         }
         if self.hooks.is_active(id, Point::Output) {
             x = match self.dist {
+                // An edit on rank 0 is outside this rank's graph: keep the gradient flowing
+                // through it as in one process.
+                Some(dist) if x.track_op() && self.hooks.has_edit(id, Point::Output) => {
+                    match dist.fire_kept(self.hooks, id, x.clone(), self.output)? {
+                        (y, Some(call)) => {
+                            let op = EditVjp {
+                                hooks: self.shared.clone(),
+                                site: id,
+                                call,
+                                ranks: dist.ranks.clone(),
+                            };
+                            x.apply_op2_arc(&y.detach(), Arc::new(Box::new(op)))?
+                        }
+                        // Nothing to propagate, as in one process.
+                        (y, None) => y,
+                    }
+                }
                 Some(dist) => dist.fire(self.hooks, (id, Point::Output, 0), x, self.output)?,
                 None => self.hooks.fire(id, Point::Output, 0, x, self.output)?,
             };

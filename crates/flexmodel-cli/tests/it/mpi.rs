@@ -98,6 +98,64 @@ fn every_layout_equals_one_process_for_five_archs() {
     }
 }
 
+/// An edit that scales an MLP's output by 2: in one process the gradient of the loss at every
+/// earlier site flows through it (doubled along that path); every layout must give the same
+/// `grad.*` (the edit runs on rank 0, which computes its vector-Jacobian product).
+#[test]
+fn gradients_flow_through_an_edit_under_every_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ["llama", "gpt2"] {
+        let dir = model_dir(arch);
+        let ids = dir.join("reference.safetensors");
+        let edit = format!(
+            "{}=scale:2",
+            reference_json(arch)["edit"]["module"].as_str().unwrap()
+        );
+        let common = [
+            "run",
+            "--model",
+            path_str(&dir),
+            "--input-ids",
+            path_str(&ids),
+            "--edit",
+            &edit,
+            "--grad",
+            "*",
+        ];
+        let single = tmp.path().join("single.safetensors");
+        flexmodel_ok(&[&common[..], &["--out", path_str(&single)]].concat());
+        let want = load(&single);
+        // The comparison is not vacuous: the edit changes the gradient at the embeddings.
+        let plain = tmp.path().join("plain.safetensors");
+        flexmodel_ok(&[&common[..5], &["--grad", "*", "--out", path_str(&plain)]].concat());
+        let embed = ["grad.model.embed_tokens", "grad.transformer.wte"]
+            .into_iter()
+            .find(|k| want.contains_key(*k))
+            .unwrap_or_else(|| panic!("{arch}: no embedding gradient"));
+        assert!(
+            crate::rel_err(&want[embed], &load(&plain)[embed]) > 1e-3,
+            "{arch}"
+        );
+        for (layout, ranks) in LAYOUTS {
+            let out = tmp.path().join("multi.safetensors");
+            let (run, _) = mpirun(
+                *ranks,
+                &[&common[..], layout, &["--out", path_str(&out)]].concat(),
+            );
+            assert!(
+                run.status.success(),
+                "{arch} {layout:?}: {}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+            let got = load(&out);
+            assert_eq!(got.len(), want.len(), "{arch} {layout:?}: same tensors");
+            for (name, t) in &want {
+                assert_close(&format!("{arch} {layout:?} {name}"), &got[name], t, 1e-5);
+            }
+        }
+    }
+}
+
 #[test]
 fn random_noise_edit_matches_one_process() {
     let tmp = tempfile::tempdir().unwrap();
