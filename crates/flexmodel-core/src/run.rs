@@ -88,6 +88,9 @@ pub(crate) struct Hooks {
     /// `(site, call)`, until the backward pass asks for the edit's vector-Jacobian product.
     kept_calls: Vec<u32>,
     kept: HashMap<(SiteId, u32), (Var, Tensor)>,
+    /// Gradients the kept edits' vector-Jacobian products gave trainable modules' variables
+    /// (variable, gradient), for rank 0's gradient store.
+    edit_grads: Vec<(Tensor, Tensor)>,
     /// Gradient captures of a backward pass, flushed in forward order once it completes.
     pending_grads: Vec<(SiteId, u32, Tensor)>,
     /// The first error a gradient hook raised (candle's backward carries only strings).
@@ -117,6 +120,7 @@ impl Hooks {
             grad_calls: vec![0; sites.len()],
             kept_calls: vec![0; sites.len()],
             kept: HashMap::new(),
+            edit_grads: Vec::new(),
             pending_grads: Vec::new(),
             pending_error: None,
             grad_fired: 0,
@@ -270,7 +274,13 @@ impl Hooks {
         self.grad_calls.iter_mut().for_each(|c| *c = 0);
         self.kept_calls.iter_mut().for_each(|c| *c = 0);
         self.kept.clear();
+        self.edit_grads.clear();
         Ok(())
+    }
+
+    /// The gradients trainable modules got through kept edits in the last backward pass.
+    pub(crate) fn take_edit_grads(&mut self) -> Vec<(Tensor, Tensor)> {
+        std::mem::take(&mut self.edit_grads)
     }
 
     /// Numbers the kept-graph firings of site `id` in the current pass (on every rank alike).
@@ -313,6 +323,11 @@ impl Hooks {
         })?;
         let product = (y.to_dtype(DType::F32)? * grad.to_dtype(DType::F32)?)?.sum_all()?;
         let grads = product.backward()?;
+        for var in self.modules.vars() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                self.edit_grads.push((var.as_tensor().clone(), g.clone()));
+            }
+        }
         Ok(match grads.get(input.as_tensor()) {
             Some(g) => g.to_dtype(grad.dtype())?,
             // The edit does not depend on its input (a replacement, a zeroing).

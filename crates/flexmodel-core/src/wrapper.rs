@@ -323,6 +323,16 @@ impl<M: Model> FlexModel<M> {
                 .ok_or_else(|| Error::msg("no activations kept for the backward pass"))?
                 .backward()?
         };
+        // Trainable modules used inside editing functions: their gradients came from the
+        // edits' vector-Jacobian products on rank 0.
+        let mut grads = grads;
+        for (var, g) in lock(&self.hooks).take_edit_grads() {
+            let sum = match grads.get(&var) {
+                Some(earlier) => (earlier + g)?,
+                None => g,
+            };
+            grads.insert(&var, sum);
+        }
         if stage > 0 {
             if grid.stage_leader() {
                 dist.backward_done(if last { loss.as_ref() } else { None })?;

@@ -1,0 +1,112 @@
+//! A trainable module used inside an editing function (a steering vector added at a decoder
+//! layer) gets from a multi-rank gradient pass the gradient one process gives it. The test
+//! starts itself under `mpirun` on 8 ranks (tp2 · pp2 · dp2: the steered layer is on the second
+//! pipeline stage, so rank 0 serves it); rank 0 also runs the single-process reference.
+#![cfg(feature = "mpi")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use candle_core::{Device, Tensor, Var};
+use flexmodel_core::{FlexModel, Grid, HookCtx, HookFunction, Input, Model, Parallelism};
+use flexmodel_models::{LoadOptions, load};
+
+const RANKS: usize = 8;
+const TEST: &str = "a_module_inside_an_edit_gets_the_one_process_gradient";
+
+fn fixture() -> PathBuf {
+    std::env::var_os("FLEXMODEL_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/models")
+        })
+        .join("llama")
+}
+
+/// The llama fixture on `grid`, with a steering vector added at its last layer's output;
+/// returns the wrapper and the vector.
+fn steered(grid: Grid) -> (FlexModel<Box<dyn Model>>, Var) {
+    let options = LoadOptions {
+        grid,
+        ..Default::default()
+    };
+    let mut fm = FlexModel::new(load(fixture(), &options).unwrap());
+    let values: Vec<f32> = (0..64)
+        .map(|i| ((i * 37) % 11) as f32 * 0.01 - 0.05)
+        .collect();
+    let steer = Var::from_tensor(&Tensor::new(values, &Device::Cpu).unwrap()).unwrap();
+    fm.add_module("steer", steer.as_tensor().clone(), vec![steer.clone()]);
+    fm.register(HookFunction::new("model.layers.1").capture(false).edit(
+        |x: &Tensor, cx: &mut HookCtx| {
+            let v = cx.modules.get::<Tensor>("steer")?;
+            Ok(x.broadcast_mul(&(v + 1.0)?)?.broadcast_add(v)?)
+        },
+    ))
+    .unwrap();
+    (fm, steer)
+}
+
+fn check() {
+    let world = flexmodel_dist::init().unwrap();
+    let degrees = Parallelism {
+        tp: 2,
+        pp: 2,
+        dp: 2,
+    };
+    let grid = Grid::new(world, degrees).unwrap();
+    let ids = candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu)
+        .unwrap()["input_ids"]
+        .clone();
+    let input = Input::new(ids);
+    let (mut fm, steer) = steered(grid.clone());
+    let got = fm.lm_backward(&input).unwrap();
+    if grid.is_root() {
+        let (mut single, single_steer) = steered(Grid::single());
+        let want = single.lm_backward(&input).unwrap();
+        let want = want.grads.get(single_steer.as_tensor()).unwrap().clone();
+        let got = got
+            .grads
+            .get(steer.as_tensor())
+            .expect("rank 0 has the steering vector's gradient")
+            .clone();
+        let norm = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let err = (norm(&(&got - &want).unwrap()) / norm(&want)).sqrt();
+        assert!(norm(&want) > 0.0, "the reference gradient is zero");
+        assert!(err <= 1e-5, "relative error {err:e}");
+    }
+}
+
+#[test]
+fn a_module_inside_an_edit_gets_the_one_process_gradient() {
+    if flexmodel_dist::launched_size().is_some() {
+        return check();
+    }
+    let out = Command::new("mpirun")
+        .args(["--oversubscribe", "-n", &RANKS.to_string()])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", TEST, "--test-threads=1", "--color=never"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("run mpirun (install openmpi-bin)");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passed = String::from_utf8_lossy(&out.stdout)
+        .matches("test result: ok. 1 passed")
+        .count();
+    assert_eq!(passed, RANKS, "every rank ran the check");
+}
