@@ -14,7 +14,7 @@ use crate::comm::Grid;
 use crate::hook::Point;
 use crate::layout::Layout;
 use crate::output::OutputMap;
-use crate::run::Hooks;
+use crate::run::{Hooks, THROUGH_INPUT};
 use crate::site::{Dim, SiteId};
 use crate::{Error, Result};
 
@@ -276,15 +276,15 @@ impl Dist {
 
     /// As [`Dist::fire`] at the output of `id` in a gradient pass, when the hooks there edit:
     /// rank 0 keeps the edit's graph. Returns this rank's piece of the result and, when the
-    /// result depends on the input, the firing's number for [`Dist::edit_vjp`] (every rank of
-    /// the stage learns it from the leader).
+    /// result depends on anything differentiable, the firing's number for [`Dist::edit_vjp`]
+    /// and whether it depends on the input (every rank of the stage learns it from the leader).
     pub(crate) fn fire_kept(
         &self,
         hooks: &mut Hooks,
         id: SiteId,
         x: Tensor,
         output: &mut OutputMap,
-    ) -> Result<(Tensor, Option<u32>)> {
+    ) -> Result<(Tensor, Option<(u32, bool)>)> {
         let call = hooks.next_kept_call(id);
         let (layout, template) = hooks.layout(id, Point::Output);
         let start = Instant::now();
@@ -301,13 +301,13 @@ impl Dist {
                 world.send(&full, 0)?;
                 let y = world.recv(0)?;
                 let depends: Vec<u32> = world.recv(0)?.to_vec1()?;
-                (Some(y), Some(depends == [1]))
+                (Some(y), depends.first().copied())
             }
             None => (None, None),
         };
         let Grid { tp, dp, .. } = self.grid();
         let flag = depends
-            .map(|d| Tensor::new(&[u32::from(d)], &candle_core::Device::Cpu))
+            .map(|d| Tensor::new(&[d], &candle_core::Device::Cpu))
             .transpose()?;
         let flag = if tp.rank() == 0 && dp.size() > 1 {
             Some(dp.broadcast(flag.as_ref(), 0)?)
@@ -322,24 +322,35 @@ impl Dist {
         let start = Instant::now();
         let piece = self.split_back(result, &layout, &template, &x, false)?;
         self.count(start, None);
-        Ok((piece, (flag.to_vec1::<u32>()? == [1]).then_some(call)))
+        let depends = flag.to_vec1::<u32>()?.first().copied().unwrap_or(0);
+        Ok((
+            piece,
+            (depends != 0).then_some((call, depends == THROUGH_INPUT)),
+        ))
     }
 
     /// In the backward pass: this rank's piece of the gradient with respect to the input of
     /// the kept edit `(id, call)`, given its piece `grad` of the gradient with respect to the
-    /// edit's output.
+    /// edit's output (`None` when the result does not depend on the input: rank 0 then only
+    /// records the trainable modules' gradients).
     pub(crate) fn edit_vjp(
         &self,
         hooks: &mut Hooks,
         (id, call): (SiteId, u32),
         grad: &Tensor,
-    ) -> Result<Tensor> {
+        through_input: bool,
+    ) -> Result<Option<Tensor>> {
         let (layout, template) = hooks.layout(id, Point::Output);
         let assembled = self.assemble(grad, &layout, &template, true)?;
         let result = self.on_root(assembled, (id, VJP, call), |full| {
             hooks.edit_vjp(id, call, &full)
         })?;
-        self.split_back(result, &layout, &template, grad, true)
+        if !through_input {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.split_back(result, &layout, &template, grad, true)?,
+        ))
     }
 
     /// Runs `f` on the assembled tensor on rank 0, or asks rank 0 to (a later stage's leader
@@ -410,8 +421,7 @@ impl Dist {
                             KEPT => {
                                 let (y, depends) = hooks.fire_kept(id, *call, full, output)?;
                                 world.send(&y, leader)?;
-                                let depends = [u32::from(depends)];
-                                Some(Tensor::new(&depends, &candle_core::Device::Cpu)?)
+                                Some(Tensor::new(&[depends], &candle_core::Device::Cpu)?)
                             }
                             VJP => Some(hooks.edit_vjp(id, *call, &full)?),
                             code => {

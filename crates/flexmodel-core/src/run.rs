@@ -17,6 +17,10 @@ use crate::output::OutputMap;
 use crate::site::{Dim, SiteId, SiteKind, SiteTable};
 use crate::{Error, Result};
 
+/// What a kept edit's result depends on (see [`Hooks::fire_kept`]).
+pub(crate) const THROUGH_INPUT: u32 = 1;
+pub(crate) const MODULES_ONLY: u32 = 2;
+
 /// Identifies a registered hook, for [`FlexModel::remove`](crate::FlexModel::remove) and
 /// groups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -291,22 +295,33 @@ impl Hooks {
     }
 
     /// On rank 0: runs the hooks at the output of `id` on `full` as a variable, keeping the
-    /// edit's graph for [`Hooks::edit_vjp`]. Also returns whether the result depends on the
-    /// input as autograd sees it: not after a replacement, nor after a product with zero,
-    /// which candle's backward prunes (and one process then gives the sites behind it no
-    /// gradient at all).
+    /// edit's graph for [`Hooks::edit_vjp`]. Also returns what the result depends on as
+    /// autograd sees it: [`THROUGH_INPUT`], [`MODULES_ONLY`] (a replacement by a trainable
+    /// module's output) or 0 (a constant replacement, or a product with zero, which candle's
+    /// backward prunes, so that one process gives the sites behind it no gradient at all).
     pub(crate) fn fire_kept(
         &mut self,
         id: SiteId,
         call: u32,
         full: Tensor,
         output: &mut OutputMap,
-    ) -> Result<(Tensor, bool)> {
+    ) -> Result<(Tensor, u32)> {
         let input = Var::from_tensor(&full)?;
         let y = self.fire(id, Point::Output, 0, input.as_tensor().clone(), output)?;
         let probe = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
-        let depends = probe.get(input.as_tensor()).is_some();
-        if depends {
+        let depends = if probe.get(input.as_tensor()).is_some() {
+            THROUGH_INPUT
+        } else if self
+            .modules
+            .vars()
+            .iter()
+            .any(|v| probe.get(v.as_tensor()).is_some())
+        {
+            MODULES_ONLY
+        } else {
+            0
+        };
+        if depends != 0 {
             self.kept.insert((id, call), (input, y.clone()));
         }
         Ok((y.detach(), depends))
@@ -546,6 +561,9 @@ struct EditVjp {
     site: SiteId,
     call: u32,
     ranks: Ranks,
+    /// Whether the edit's result depends on its input (else only trainable modules get a
+    /// gradient, and the input none, as in one process).
+    through_input: bool,
 }
 
 impl CustomOp2 for EditVjp {
@@ -573,8 +591,12 @@ impl CustomOp2 for EditVjp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let mut hooks = lock(&self.hooks);
-        match Dist::new(self.ranks.clone()).edit_vjp(&mut hooks, (self.site, self.call), grad) {
-            Ok(g) => Ok((Some(g), None)),
+        let dist = Dist::new(self.ranks.clone());
+        match dist.edit_vjp(&mut hooks, (self.site, self.call), grad, self.through_input) {
+            Ok(Some(g)) => Ok((Some(g), None)),
+            // The first operand is then a zero anchor (see `fire_output`): candle wants a
+            // gradient for every node it visits.
+            Ok(None) => Ok((Some(grad.zeros_like()?), None)),
             Err(e) => {
                 let message = e.to_string();
                 hooks.pending_error.get_or_insert(e);
@@ -776,14 +798,24 @@ impl Hooked<'_> {
                 // through it as in one process.
                 Some(dist) if x.track_op() && self.hooks.has_edit(id, Point::Output) => {
                     match dist.fire_kept(self.hooks, id, x.clone(), self.output)? {
-                        (y, Some(call)) => {
+                        (y, Some((call, through_input))) => {
                             let op = EditVjp {
                                 hooks: self.shared.clone(),
                                 site: id,
                                 call,
                                 ranks: dist.ranks.clone(),
+                                through_input,
                             };
-                            x.apply_op2_arc(&y.detach(), Arc::new(Box::new(op)))?
+                            // Without a dependence on `x` (a replacement by a module's output)
+                            // the gradient must not reach `x`, as in one process: the op hangs
+                            // on a zero variable instead.
+                            let first = if through_input {
+                                x
+                            } else {
+                                let anchor = Var::zeros((), y.dtype(), y.device())?;
+                                y.detach().broadcast_add(anchor.as_tensor())?
+                            };
+                            first.apply_op2_arc(&y.detach(), Arc::new(Box::new(op)))?
                         }
                         // Nothing to propagate, as in one process.
                         (y, None) => y,

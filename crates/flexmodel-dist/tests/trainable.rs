@@ -1,5 +1,6 @@
-//! A trainable module used inside an editing function (a steering vector added at a decoder
-//! layer) gets from a multi-rank gradient pass the gradient one process gives it. The test
+//! A trainable module used inside an editing function gets from a multi-rank gradient pass the
+//! gradient one process gives it: a steering vector that scales and shifts a decoder layer's
+//! output, and one that replaces it (the gradient then reaches the module only). The test
 //! starts itself under `mpirun` on 8 ranks (tp2 · pp2 · dp2: the steered layer is on the second
 //! pipeline stage, so rank 0 serves it); rank 0 also runs the single-process reference.
 #![cfg(feature = "mpi")]
@@ -24,9 +25,9 @@ fn fixture() -> PathBuf {
         .join("llama")
 }
 
-/// The llama fixture on `grid`, with a steering vector added at its last layer's output;
-/// returns the wrapper and the vector.
-fn steered(grid: Grid) -> (FlexModel<Box<dyn Model>>, Var) {
+/// The llama fixture on `grid`, with a steering vector applied at its last layer's output (or
+/// replacing it); returns the wrapper and the vector.
+fn steered(grid: Grid, replace: bool) -> (FlexModel<Box<dyn Model>>, Var) {
     let options = LoadOptions {
         grid,
         ..Default::default()
@@ -38,9 +39,13 @@ fn steered(grid: Grid) -> (FlexModel<Box<dyn Model>>, Var) {
     let steer = Var::from_tensor(&Tensor::new(values, &Device::Cpu).unwrap()).unwrap();
     fm.add_module("steer", steer.as_tensor().clone(), vec![steer.clone()]);
     fm.register(HookFunction::new("model.layers.1").capture(false).edit(
-        |x: &Tensor, cx: &mut HookCtx| {
+        move |x: &Tensor, cx: &mut HookCtx| {
             let v = cx.modules.get::<Tensor>("steer")?;
-            Ok(x.broadcast_mul(&(v + 1.0)?)?.broadcast_add(v)?)
+            if replace {
+                Ok(v.broadcast_as(x.shape())?.contiguous()?)
+            } else {
+                Ok(x.broadcast_mul(&(v + 1.0)?)?.broadcast_add(v)?)
+            }
         },
     ))
     .unwrap();
@@ -59,10 +64,13 @@ fn check() {
         .unwrap()["input_ids"]
         .clone();
     let input = Input::new(ids);
-    let (mut fm, steer) = steered(grid.clone());
-    let got = fm.lm_backward(&input).unwrap();
-    if grid.is_root() {
-        let (mut single, single_steer) = steered(Grid::single());
+    for replace in [false, true] {
+        let (mut fm, steer) = steered(grid.clone(), replace);
+        let got = fm.lm_backward(&input).unwrap();
+        if !grid.is_root() {
+            continue;
+        }
+        let (mut single, single_steer) = steered(Grid::single(), replace);
         let want = single.lm_backward(&input).unwrap();
         let want = want.grads.get(single_steer.as_tensor()).unwrap().clone();
         let got = got
@@ -79,8 +87,11 @@ fn check() {
                 .unwrap()
         };
         let err = (norm(&(&got - &want).unwrap()) / norm(&want)).sqrt();
-        assert!(norm(&want) > 0.0, "the reference gradient is zero");
-        assert!(err <= 1e-5, "relative error {err:e}");
+        assert!(
+            norm(&want) > 0.0,
+            "replace {replace}: the reference gradient is zero"
+        );
+        assert!(err <= 1e-5, "replace {replace}: relative error {err:e}");
     }
 }
 
