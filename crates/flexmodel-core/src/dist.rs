@@ -252,19 +252,9 @@ impl Dist {
         let gradient = point == Point::Grad;
         let assembled = self.assemble(&x, &layout, &template, gradient)?;
         self.count(start, assembled.as_ref());
-        let result = match assembled {
-            Some(full) if self.grid().is_root() => Some(hooks.fire(id, point, call, full, output)?),
-            Some(full) => {
-                let world = &self.grid().world;
-                world.send(
-                    &header(HOOK, id.index() as u32, point_code(point), call)?,
-                    0,
-                )?;
-                world.send(&full, 0)?;
-                if edits { Some(world.recv(0)?) } else { None }
-            }
-            None => None,
-        };
+        let result = self.on_root(assembled, (id, point_code(point), call), edits, |full| {
+            hooks.fire(id, point, call, full, output)
+        })?;
         if !edits {
             return Ok(x);
         }
@@ -342,7 +332,7 @@ impl Dist {
     ) -> Result<Option<Tensor>> {
         let (layout, template) = hooks.layout(id, Point::Output);
         let assembled = self.assemble(grad, &layout, &template, true)?;
-        let result = self.on_root(assembled, (id, VJP, call), |full| {
+        let result = self.on_root(assembled, (id, VJP, call), true, |full| {
             hooks.edit_vjp(id, call, &full)
         })?;
         if !through_input {
@@ -354,11 +344,13 @@ impl Dist {
     }
 
     /// Runs `f` on the assembled tensor on rank 0, or asks rank 0 to (a later stage's leader
-    /// sends it and receives the result); `None` on the ranks that assembled nothing.
+    /// sends it and, when rank 0 `reply`s, receives the result); `None` on the ranks that
+    /// assembled nothing.
     fn on_root(
         &self,
         assembled: Option<Tensor>,
         (id, code, call): (SiteId, u32, u32),
+        reply: bool,
         f: impl FnOnce(Tensor) -> Result<Tensor>,
     ) -> Result<Option<Tensor>> {
         Ok(match assembled {
@@ -367,7 +359,7 @@ impl Dist {
                 let world = &self.grid().world;
                 world.send(&header(HOOK, id.index() as u32, code, call)?, 0)?;
                 world.send(&full, 0)?;
-                Some(world.recv(0)?)
+                if reply { Some(world.recv(0)?) } else { None }
             }
             None => None,
         })

@@ -88,6 +88,17 @@ pub struct PassInfo {
     pub len: usize,
 }
 
+impl PassInfo {
+    /// A plain forward pass over `len` positions (not a generation step).
+    pub(crate) fn plain(len: usize) -> Self {
+        Self {
+            step: 0,
+            start: 0,
+            len,
+        }
+    }
+}
+
 /// What an editing function knows besides the activation.
 pub struct HookCtx<'a> {
     pub(crate) site: &'a str,

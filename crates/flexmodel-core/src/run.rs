@@ -495,6 +495,15 @@ pub(crate) fn lock(hooks: &Mutex<Hooks>) -> MutexGuard<'_, Hooks> {
     hooks.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A contiguous copy of a tensor's storage: the forward pass of the identity-like ops below.
+fn copy_of(storage: &CpuStorage, layout: &CLayout) -> candle_core::Result<(CpuStorage, Shape)> {
+    let mut out = storage
+        .device()
+        .zeros_impl(layout.shape(), storage.dtype())?;
+    storage.copy_strided_src(&mut out, 0, layout)?;
+    Ok((out, layout.shape().clone()))
+}
+
 /// The identity in the forward pass; in the backward pass it runs the gradient hooks of its
 /// site on the incoming gradient and passes their result on.
 struct GradSite {
@@ -515,11 +524,7 @@ impl CustomOp1 for GradSite {
         storage: &CpuStorage,
         layout: &CLayout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let mut out = storage
-            .device()
-            .zeros_impl(layout.shape(), storage.dtype())?;
-        storage.copy_strided_src(&mut out, 0, layout)?;
-        Ok((out, layout.shape().clone()))
+        copy_of(storage, layout)
     }
 
     fn bwd(
@@ -578,9 +583,7 @@ impl CustomOp2 for EditVjp {
         y: &CpuStorage,
         yl: &CLayout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let mut out = y.device().zeros_impl(yl.shape(), y.dtype())?;
-        y.copy_strided_src(&mut out, 0, yl)?;
-        Ok((out, yl.shape().clone()))
+        copy_of(y, yl)
     }
 
     fn bwd(

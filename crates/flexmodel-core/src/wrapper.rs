@@ -99,12 +99,7 @@ impl<M: Model> FlexModel<M> {
     /// [`Error::UnknownGroup`], or as [`Model::forward_with`].
     pub fn forward_groups(&mut self, input: &Input, groups: &Groups) -> Result<Tensor> {
         let (_, seq) = input.dims()?;
-        let pass = PassInfo {
-            step: 0,
-            start: 0,
-            len: seq,
-        };
-        self.pass(input, groups, pass, None)
+        self.pass(input, groups, PassInfo::plain(seq), None)
     }
 
     /// One forward pass; during generation with `cache` (keys and values appended, logits of
@@ -236,14 +231,7 @@ impl<M: Model> FlexModel<M> {
         let (_, seq) = input.dims()?;
         let logits = {
             let mut hooks = lock(&self.hooks);
-            hooks.select(
-                &Groups::All,
-                PassInfo {
-                    step: 0,
-                    start: 0,
-                    len: seq,
-                },
-            )?;
+            hooks.select(&Groups::All, PassInfo::plain(seq))?;
             let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).with_gradients();
             self.model.forward_with(input, &mut run)?
         };
@@ -265,14 +253,7 @@ impl<M: Model> FlexModel<M> {
         let mut pipe = Pipe::default();
         let local_logits = {
             let mut hooks = lock(&self.hooks);
-            hooks.select(
-                &Groups::All,
-                PassInfo {
-                    step: 0,
-                    start: 0,
-                    len: seq,
-                },
-            )?;
+            hooks.select(&Groups::All, PassInfo::plain(seq))?;
             hooks.begin_backward();
             let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output)
                 .distributed(&dist)

@@ -5,7 +5,7 @@
 #![cfg(feature = "mpi")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -96,32 +96,9 @@ fn check_every_operation() {
 
 #[test]
 fn collectives_match_their_definitions_on_three_ranks() {
-    if flexmodel_dist::launched_size().is_some() {
-        return check_every_operation();
-    }
-    let out = Command::new("mpirun")
-        .args(["--oversubscribe", "-n", &RANKS.to_string()])
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "collectives_match_their_definitions_on_three_ranks",
-            "--test-threads=1",
-            "--color=never",
-        ])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .output()
-        .expect("run mpirun (install openmpi-bin)");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    common::on_ranks(
+        RANKS,
+        "collectives_match_their_definitions_on_three_ranks",
+        check_every_operation,
     );
-    // Every rank ran the checks (libtest prints one result line per process).
-    let passed = String::from_utf8_lossy(&out.stdout)
-        .matches("test result: ok. 1 passed")
-        .count();
-    assert_eq!(passed, RANKS);
 }

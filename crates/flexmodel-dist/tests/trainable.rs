@@ -6,15 +6,15 @@
 #![cfg(feature = "mpi")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::Command;
 
 use candle_core::{Device, Tensor, Var};
 use flexmodel_core::{FlexModel, Grid, HookCtx, HookFunction, Input, Model, Parallelism};
 use flexmodel_models::{LoadOptions, load};
 
 const RANKS: usize = 8;
-const TEST: &str = "a_module_inside_an_edit_gets_the_one_process_gradient";
 
 fn fixture() -> PathBuf {
     std::env::var_os("FLEXMODEL_FIXTURES")
@@ -97,27 +97,9 @@ fn check() {
 
 #[test]
 fn a_module_inside_an_edit_gets_the_one_process_gradient() {
-    if flexmodel_dist::launched_size().is_some() {
-        return check();
-    }
-    let out = Command::new("mpirun")
-        .args(["--oversubscribe", "-n", &RANKS.to_string()])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", TEST, "--test-threads=1", "--color=never"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("run mpirun (install openmpi-bin)");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    common::on_ranks(
+        RANKS,
+        "a_module_inside_an_edit_gets_the_one_process_gradient",
+        check,
     );
-    let passed = String::from_utf8_lossy(&out.stdout)
-        .matches("test result: ok. 1 passed")
-        .count();
-    assert_eq!(passed, RANKS, "every rank ran the check");
 }

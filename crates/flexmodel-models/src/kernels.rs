@@ -38,19 +38,12 @@ impl CustomOp2 for Skinny {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (xs, ws) else {
-            candle_core::bail!("skinny matmul: f32 only");
-        };
-        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-        else {
-            candle_core::bail!("skinny matmul: contiguous operands only");
-        };
+        let (x, w) = (f32s(xs, xl, self.name())?, f32s(ws, wl, self.name())?);
         let (m, k) = xl.shape().dims2()?;
         let (n, k2) = wl.shape().dims2()?;
         if k != k2 || m > MAX_ROWS {
             candle_core::bail!("skinny matmul: shapes {:?} x {:?}^T", xl.dims(), wl.dims());
         }
-        let (x, w) = (&xs[x0..x1], &ws[w0..w1]);
         // Column blocks of the output, computed in parallel, stored [block][m][cols].
         let blocks: Vec<Vec<f32>> = (0..n.div_ceil(CHUNK))
             .into_par_iter()
@@ -111,6 +104,14 @@ impl WithSimd for Block<'_> {
     }
 }
 
+/// The values of a contiguous f32 operand of the kernel `op`.
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        _ => candle_core::bail!("{op}: contiguous f32 operands only"),
+    }
+}
+
 /// `softmax(scores + mask)` over the last dimension, in one pass over the scores: candle adds
 /// a broadcast mask through its strided path and then reads the sum again for the softmax.
 /// `scores` `[b, h, s, k]` and `mask` `[b|1, 1, s, k]`, f32 on the CPU without gradients;
@@ -147,15 +148,8 @@ impl CustomOp2 for MaskedSoftmax {
         ms: &CpuStorage,
         ml: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(xs), CpuStorage::F32(ms)) = (xs, ms) else {
-            candle_core::bail!("masked softmax: f32 only");
-        };
-        let (Some((x0, x1)), Some((m0, m1))) = (xl.contiguous_offsets(), ml.contiguous_offsets())
-        else {
-            candle_core::bail!("masked softmax: contiguous operands only");
-        };
-        let (x, m) = (&xs[x0..x1], &ms[m0..m1]);
-        let (b, h, s, k) = xl.shape().dims4()?;
+        let (x, m) = (f32s(xs, xl, self.name())?, f32s(ms, ml, self.name())?);
+        let (_, h, s, k) = xl.shape().dims4()?;
         // Mask rows per batch row: `s` (one mask per batch row) or 0 (one shared mask).
         let mask_batch_stride = if ml.dims()[0] == 1 { 0 } else { s * k };
         let mut y = vec![0f32; x.len()];
@@ -168,7 +162,6 @@ impl CustomOp2 for MaskedSoftmax {
                 let mask = &m[at..at + k];
                 Arch::new().dispatch(SoftmaxRow { scores, mask, out });
             });
-        debug_assert_eq!(b * h * s * k, y.len());
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 }
@@ -245,10 +238,7 @@ impl CustomOp1 for Fast {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(xs), Some((start, end))) = (s, l.contiguous_offsets()) else {
-            candle_core::bail!("activation kernel: contiguous f32 only");
-        };
-        let x = &xs[start..end];
+        let x = f32s(s, l, self.name())?;
         let mut y = vec![0f32; x.len()];
         let act = *self;
         y.par_chunks_mut(1 << 14)

@@ -1,8 +1,12 @@
 //! Multi-process runs under `mpirun`: every layout gives the single-process result (captures,
 //! edits, gradients), errors end every rank promptly. (Built with `--features mpi`; CI installs Open MPI.)
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
 
 use crate::{ARCHS, assert_close, flexmodel_ok, load, model_dir, reference_json};
 
@@ -39,6 +43,25 @@ fn mpirun(ranks: usize, args: &[&str]) -> (Output, Duration) {
 
 fn path_str(p: &std::path::Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// Runs `flexmodel args...` under every layout of [`LAYOUTS`]: each writes the tensors of
+/// `want` (the single-process run), equal within 1e-5.
+fn every_layout_equals(arch: &str, args: &[&str], want: &HashMap<String, Tensor>, tmp: &Path) {
+    for (layout, ranks) in LAYOUTS {
+        let out = tmp.join("multi.safetensors");
+        let (run, _) = mpirun(*ranks, &[args, layout, &["--out", path_str(&out)]].concat());
+        assert!(
+            run.status.success(),
+            "{arch} {layout:?}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let got = load(&out);
+        assert_eq!(got.len(), want.len(), "{arch} {layout:?}: same tensors");
+        for (name, t) in want {
+            assert_close(&format!("{arch} {layout:?} {name}"), &got[name], t, 1e-5);
+        }
+    }
 }
 
 #[test]
@@ -78,23 +101,7 @@ fn every_layout_equals_one_process_for_five_archs() {
             &load(&ids)["edit.mlp_zero.logits"],
             1e-4,
         );
-        for (layout, ranks) in LAYOUTS {
-            let out = tmp.path().join("multi.safetensors");
-            let (run, _) = mpirun(
-                *ranks,
-                &[&common[..], layout, &["--out", path_str(&out)]].concat(),
-            );
-            assert!(
-                run.status.success(),
-                "{arch} {layout:?}: {}",
-                String::from_utf8_lossy(&run.stderr)
-            );
-            let got = load(&out);
-            assert_eq!(got.len(), want.len(), "{arch} {layout:?}: same tensors");
-            for (name, t) in &want {
-                assert_close(&format!("{arch} {layout:?} {name}"), &got[name], t, 1e-5);
-            }
-        }
+        every_layout_equals(arch, &common, &want, tmp.path());
     }
 }
 
@@ -136,23 +143,7 @@ fn gradients_flow_through_an_edit_under_every_layout() {
             crate::rel_err(&want[embed], &load(&plain)[embed]) > 1e-3,
             "{arch}"
         );
-        for (layout, ranks) in LAYOUTS {
-            let out = tmp.path().join("multi.safetensors");
-            let (run, _) = mpirun(
-                *ranks,
-                &[&common[..], layout, &["--out", path_str(&out)]].concat(),
-            );
-            assert!(
-                run.status.success(),
-                "{arch} {layout:?}: {}",
-                String::from_utf8_lossy(&run.stderr)
-            );
-            let got = load(&out);
-            assert_eq!(got.len(), want.len(), "{arch} {layout:?}: same tensors");
-            for (name, t) in &want {
-                assert_close(&format!("{arch} {layout:?} {name}"), &got[name], t, 1e-5);
-            }
-        }
+        every_layout_equals(arch, &common, &want, tmp.path());
     }
 }
 

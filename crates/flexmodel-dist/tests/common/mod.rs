@@ -1,0 +1,33 @@
+//! Tests that start themselves under `mpirun`.
+
+use std::process::Command;
+
+/// In a rank of an `mpirun` job, runs `check`; otherwise starts this test binary's test `test`
+/// (its exact name) on `ranks` ranks under `mpirun`, as root and oversubscribed, one thread
+/// each, and asserts that the job succeeded and every rank passed (libtest prints one result
+/// line per process). A failing check panics, and a panic aborts the whole job.
+pub fn on_ranks(ranks: usize, test: &str, check: fn()) {
+    if flexmodel_dist::launched_size().is_some() {
+        return check();
+    }
+    let out = Command::new("mpirun")
+        .args(["--oversubscribe", "-n", &ranks.to_string()])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--test-threads=1", "--color=never"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("run mpirun (install openmpi-bin)");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passed = String::from_utf8_lossy(&out.stdout)
+        .matches("test result: ok. 1 passed")
+        .count();
+    assert_eq!(passed, ranks, "every rank ran the check");
+}
