@@ -6,11 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use flexmodel::{
-    DType, Dim, FlexModel, GenerateOptions, LoadOptions, OutputMap, Sampling, SiteInfo, Tensor,
-    Tokenizer,
+    DType, Dim, FlexModel, GenerateOptions, OutputMap, Sampling, SiteInfo, Tensor, Tokenizer,
 };
 
-use crate::opts::{FloatType, HookOpts, InputOpts, ModelOpts, Padding};
+use crate::opts::{ComputeOpts, FloatType, HookOpts, InputOpts, ModelOpts, Padding};
 use crate::parallel::ParallelOpts;
 use crate::run::check_out_dir;
 use crate::safetensors_io;
@@ -73,9 +72,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = FloatType::F32)]
     dtype: FloatType,
 
-    /// Dtype the model computes in.
-    #[arg(long, value_enum, default_value_t = FloatType::F32)]
-    compute_dtype: FloatType,
+    #[command(flatten)]
+    compute: ComputeOpts,
 }
 
 pub fn main(args: Args) -> Result<()> {
@@ -109,11 +107,7 @@ pub fn main(args: Args) -> Result<()> {
     };
 
     let grid = args.parallel.grid()?;
-    let load = LoadOptions {
-        dtype: args.compute_dtype.into(),
-        grid: grid.clone(),
-        ..LoadOptions::default()
-    };
+    let load = args.compute.load_options(&grid)?;
     let model =
         flexmodel::load(&dir, &load).with_context(|| format!("loading {}", dir.display()))?;
     let sites: Vec<SiteInfo> = model.sites().iter().map(|(_, s)| s.clone()).collect();

@@ -8,10 +8,10 @@ use anyhow::{Context, Result};
 use flexmodel::harvest::{
     self, DataSource, HarvestOptions, Positions, Progress, Settings, StatsSettings, StoreDType,
 };
-use flexmodel::{FlexModel, LoadOptions, Tokenizer};
+use flexmodel::{FlexModel, Tokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::opts::{FloatType, ModelOpts};
+use crate::opts::{ComputeOpts, FloatType, ModelOpts};
 use crate::parallel::ParallelOpts;
 
 /// Arguments of `flexmodel harvest`.
@@ -99,9 +99,8 @@ pub struct Args {
     #[arg(long)]
     resume: bool,
 
-    /// Dtype the model computes in.
-    #[arg(long, value_enum, default_value_t = FloatType::F32)]
-    compute_dtype: FloatType,
+    #[command(flatten)]
+    compute: ComputeOpts,
 }
 
 pub fn main(args: Args) -> Result<()> {
@@ -135,11 +134,7 @@ pub fn main(args: Args) -> Result<()> {
     };
     let tokenizer = Tokenizer::from_dir(&dir).ok();
     let grid = args.parallel.grid()?;
-    let load = LoadOptions {
-        dtype: args.compute_dtype.into(),
-        grid: grid.clone(),
-        ..LoadOptions::default()
-    };
+    let load = args.compute.load_options(&grid)?;
     let model =
         flexmodel::load(&dir, &load).with_context(|| format!("loading {}", dir.display()))?;
     let mut fm = FlexModel::new(model);

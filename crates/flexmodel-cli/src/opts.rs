@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
-use flexmodel::{DType, Device, FlexModel, HookFunction, Input, Tokenizer};
+use flexmodel::{DType, Device, FlexModel, Grid, HookFunction, Input, LoadOptions, Tokenizer};
 
 use crate::edit::EditSpec;
 use crate::safetensors_io;
@@ -46,6 +46,47 @@ fn bundled_model() -> Result<PathBuf> {
             dir.display()
         )
     })
+}
+
+/// Where and in which dtype the model computes.
+#[derive(clap::Args)]
+pub struct ComputeOpts {
+    /// Dtype the model computes in (on the CPU f32 is the fast choice; on a GPU bf16).
+    #[arg(long, value_enum, default_value_t = FloatType::F32)]
+    pub compute_dtype: FloatType,
+
+    /// Device: cpu, cuda:N, or cuda (under an MPI launcher each rank's local rank, else GPU
+    /// 0). GPUs need the CUDA binary (scripts/build-cuda.sh). Captures land on the host
+    /// either way.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: String,
+}
+
+impl ComputeOpts {
+    /// Load options for this rank of `grid`, the device opened.
+    pub fn load_options(&self, grid: &Grid) -> Result<LoadOptions> {
+        let spec = match self.device.as_str() {
+            "cuda" => format!("cuda:{}", local_rank().unwrap_or(0)),
+            other => other.to_string(),
+        };
+        Ok(LoadOptions {
+            dtype: self.compute_dtype.into(),
+            device: flexmodel::device(&spec).context("--device")?,
+            grid: grid.clone(),
+            ..LoadOptions::default()
+        })
+    }
+}
+
+/// This process's rank among those of the job on its node, as MPI launchers announce it.
+fn local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
 /// A floating-point dtype on the command line.

@@ -4,9 +4,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use flexmodel::{DType, FlexModel, HookFunction, Input, LoadOptions, Tensor, Tokenizer};
+use flexmodel::{DType, FlexModel, HookFunction, Input, Tensor, Tokenizer};
 
-use crate::opts::{FloatType, HookOpts, InputOpts, ModelOpts, Padding};
+use crate::opts::{ComputeOpts, FloatType, HookOpts, InputOpts, ModelOpts, Padding};
 use crate::parallel::ParallelOpts;
 use crate::safetensors_io;
 
@@ -46,9 +46,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = FloatType::F32)]
     dtype: FloatType,
 
-    /// Dtype the model computes in.
-    #[arg(long, value_enum, default_value_t = FloatType::F32)]
-    compute_dtype: FloatType,
+    #[command(flatten)]
+    compute: ComputeOpts,
 }
 
 pub fn main(args: Args) -> Result<()> {
@@ -59,11 +58,7 @@ pub fn main(args: Args) -> Result<()> {
     let (input, tokenizer) = args.input.load(&dir, Padding::Right)?;
 
     let grid = args.parallel.grid()?;
-    let options = LoadOptions {
-        dtype: args.compute_dtype.into(),
-        grid: grid.clone(),
-        ..LoadOptions::default()
-    };
+    let options = args.compute.load_options(&grid)?;
     let model =
         flexmodel::load(&dir, &options).with_context(|| format!("loading {}", dir.display()))?;
     let mut fm = FlexModel::new(model);

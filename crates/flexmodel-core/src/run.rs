@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout as CLayout, Shape, Tensor, Var,
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout as CLayout, Shape, Tensor, Var,
 };
 
 use crate::cache::KvCache;
 use crate::dist::{Dist, Ranks};
+use crate::host::HostCopy;
 use crate::hook::{Edit, HookCtx, HookFunction, Modules, PassInfo, Point, SaveContext, Steps};
 use crate::layout::Layout;
 use crate::output::OutputMap;
@@ -95,6 +96,9 @@ pub(crate) struct Hooks {
     /// Gradients the kept edits' vector-Jacobian products gave trainable modules' variables
     /// (variable, gradient), for rank 0's gradient store.
     edit_grads: Vec<(Tensor, Tensor)>,
+    /// Forward captures still on their way to the host (from a GPU), in firing order, until
+    /// the pass ends ([`Hooks::settle`]).
+    in_flight: Vec<(String, HostCopy)>,
     /// Gradient captures of a backward pass, flushed in forward order once it completes.
     pending_grads: Vec<(SiteId, u32, Tensor)>,
     /// The first error a gradient hook raised (candle's backward carries only strings).
@@ -125,6 +129,7 @@ impl Hooks {
             kept_calls: vec![0; sites.len()],
             kept: HashMap::new(),
             edit_grads: Vec::new(),
+            in_flight: Vec::new(),
             pending_grads: Vec::new(),
             pending_error: None,
             grad_fired: 0,
@@ -394,6 +399,7 @@ impl Hooks {
             state,
             modules,
             pending_grads,
+            in_flight,
             pass,
             ..
         } = self;
@@ -412,12 +418,15 @@ impl Hooks {
                 }
             }
             if entry.capture {
-                let t = to_host(&x)?;
-                match point {
-                    Point::Output => output.push(site, t),
-                    Point::Input => output.push(&format!("input.{site}"), t),
+                let copy = HostCopy::start(&x)?;
+                let key = format!("{}{site}", point.key_prefix());
+                if point == Point::Grad {
                     // Gradients arrive last firing first; kept aside and flushed in order.
-                    Point::Grad => pending_grads.push((id, call, t)),
+                    pending_grads.push((id, call, copy.wait()?));
+                } else if copy.is_ready() && in_flight.is_empty() {
+                    output.push(&key, copy.wait()?);
+                } else {
+                    in_flight.push((key, copy));
                 }
             }
             if let Some(edit) = edits.get_mut(&entry.handle) {
@@ -464,6 +473,15 @@ impl Hooks {
         Ok(self.grad_fired)
     }
 
+    /// Moves the captures still being copied to the host into `output`, in firing order; the
+    /// end of every pass calls it.
+    pub(crate) fn settle(&mut self, output: &mut OutputMap) -> Result<()> {
+        for (key, copy) in self.in_flight.drain(..) {
+            output.push(&key, copy.wait()?);
+        }
+        Ok(())
+    }
+
     pub(crate) fn begin_backward(&mut self) {
         self.pending_grads.clear();
         self.pending_error = None;
@@ -473,13 +491,6 @@ impl Hooks {
     pub(crate) fn has_grad_hooks(&self) -> bool {
         self.wants_grad()
     }
-}
-
-/// A host copy of a tensor, cut from the autograd graph. Tensors are immutable, so on the
-/// CPU this shares the storage instead of copying it.
-fn to_host(x: &Tensor) -> Result<Tensor> {
-    let x = if x.track_op() { x.detach() } else { x.clone() };
-    Ok(x.to_device(&Device::Cpu)?)
 }
 
 /// A pipeline stage's activations: what it received (a leaf, for its gradient) and what it
@@ -495,8 +506,16 @@ pub(crate) fn lock(hooks: &Mutex<Hooks>) -> MutexGuard<'_, Hooks> {
     hooks.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A contiguous copy of a tensor's storage: the forward pass of the identity-like ops below.
-fn copy_of(storage: &CpuStorage, layout: &CLayout) -> candle_core::Result<(CpuStorage, Shape)> {
+/// A contiguous copy of a tensor's storage, on its device: the forward pass of identity-like
+/// custom ops (the gradient site here, the tensor-parallel copy in model code).
+///
+/// # Errors
+/// Allocation failures of the backend.
+pub fn copy_of<S>(storage: &S, layout: &CLayout) -> candle_core::Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
     let mut out = storage
         .device()
         .zeros_impl(layout.shape(), storage.dtype())?;
@@ -524,6 +543,15 @@ impl CustomOp1 for GradSite {
         storage: &CpuStorage,
         layout: &CLayout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_of(storage, layout)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &CLayout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         copy_of(storage, layout)
     }
 
@@ -583,6 +611,17 @@ impl CustomOp2 for EditVjp {
         y: &CpuStorage,
         yl: &CLayout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_of(y, yl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _xl: &CLayout,
+        y: &candle_core::CudaStorage,
+        yl: &CLayout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         copy_of(y, yl)
     }
 

@@ -121,7 +121,10 @@ impl<M: Model> FlexModel<M> {
                 Some(cache) => run.generating(cache),
                 None => run,
             };
-            return self.model.forward_with(input, &mut run);
+            let logits = self.model.forward_with(input, &mut run);
+            drop(run);
+            hooks.settle(&mut self.output)?;
+            return logits;
         }
         let result = self.pass_distributed(input, groups, pass, cache, &grid);
         or_abort(&grid, result)
@@ -146,7 +149,10 @@ impl<M: Model> FlexModel<M> {
             Some(cache) => run.generating(cache),
             None => run,
         };
-        let local_logits = self.model.forward_with(&local, &mut run)?;
+        let local_logits = self.model.forward_with(&local, &mut run);
+        drop(run);
+        hooks.settle(&mut self.output)?;
+        let local_logits = local_logits?;
         let stages = grid.degrees.pp;
         let last = grid.stage() + 1 == stages;
         let mut logits = None;
@@ -159,6 +165,7 @@ impl<M: Model> FlexModel<M> {
         }
         if grid.is_root() && stages > 1 {
             logits = dist.serve(&mut hooks, &mut self.output, false)?.logits;
+            hooks.settle(&mut self.output)?;
         }
         self.comm_stats = dist.stats.get();
         match logits {
@@ -233,7 +240,10 @@ impl<M: Model> FlexModel<M> {
             let mut hooks = lock(&self.hooks);
             hooks.select(&Groups::All, PassInfo::plain(seq))?;
             let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).with_gradients();
-            self.model.forward_with(input, &mut run)?
+            let logits = self.model.forward_with(input, &mut run);
+            drop(run);
+            hooks.settle(&mut self.output)?;
+            logits?
         };
         let loss = causal_lm_loss(&logits, input)?;
         let grads = self.backward(&loss)?;
@@ -259,7 +269,10 @@ impl<M: Model> FlexModel<M> {
                 .distributed(&dist)
                 .with_gradients()
                 .piped(&mut pipe);
-            self.model.forward_with(&local, &mut run)?
+            let logits = self.model.forward_with(&local, &mut run);
+            drop(run);
+            hooks.settle(&mut self.output)?;
+            logits?
         };
         let mut logits = None;
         if last {
@@ -270,9 +283,9 @@ impl<M: Model> FlexModel<M> {
             logits = None;
         }
         if grid.is_root() && stages > 1 {
-            logits = dist
-                .serve(&mut lock(&self.hooks), &mut self.output, false)?
-                .logits;
+            let mut hooks = lock(&self.hooks);
+            logits = dist.serve(&mut hooks, &mut self.output, false)?.logits;
+            hooks.settle(&mut self.output)?;
         }
         // Backward, stage by stage from the last; rank 0 serves the later stages' gradient
         // hooks before its own stage, which needs their gradient.

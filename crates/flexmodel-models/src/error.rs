@@ -98,6 +98,10 @@ pub enum Error {
         dir: PathBuf,
     },
 
+    /// A device that cannot be opened (see [`device`](crate::device)).
+    #[error("{0}")]
+    Device(String),
+
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

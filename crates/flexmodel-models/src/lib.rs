@@ -22,6 +22,7 @@
 mod alloc;
 mod attention;
 mod config;
+mod device;
 mod error;
 mod falcon;
 mod gpt2;
@@ -43,6 +44,7 @@ use flexmodel_core::{Grid, Input, Model, ModelInfo, Parameters, Run, SiteId, Sit
 
 use crate::attention::Pass;
 
+pub use device::device;
 pub use error::{Error, Result};
 pub use tokenizer::{Tokenizer, generation_tokens, pad_left, pad_right};
 
@@ -296,7 +298,8 @@ impl<F: Family> Model for Loaded<F> {
         // The hidden states and the per-pass tables travel from stage to stage together: later
         // stages see any edit of the tables, and send their gradient back.
         let (mut x, tables) = if stage.first {
-            let ids = run.input(self.body.base_site(), &input.input_ids)?;
+            let ids = input.input_ids.to_device(&self.device)?;
+            let ids = run.input(self.body.base_site(), &ids)?;
             let x = self.body.embed(&ids, &pass, run)?;
             let tables = self.body.tables(&x, &pass, run)?;
             (x, tables)

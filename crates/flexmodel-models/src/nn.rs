@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout as CLayout, Shape, Tensor};
 use flexmodel_core::layout::{Part, block};
 use flexmodel_core::{Comm, Dim, Layout, Run, SiteId};
@@ -237,11 +236,16 @@ impl CustomOp1 for TpCopy {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &CLayout) -> CResult<(CpuStorage, Shape)> {
-        let mut out = storage
-            .device()
-            .zeros_impl(layout.shape(), storage.dtype())?;
-        storage.copy_strided_src(&mut out, 0, layout)?;
-        Ok((out, layout.shape().clone()))
+        flexmodel_core::copy_of(storage, layout)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &CLayout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        flexmodel_core::copy_of(storage, layout)
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {

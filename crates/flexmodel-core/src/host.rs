@@ -1,0 +1,265 @@
+//! Captures to host memory.
+//!
+//! On the CPU a capture shares the activation's storage (tensors are immutable). On a CUDA
+//! device the copy is asynchronous, so that the GPU never waits for the host: the capture's
+//! bytes go by DMA into a pinned (page-locked) staging buffer on a copy stream that waits only
+//! for the work that produced them, while the compute stream runs on; worker threads move each
+//! finished buffer into an ordinary host tensor and return the buffer to a pool. The forward
+//! pass collects the host tensors when it ends ([`Hooks::settle`](crate::run::Hooks)), so the
+//! output map holds host tensors when `forward` returns, as on the CPU.
+
+use candle_core::{Device, Tensor};
+
+use crate::Result;
+
+/// A capture on its way to host memory.
+pub(crate) enum HostCopy {
+    /// Already on the host.
+    Ready(Tensor),
+    /// Being copied from a GPU.
+    #[cfg(feature = "cuda")]
+    Copying(cuda::Pending),
+}
+
+impl HostCopy {
+    /// Starts copying `x`, cut from the autograd graph, to host memory.
+    pub(crate) fn start(x: &Tensor) -> Result<Self> {
+        let x = if x.track_op() { x.detach() } else { x.clone() };
+        match x.device() {
+            Device::Cpu => Ok(Self::Ready(x)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => Ok(cuda::start(&x)?.map_or_else(
+                || Ok::<_, crate::Error>(Self::Ready(x.to_device(&Device::Cpu)?)),
+                |p| Ok(Self::Copying(p)),
+            )?),
+            _ => Ok(Self::Ready(x.to_device(&Device::Cpu)?)),
+        }
+    }
+
+    /// Whether the tensor is already on the host.
+    pub(crate) fn is_ready(&self) -> bool {
+        matches!(self, Self::Ready(_))
+    }
+
+    /// The host tensor, once the copy is complete.
+    pub(crate) fn wait(self) -> Result<Tensor> {
+        match self {
+            Self::Ready(t) => Ok(t),
+            #[cfg(feature = "cuda")]
+            Self::Copying(p) => p.wait(),
+        }
+    }
+}
+
+/// The CUDA path: pinned staging buffers, a copy stream per device, host workers.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::collections::HashMap;
+    use std::sync::mpsc::{Receiver, Sender, channel};
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use candle_core::cuda::cudarc::driver::{CudaContext, CudaStream, PinnedHostSlice};
+    use candle_core::cuda_backend::CudaStorageSlice;
+    use candle_core::{DType, Device, Shape, Storage, Tensor};
+
+    use crate::{Error, Result};
+
+    /// Pinned memory a process keeps for captures in flight. A capture that finds the pool
+    /// spent is copied synchronously through pageable memory instead.
+    const PINNED_LIMIT: usize = 8 << 30;
+    /// Host threads that move finished copies out of pinned memory.
+    const WORKERS: usize = 8;
+
+    /// A copy in flight; its result arrives from a worker.
+    pub(crate) struct Pending(Receiver<Result<Tensor>>);
+
+    impl Pending {
+        pub(crate) fn wait(self) -> Result<Tensor> {
+            self.0
+                .recv()
+                .map_err(|_| Error::msg("a capture's host-copy worker stopped"))?
+        }
+    }
+
+    /// One staged copy, for a worker: the pinned bytes (ready once their event fires), what
+    /// they hold, the source kept alive until the copy is done, and where the result goes.
+    struct Job {
+        staged: PinnedHostSlice<u8>,
+        bytes: usize,
+        dtype: DType,
+        shape: Shape,
+        _source: Tensor,
+        done: Sender<Result<Tensor>>,
+    }
+
+    /// Per device: its copy stream and the free staging buffers.
+    struct Copier {
+        context: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        free: Mutex<Vec<PinnedHostSlice<u8>>>,
+        pinned: Mutex<usize>,
+        jobs: Mutex<Sender<Job>>,
+    }
+
+    fn copier(context: &Arc<CudaContext>) -> Result<Arc<Copier>> {
+        static COPIERS: OnceLock<Mutex<HashMap<usize, Arc<Copier>>>> = OnceLock::new();
+        let mut copiers = COPIERS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let ordinal = context.ordinal();
+        if let Some(c) = copiers.get(&ordinal) {
+            return Ok(c.clone());
+        }
+        let (jobs, queue) = channel::<Job>();
+        let copier = Arc::new(Copier {
+            context: context.clone(),
+            stream: context.new_stream().map_err(cuda_error)?,
+            free: Mutex::new(Vec::new()),
+            pinned: Mutex::new(0),
+            jobs: Mutex::new(jobs),
+        });
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..WORKERS {
+            let (queue, copier) = (queue.clone(), Arc::downgrade(&copier));
+            std::thread::spawn(move || {
+                loop {
+                    let job = match queue.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    };
+                    let Job {
+                        staged,
+                        bytes,
+                        dtype,
+                        shape,
+                        _source,
+                        done,
+                    } = job;
+                    let result = staged
+                        .as_slice()
+                        .map_err(cuda_error)
+                        .and_then(|b| {
+                            Ok(Tensor::from_raw_buffer(&b[..bytes], dtype, shape.dims(), &Device::Cpu)?)
+                        });
+                    drop(_source);
+                    if let Some(c) = copier.upgrade() {
+                        c.free.lock().unwrap_or_else(|p| p.into_inner()).push(staged);
+                    }
+                    let _ = done.send(result);
+                }
+            });
+        }
+        copiers.insert(ordinal, copier.clone());
+        Ok(copier)
+    }
+
+    fn cuda_error(e: impl std::fmt::Display) -> Error {
+        Error::msg(format!("CUDA: {e}"))
+    }
+
+    impl Copier {
+        /// A free staging buffer of at least `bytes`, or a new one; `None` past the limit.
+        fn buffer(&self, bytes: usize) -> Result<Option<PinnedHostSlice<u8>>> {
+            {
+                let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+                let best = free
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.len() >= bytes)
+                    .min_by_key(|(_, b)| b.len())
+                    .map(|(i, _)| i);
+                if let Some(i) = best {
+                    return Ok(Some(free.swap_remove(i)));
+                }
+            }
+            // Sizes round up to 2 MiB so that buffers of similar captures are interchangeable.
+            let size = bytes.div_ceil(2 << 20) * (2 << 20);
+            let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+            if *pinned + size > PINNED_LIMIT {
+                return Ok(None);
+            }
+            // SAFETY: the buffer is uninitialised until a copy writes it; it is read only
+            // through `as_slice`, after the copy's event, and only its first `bytes` bytes,
+            // which that copy wrote. Flags 0: cached host memory (write-combined memory, the
+            // default of `alloc_pinned`, is slow for the CPU to read).
+            #[allow(unsafe_code)]
+            let buffer = unsafe { self.context.alloc_pinned_with_flags::<u8>(size, 0) }
+                .map_err(cuda_error)?;
+            *pinned += size;
+            Ok(Some(buffer))
+        }
+    }
+
+    /// Starts the copy of `x` (on a CUDA device); `None` when no pinned memory is left.
+    pub(crate) fn start(x: &Tensor) -> Result<Option<Pending>> {
+        let Device::Cuda(device) = x.device() else {
+            return Err(Error::msg("a CUDA capture of a tensor not on a CUDA device"));
+        };
+        let x = x.contiguous()?;
+        let bytes = x.elem_count() * x.dtype().size_in_bytes();
+        let copier = copier(device.cuda_stream().context())?;
+        let Some(mut staged) = copier.buffer(bytes)? else {
+            return Ok(None);
+        };
+        // The copy stream waits for the work queued so far on the compute stream (which
+        // produced `x`), not for what the forward pass queues after.
+        copier
+            .stream
+            .join(&device.cuda_stream())
+            .map_err(cuda_error)?;
+        {
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cuda(storage) = &*storage else {
+                return Err(Error::msg("a CUDA tensor without CUDA storage"));
+            };
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| Error::msg("a contiguous tensor without contiguous offsets"))?;
+            let size = x.dtype().size_in_bytes();
+            macro_rules! copy {
+                ($slice:expr) => {{
+                    let view = $slice.slice(start..end);
+                    // SAFETY: reinterprets the elements as their bytes (every bit pattern is
+                    // a valid u8); the view covers exactly `(end - start) * size` bytes.
+                    #[allow(unsafe_code)]
+                    let view = unsafe { view.transmute::<u8>((end - start) * size) }
+                        .ok_or_else(|| Error::msg("a capture's byte view is out of bounds"))?;
+                    copier
+                        .stream
+                        .memcpy_dtoh(&view, &mut staged)
+                        .map_err(cuda_error)?;
+                }};
+            }
+            match &storage.slice {
+                CudaStorageSlice::U8(s) => copy!(s),
+                CudaStorageSlice::U32(s) => copy!(s),
+                CudaStorageSlice::I64(s) => copy!(s),
+                CudaStorageSlice::BF16(s) => copy!(s),
+                CudaStorageSlice::F16(s) => copy!(s),
+                CudaStorageSlice::F32(s) => copy!(s),
+                CudaStorageSlice::F64(s) => copy!(s),
+                _ => {
+                    copier.free.lock().unwrap_or_else(|p| p.into_inner()).push(staged);
+                    return Ok(None);
+                }
+            }
+        }
+        let (done, result) = channel();
+        let job = Job {
+            staged,
+            bytes,
+            dtype: x.dtype(),
+            shape: x.shape().clone(),
+            _source: x,
+            done,
+        };
+        copier
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
+            .map_err(|_| Error::msg("the host-copy workers stopped"))?;
+        Ok(Some(Pending(result)))
+    }
+}
