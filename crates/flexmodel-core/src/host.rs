@@ -88,7 +88,7 @@ mod cuda {
         bytes: usize,
         dtype: DType,
         shape: Shape,
-        _source: Tensor,
+        source: Tensor,
         done: Sender<Result<Tensor>>,
     }
 
@@ -133,18 +133,23 @@ mod cuda {
                         bytes,
                         dtype,
                         shape,
-                        _source,
+                        source,
                         done,
                     } = job;
-                    let result = staged
-                        .as_slice()
-                        .map_err(cuda_error)
-                        .and_then(|b| {
-                            Ok(Tensor::from_raw_buffer(&b[..bytes], dtype, shape.dims(), &Device::Cpu)?)
-                        });
-                    drop(_source);
+                    let result = staged.as_slice().map_err(cuda_error).and_then(|b| {
+                        Ok(Tensor::from_raw_buffer(
+                            &b[..bytes],
+                            dtype,
+                            shape.dims(),
+                            &Device::Cpu,
+                        )?)
+                    });
+                    drop(source);
                     if let Some(c) = copier.upgrade() {
-                        c.free.lock().unwrap_or_else(|p| p.into_inner()).push(staged);
+                        c.free
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(staged);
                     }
                     let _ = done.send(result);
                 }
@@ -194,7 +199,9 @@ mod cuda {
     /// Starts the copy of `x` (on a CUDA device); `None` when no pinned memory is left.
     pub(crate) fn start(x: &Tensor) -> Result<Option<Pending>> {
         let Device::Cuda(device) = x.device() else {
-            return Err(Error::msg("a CUDA capture of a tensor not on a CUDA device"));
+            return Err(Error::msg(
+                "a CUDA capture of a tensor not on a CUDA device",
+            ));
         };
         let x = x.contiguous()?;
         let bytes = x.elem_count() * x.dtype().size_in_bytes();
@@ -240,7 +247,11 @@ mod cuda {
                 CudaStorageSlice::F32(s) => copy!(s),
                 CudaStorageSlice::F64(s) => copy!(s),
                 _ => {
-                    copier.free.lock().unwrap_or_else(|p| p.into_inner()).push(staged);
+                    copier
+                        .free
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(staged);
                     return Ok(None);
                 }
             }
@@ -251,7 +262,7 @@ mod cuda {
             bytes,
             dtype: x.dtype(),
             shape: x.shape().clone(),
-            _source: x,
+            source: x,
             done,
         };
         copier

@@ -5,14 +5,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout as CLayout, Shape, Tensor, Var,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout as CLayout, Shape, Tensor, Var};
 
 use crate::cache::KvCache;
 use crate::dist::{Dist, Ranks};
-use crate::host::HostCopy;
 use crate::hook::{Edit, HookCtx, HookFunction, Modules, PassInfo, Point, SaveContext, Steps};
+use crate::host::HostCopy;
 use crate::layout::Layout;
 use crate::output::OutputMap;
 use crate::site::{Dim, SiteId, SiteKind, SiteTable};

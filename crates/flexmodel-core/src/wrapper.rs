@@ -122,7 +122,6 @@ impl<M: Model> FlexModel<M> {
                 None => run,
             };
             let logits = self.model.forward_with(input, &mut run);
-            drop(run);
             hooks.settle(&mut self.output)?;
             return logits;
         }
@@ -150,7 +149,6 @@ impl<M: Model> FlexModel<M> {
             None => run,
         };
         let local_logits = self.model.forward_with(&local, &mut run);
-        drop(run);
         hooks.settle(&mut self.output)?;
         let local_logits = local_logits?;
         let stages = grid.degrees.pp;
@@ -241,7 +239,6 @@ impl<M: Model> FlexModel<M> {
             hooks.select(&Groups::All, PassInfo::plain(seq))?;
             let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).with_gradients();
             let logits = self.model.forward_with(input, &mut run);
-            drop(run);
             hooks.settle(&mut self.output)?;
             logits?
         };
@@ -270,7 +267,6 @@ impl<M: Model> FlexModel<M> {
                 .with_gradients()
                 .piped(&mut pipe);
             let logits = self.model.forward_with(&local, &mut run);
-            drop(run);
             hooks.settle(&mut self.output)?;
             logits?
         };
