@@ -40,10 +40,13 @@ fi
 cuda=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
 [[ -x $cuda/bin/nvcc ]] || { echo "build-cuda.sh: no nvcc under $cuda" >&2; exit 1; }
 
-# The link wants an unversioned libcudart.so beside the versioned one the wheel ships.
+# candle-kernels links `-lcudart` (its static MoE kernels launch through the runtime). A
+# linker script named libcudart.so points the linker at the static runtime instead, so the
+# binary needs no libcudart at start (the static runtime finds the driver when first used).
 libs=$root/target/cuda-libs
 mkdir -p "$libs"
-ln -sf "$(ls "$cuda"/lib/libcudart.so.1* | head -n1)" "$libs/libcudart.so"
+rm -f "$libs/libcudart.so"
+echo "INPUT($cuda/lib/libcudart_static.a -lrt -lpthread -ldl)" >"$libs/libcudart.so"
 
 # candle-core with cudarc loaded at run time.
 registry=$(dirname "$(cargo metadata --format-version 1 --locked \
@@ -65,7 +68,7 @@ trap 'cp "$root/target/Cargo.lock.cuda-backup" "$root/Cargo.lock"' EXIT
 
 export PATH=$cuda/bin:$PATH CUDA_HOME=$cuda CUDA_ROOT=$cuda CUDA_PATH=$cuda
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000
-export RUSTFLAGS="${RUSTFLAGS:-} -L $libs -L $cuda/lib"
+export RUSTFLAGS="${RUSTFLAGS:-} -L $libs"
 cd "$root"
 cargo build --release -p flexmodel-cli --features "$features" \
     --target-dir "$root/target/cuda-build" \

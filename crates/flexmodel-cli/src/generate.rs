@@ -106,8 +106,9 @@ pub fn main(args: Args) -> Result<()> {
         pad_token_id,
     };
 
-    let grid = args.parallel.grid()?;
-    let load = args.compute.load_options(&grid)?;
+    let device = args.compute.device()?;
+    let grid = args.parallel.grid(&device)?;
+    let load = args.compute.load_options(device, &grid);
     let model =
         flexmodel::load(&dir, &load).with_context(|| format!("loading {}", dir.display()))?;
     let sites: Vec<SiteInfo> = model.sites().iter().map(|(_, s)| s.clone()).collect();

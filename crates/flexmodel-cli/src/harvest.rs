@@ -133,8 +133,9 @@ pub fn main(args: Args) -> Result<()> {
         resume: args.resume,
     };
     let tokenizer = Tokenizer::from_dir(&dir).ok();
-    let grid = args.parallel.grid()?;
-    let load = args.compute.load_options(&grid)?;
+    let device = args.compute.device()?;
+    let grid = args.parallel.grid(&device)?;
+    let load = args.compute.load_options(device, &grid);
     let model =
         flexmodel::load(&dir, &load).with_context(|| format!("loading {}", dir.display()))?;
     let mut fm = FlexModel::new(model);

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 error (the message says what and how to fix it), 2 bad usage.
 
+mod bench;
 mod edit;
 mod generate;
 mod harvest;
@@ -38,6 +39,8 @@ enum Command {
     /// Store the activations of chosen sites over a dataset: safetensors shards and a
     /// manifest, bounded in memory, resumable.
     Harvest(harvest::Args),
+    /// Time a forward pass with the everyday capture jobs on this machine and device.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(args),
         Command::Generate(args) => generate::main(args),
         Command::Harvest(args) => harvest::main(args),
+        Command::Bench(args) => bench::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -63,18 +63,23 @@ pub struct ComputeOpts {
 }
 
 impl ComputeOpts {
-    /// Load options for this rank of `grid`, the device opened.
-    pub fn load_options(&self, grid: &Grid) -> Result<LoadOptions> {
+    /// The device, opened.
+    pub fn device(&self) -> Result<Device> {
         let spec = match self.device.as_str() {
             "cuda" => format!("cuda:{}", local_rank().unwrap_or(0)),
             other => other.to_string(),
         };
-        Ok(LoadOptions {
+        flexmodel::device(&spec).context("--device")
+    }
+
+    /// Load options for this rank of `grid` on `device`.
+    pub fn load_options(&self, device: Device, grid: &Grid) -> LoadOptions {
+        LoadOptions {
             dtype: self.compute_dtype.into(),
-            device: flexmodel::device(&spec).context("--device")?,
+            device,
             grid: grid.clone(),
             ..LoadOptions::default()
-        })
+        }
     }
 }
 

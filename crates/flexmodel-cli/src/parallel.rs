@@ -1,7 +1,7 @@
 //! `--tp --pp --dp`: the layout of a multi-process job (`mpirun -n N flexmodel ...`).
 
 use anyhow::{Context, Result};
-use flexmodel::{Grid, Parallelism};
+use flexmodel::{Device, Grid, Parallelism};
 
 /// How the model is spread over the processes of an MPI job.
 #[derive(clap::Args, Clone, Copy)]
@@ -20,9 +20,9 @@ pub struct ParallelOpts {
 }
 
 impl ParallelOpts {
-    /// The grid of this job's ranks (one process when every degree is 1 and no launcher
-    /// started several).
-    pub fn grid(&self) -> Result<Grid> {
+    /// The grid of this job's ranks for a model on `device` (one process when every degree
+    /// is 1 and no launcher started several).
+    pub fn grid(&self, device: &Device) -> Result<Grid> {
         let degrees = Parallelism {
             tp: self.tp,
             pp: self.pp,
@@ -32,6 +32,7 @@ impl ParallelOpts {
             return Ok(Grid::single());
         }
         let world = flexmodel_dist::init().context("starting MPI")?;
+        let world = flexmodel_dist::for_device(world, device)?;
         Ok(Grid::new(world, degrees)?)
     }
 }

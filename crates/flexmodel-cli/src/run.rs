@@ -57,8 +57,9 @@ pub fn main(args: Args) -> Result<()> {
     check_out_dir(&args.out)?;
     let (input, tokenizer) = args.input.load(&dir, Padding::Right)?;
 
-    let grid = args.parallel.grid()?;
-    let options = args.compute.load_options(&grid)?;
+    let device = args.compute.device()?;
+    let grid = args.parallel.grid(&device)?;
+    let options = args.compute.load_options(device, &grid);
     let model =
         flexmodel::load(&dir, &options).with_context(|| format!("loading {}", dir.display()))?;
     let mut fm = FlexModel::new(model);

@@ -53,9 +53,10 @@ pub fn write_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
         .suffix(".tmp")
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    // Logits and parameters of a GPU model are still on the device; captures never are.
     let contiguous: Vec<(&str, Tensor)> = tensors
         .iter()
-        .map(|(name, t)| Ok((name.as_str(), t.contiguous()?)))
+        .map(|(name, t)| Ok((name.as_str(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     safetensors::serialize_to_file(contiguous, None, tmp.path())
         .with_context(|| format!("cannot write {}", tmp.path().display()))?;

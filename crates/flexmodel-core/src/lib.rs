@@ -23,6 +23,8 @@
 
 mod cache;
 pub mod comm;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod dist;
 mod error;
 mod generate;
@@ -40,6 +42,8 @@ mod wrapper;
 
 pub use cache::KvCache;
 pub use comm::{Comm, Grid, Local, Parallelism};
+#[cfg(feature = "cuda")]
+pub use cuda::cuda_library_loadable;
 pub use dist::CommStats;
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampling};

@@ -2,16 +2,51 @@
 //!
 //! With the `mpi` feature, [`init`] starts MPI (launch with `mpirun -n N` or `srun`) and
 //! returns the world communicator; without it, a job of one process gets
-//! [`flexmodel_core::Local`] and a job of several a clear error.
+//! [`flexmodel_core::Local`] and a job of several a clear error. [`for_device`] adapts it to
+//! the model's device: with the `nccl` feature, CUDA tensors travel by NCCL
+//! ([`DeviceComm`] over [`NcclTransport`]), one process per GPU.
 
 use std::sync::Arc;
 
-use flexmodel_core::{Comm, Result};
+use candle_core::Device;
 #[cfg(not(feature = "mpi"))]
-use flexmodel_core::{Error, Local};
+use flexmodel_core::Local;
+use flexmodel_core::{Comm, Error, Result};
 
+mod device;
 #[cfg(feature = "mpi")]
 mod mpi_comm;
+#[cfg(feature = "nccl")]
+mod nccl;
+
+pub use device::{DeviceComm, Transport};
+#[cfg(feature = "nccl")]
+pub use nccl::NcclTransport;
+
+/// The communicator of a job whose model runs on `device`: `world` for a CPU model or a
+/// single process; for a CUDA model on several ranks, `world` carries the control messages
+/// and NCCL the tensors.
+///
+/// # Errors
+/// A CUDA model on several ranks in a binary without the `nccl` feature, or NCCL failed to
+/// start.
+pub fn for_device(world: Arc<dyn Comm>, device: &Device) -> Result<Arc<dyn Comm>> {
+    match device {
+        Device::Cuda(_cuda) if world.size() > 1 => {
+            #[cfg(feature = "nccl")]
+            {
+                let nccl = Arc::new(NcclTransport::new(&world, _cuda)?);
+                Ok(Arc::new(DeviceComm::new(world, nccl)))
+            }
+            #[cfg(not(feature = "nccl"))]
+            Err(Error::msg(
+                "a CUDA model on several ranks needs NCCL: build with the `nccl` feature \
+                 (scripts/build-cuda.sh --features cuda,nccl,mpi)",
+            ))
+        }
+        _ => Ok(world),
+    }
+}
 
 /// The world communicator of this job: MPI's when this binary was built with the `mpi`
 /// feature and started by an MPI launcher, else the single-process one.

@@ -1,13 +1,20 @@
 //! The MPI communicator against the definitions of its operations, on three ranks: uneven and
-//! empty pieces, every root, several dtypes. The test starts itself under `mpirun`; each rank
-//! builds every rank's tensors, so each can check what it received. A mismatch panics, and a
-//! panic aborts the whole job.
+//! empty pieces, every root, several dtypes; then the same for the device communicator
+//! (`DeviceComm`, what NCCL runs under) over a transport that carries the float tensors, so
+//! that its control messages and both of its paths are checked without a GPU. The tests start
+//! themselves under `mpirun`; each rank builds every rank's tensors, so each can check what it
+//! received. A mismatch panics, and a panic aborts the whole job.
 #![cfg(feature = "mpi")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
+use flexmodel_core::wire::Header;
+use flexmodel_core::{Comm, Result};
+use flexmodel_dist::{DeviceComm, Transport};
 
 const RANKS: usize = 3;
 
@@ -36,8 +43,7 @@ fn assert_same(got: &Tensor, want: &Tensor, what: &str) {
     assert_eq!(values(got), values(want), "{what}: values");
 }
 
-fn check_every_operation() {
-    let world = flexmodel_dist::init().unwrap();
+fn check_every_operation(world: &dyn Comm) {
     assert_eq!(world.size(), RANKS);
     let me = world.rank();
     for dtype in [DType::F32, DType::BF16, DType::I64, DType::U8] {
@@ -91,6 +97,15 @@ fn check_every_operation() {
         let err = refused.unwrap_err().to_string();
         assert!(err.contains("[2, 1]") && err.contains("[2, 2]"), "{err}");
     }
+    // Sub-groups: ranks {0, 2} and {1}; each sums its members' rank numbers.
+    let sub = world.split(me % 2, me).unwrap();
+    let mine = Tensor::new(&[me as f32], &Device::Cpu).unwrap();
+    let sum = sub.all_reduce_sum(&mine).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(
+        sum,
+        [if me % 2 == 0 { 2.0 } else { 1.0 }],
+        "split all_reduce"
+    );
     world.barrier().unwrap();
 }
 
@@ -99,6 +114,57 @@ fn collectives_match_their_definitions_on_three_ranks() {
     common::on_ranks(
         RANKS,
         "collectives_match_their_definitions_on_three_ranks",
-        check_every_operation,
+        || check_every_operation(&*flexmodel_dist::init().unwrap()),
+    );
+}
+
+/// A stand-in for a device transport: it "carries" the float tensors, through MPI.
+struct Floats(Arc<dyn Comm>);
+
+impl Transport for Floats {
+    fn carries(&self, t: &Tensor) -> bool {
+        t.dtype().is_float()
+    }
+
+    fn send(&self, t: &Tensor, dest: usize) -> Result<()> {
+        assert!(self.carries(t));
+        self.0.send(t, dest)
+    }
+
+    fn recv(&self, header: &Header, src: usize) -> Result<Tensor> {
+        let t = self.0.recv(src)?;
+        assert_eq!(&Header::of(&t)?, header, "the control message announced it");
+        Ok(t)
+    }
+
+    fn broadcast(&self, t: Option<&Tensor>, header: &Header, root: usize) -> Result<Tensor> {
+        let t = self.0.broadcast(t, root)?;
+        assert_eq!(&Header::of(&t)?, header, "the control message announced it");
+        Ok(t)
+    }
+
+    fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
+        self.0.all_gather(t)
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.0.all_reduce_sum(t)
+    }
+
+    fn split(&self, group: &Arc<dyn Comm>) -> Result<Arc<dyn Transport>> {
+        Ok(Arc::new(Floats(group.clone())))
+    }
+}
+
+#[test]
+fn the_device_communicator_matches_the_definitions_on_three_ranks() {
+    common::on_ranks(
+        RANKS,
+        "the_device_communicator_matches_the_definitions_on_three_ranks",
+        || {
+            let world = flexmodel_dist::init().unwrap();
+            let floats = Arc::new(Floats(world.clone()));
+            check_every_operation(&DeviceComm::new(world, floats));
+        },
     );
 }

@@ -48,7 +48,7 @@ fn cuda(ordinal: usize) -> Result<Device> {
         ("cublasLt", "cuBLASLt"),
         ("curand", "cuRAND"),
     ] {
-        if !loadable(lib) {
+        if !flexmodel_core::cuda_library_loadable(lib) {
             return Err(Error::Device(format!(
                 "no CUDA device: {what} (lib{lib}.so) is not installed or not on \
                  LD_LIBRARY_PATH"
@@ -63,28 +63,6 @@ fn cuda(ordinal: usize) -> Result<Device> {
             "no CUDA device {ordinal}: a CUDA library failed to load (see the message above)"
         ))),
     }
-}
-
-/// Whether one of the names cudarc tries for `lib` opens.
-#[cfg(feature = "cuda")]
-fn loadable(lib: &str) -> bool {
-    use candle_core::cuda::cudarc;
-    cudarc::get_lib_name_candidates(lib).iter().any(|name| {
-        let Ok(name) = std::ffi::CString::new(name.as_str()) else {
-            return false;
-        };
-        // SAFETY: dlopen with a valid C string; the handle is closed at once. Opening runs the
-        // library's initialisers, as cudarc's own loading moments later would.
-        #[allow(unsafe_code)]
-        unsafe {
-            let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
-            if handle.is_null() {
-                return false;
-            }
-            libc::dlclose(handle);
-        }
-        true
-    })
 }
 
 #[cfg(test)]
