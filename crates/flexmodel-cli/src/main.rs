@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 error (the message says what and how to fix it), 2 bad usage.
 
 mod bench;
+mod check;
 mod edit;
 mod generate;
 mod harvest;
@@ -41,6 +42,9 @@ enum Command {
     Harvest(harvest::Args),
     /// Time a forward pass with the everyday capture jobs on this machine and device.
     Bench(bench::Args),
+    /// Check this machine's setup: the build, the device against the CPU, and each collective
+    /// of the job's communicator (run under mpirun to check a multi-rank job).
+    Check(check::Args),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::main(args),
         Command::Harvest(args) => harvest::main(args),
         Command::Bench(args) => bench::main(args),
+        Command::Check(args) => check::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,7 +32,7 @@ pub mod harvest;
 pub use candle_core::{D, DType, Device, Tensor};
 pub use flexmodel_core::{
     Comm, Dim, Edit, Error, FlexModel, GenerateOptions, Generation, Grid, Groups, Guard, HookCtx,
-    HookFunction, HookHandle, Input, KvCache, Layout, Model, ModelInfo, Modules, OutputMap,
+    HookFunction, HookHandle, Input, KvCache, Layout, Local, Model, ModelInfo, Modules, OutputMap,
     Parallelism, Parameters, PassInfo, Point, Result, Run, Sampling, SaveContext, SiteId, SiteInfo,
     SiteKind, SiteTable, Steps, causal_lm_loss,
 };
