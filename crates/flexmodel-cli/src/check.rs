@@ -64,7 +64,7 @@ pub fn main(args: Args) -> Result<()> {
             "forward of {} in f32: max |device - cpu| = {diff:.2e}",
             dir.display()
         ));
-        if !(diff <= 1e-4) {
+        if diff.is_nan() || diff > 1e-4 {
             bail!("the forward pass on {device:?} differs from the CPU's by {diff}");
         }
     }
