@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""The GPU check of flexmodel: parity with transformers, and speed side by side with it.
+
+Run through scripts/gpu-check.sh, which sets up the CUDA libraries' paths. Steps:
+  1. `flexmodel check` on the GPU: the device against the CPU, and every collective of a
+     world-1 NCCL communicator against its definition.
+  2. Parity: every fixture architecture on the GPU against the transformers reference
+     activations (f32: logits, every module, an edit, the gradients <= 1e-4 relative;
+     bf16: logits and every module <= 2e-2).
+  3. Device-to-host bandwidth, pinned and pageable (torch), the limit for captures.
+  4. Speed: random Llama-shaped models (1.1B, 6.7B) in bf16, batch 1 and 4 x seq 512:
+     transformers (sdpa) plain, with forward hooks copying every decoder layer's output to
+     the host, and on every module; `flexmodel bench` plain, layers, modules, sites on the
+     same weights, in the same run.
+Writes $OUT/gpu_check.json (or --out-dir) and prints a table last. `--device cpu` runs the
+same steps on the CPU with tiny models (a dry run of the script where there is no GPU).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors.torch import load_file
+
+SIZES = {
+    # TinyLlama-1.1B's shape
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    # Llama-2-7B's shape
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    # for a dry run
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
+}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def flexmodel(binary, *args):
+    """Runs the binary; returns stdout, raising with stderr on failure."""
+    p = subprocess.run([binary, *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"flexmodel {' '.join(args)} failed:\n{p.stderr[-3000:]}")
+    return p.stdout
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b|| in f64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def parity(binary, fixtures, device, tmp):
+    """Every fixture architecture on `device` against the transformers references."""
+    rows = []
+    for arch in sorted(os.listdir(fixtures)):
+        d = os.path.join(fixtures, arch)
+        if not os.path.exists(os.path.join(d, "reference.json")):
+            continue
+        meta = json.load(open(os.path.join(d, "reference.json")))
+        refs = load_file(os.path.join(d, "reference.safetensors"))
+        modules = [k for k, m in meta["keys"].items() if m["kind"] == "module_output"]
+        grads = [k[len("grad."):] for k in meta["keys"] if k.startswith("grad.") and k != "grad.loss"]
+        row = dict(arch=arch)
+        for dtype, tol in (("f32", 1e-4), ("bf16", 2e-2)):
+            out = os.path.join(tmp, f"{arch}-{dtype}.safetensors")
+            args = ["run", "--model", d, "--input-ids", os.path.join(d, "reference.safetensors"),
+                    "--capture", "*", "--out", out, "--device", device, "--compute-dtype", dtype]
+            if dtype == "f32":
+                for g in grads:
+                    args += ["--grad", g]
+            flexmodel(binary, *args)
+            got = load_file(out)
+            errs = {"logits": rel_err(got["logits"], refs["logits"])}
+            errs.update({k: rel_err(got[k], refs[k]) for k in modules})
+            if dtype == "f32":
+                errs.update({f"grad.{g}": rel_err(got[f"grad.{g}"], refs[f"grad.{g}"]) for g in grads})
+                errs["loss"] = rel_err(got["loss"].reshape(()), refs["grad.loss"].reshape(()))
+                # The reference edit: the module's output times zero.
+                out = os.path.join(tmp, f"{arch}-edit.safetensors")
+                flexmodel(binary, "run", "--model", d, "--input-ids",
+                          os.path.join(d, "reference.safetensors"), "--edit",
+                          f"{meta['edit']['module']}=zero", "--out", out, "--device", device)
+                errs["edit.logits"] = rel_err(load_file(out)["logits"], refs["edit.mlp_zero.logits"])
+            worst = max(errs, key=errs.get)
+            row[dtype] = dict(tensors=len(errs), max_rel_err=errs[worst], worst=worst,
+                              tol=tol, ok=errs[worst] <= tol)
+        rows.append(row)
+        log(f"parity {arch}: f32 {row['f32']['max_rel_err']:.1e} ({row['f32']['tensors']} tensors), "
+            f"bf16 {row['bf16']['max_rel_err']:.1e}")
+    return rows
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timeit(fn, iters, warm=2):
+    for _ in range(warm):
+        fn()
+    sync()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def d2h_bandwidth(dev, nbytes=512 << 20):
+    if dev.type != "cuda":
+        return {}
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev).normal_()
+    res = {}
+    pageable = torch.empty_like(x, device="cpu")
+    pinned = torch.empty_like(x, device="cpu").pin_memory()
+    for name, buf in (("pageable", pageable), ("pinned", pinned)):
+        med = timeit(lambda: buf.copy_(x, non_blocking=(name == "pinned")), 5, 1)
+        res[name + "_GBps"] = nbytes / med / 1e9
+    return res
+
+
+def hf_side(size, dev, shapes, iters, model_dir):
+    """Builds the random model, saves it for flexmodel, and times transformers on it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(max_position_embeddings=4096, **SIZES[size])
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    t0 = time.time()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    log(f"[{size}] saved to {model_dir} in {time.time() - t0:.1f}s")
+    rows = []
+    layers = [m for m in model.model.layers]
+    mods = [m for n, m in model.named_modules() if n and n != "model.layers"]
+    for batch, seq in shapes:
+        ids = torch.tensor([[(i * 7919 + 13) % cfg.vocab_size for i in range(batch * seq)]],
+                           device=dev).reshape(batch, seq)
+        store = []
+
+        def hook(_m, _i, out):
+            if hasattr(out, "to_tuple"):
+                out = out.to_tuple()
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(t, torch.Tensor):
+                store.append(t.detach().to("cpu"))
+
+        @torch.no_grad()
+        def plain():
+            model(ids)
+
+        row = dict(size=size, batch=batch, seq=seq,
+                   params=sum(p.numel() for p in model.parameters()))
+        row["hf_plain_s"] = timeit(plain, iters)
+        for key, targets in (("hf_layers_s", layers), ("hf_modules_s", mods)):
+            hs = [m.register_forward_hook(hook) for m in targets]
+            row[key] = timeit(lambda: (store.clear(), plain()), iters)
+            row[key.replace("_s", "_bytes")] = sum(t.numel() * t.element_size() for t in store)
+            for h in hs:
+                h.remove()
+        rows.append(row)
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def ours(binary, model_dir, device, shapes, iters, tmp, dtype):
+    out = os.path.join(tmp, "bench.json")
+    args = ["bench", "--model", model_dir, "--device", device, "--compute-dtype", dtype,
+            "--iters", str(iters), "--json", out]
+    for b, s in shapes:
+        args += ["--shape", f"{b}x{s}"]
+    log(flexmodel(binary, *args))
+    return json.load(open(out))["rows"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--fixtures", required=True)
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--sizes", default="1b,7b")
+    ap.add_argument("--shapes", default="1x512,4x512")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--skip", default="", help="steps to skip: check,parity,bench")
+    ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    skip = set(filter(None, a.skip.split(",")))
+    dev = torch.device("cuda" if a.device.startswith("cuda") else "cpu")
+    shapes = [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")]
+    import transformers
+    res = dict(info=dict(torch=torch.__version__, transformers=transformers.__version__,
+                         device=a.device,
+                         gpu=torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+                         time=time.strftime("%Y-%m-%d %H:%M:%S")))
+    scratch = os.environ.get("FLEXMODEL_GPU_SCRATCH", tempfile.gettempdir())
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        if "check" not in skip:
+            res["check"] = flexmodel(a.binary, "check", "--device", a.device)
+            log(res["check"])
+        if "parity" not in skip:
+            res["parity"] = parity(a.binary, a.fixtures, a.device, tmp)
+        res["d2h"] = d2h_bandwidth(dev)
+        log(f"d2h: {res['d2h']}")
+        res["bench"] = []
+        if "bench" not in skip:
+            for size in a.sizes.split(","):
+                model_dir = os.path.join(tmp, size)
+                hf = hf_side(size, dev, shapes, a.iters, model_dir)
+                mine = ours(a.binary, model_dir, a.device, shapes, a.iters, tmp, "bf16")
+                for row in hf:
+                    for r in mine:
+                        if (r["batch"], r["seq"]) == (row["batch"], row["seq"]):
+                            row[f"fm_{r['job']}_s"] = r["median_s"]
+                            row[f"fm_{r['job']}_bytes"] = r["captured_bytes"]
+                res["bench"].extend(hf)
+                subprocess.run(["rm", "-rf", model_dir])
+    json.dump(res, open(os.path.join(a.out_dir, "gpu_check.json"), "w"), indent=1)
+    table(res)
+    failed = [r["arch"] for r in res.get("parity", []) if not (r["f32"]["ok"] and r["bf16"]["ok"])]
+    if failed:
+        print(f"PARITY FAILED: {failed}")
+        sys.exit(1)
+
+
+def table(res):
+    print(json.dumps(res["info"]))
+    if res.get("parity"):
+        print(f"{'arch':9} {'f32 max rel':>11} {'tensors':>7} {'bf16 max rel':>12} {'tensors':>7}  ok")
+        for r in res["parity"]:
+            f, b = r["f32"], r["bf16"]
+            print(f"{r['arch']:9} {f['max_rel_err']:11.1e} {f['tensors']:7} {b['max_rel_err']:12.1e} "
+                  f"{b['tensors']:7}  {f['ok'] and b['ok']}")
+    pinned = res["d2h"].get("pinned_GBps")
+    if res["d2h"]:
+        print(f"D2H pinned {pinned:.1f} GB/s, pageable {res['d2h']['pageable_GBps']:.1f} GB/s")
+    if res["bench"]:
+        ms = lambda r, k: f"{r[k] * 1e3:8.1f}" if k in r else f"{'-':>8}"  # noqa: E731
+        print(f"{'size':4} {'shape':6} | {'HF plain':>8} {'fm plain':>8} {'ratio':>5} | "
+              f"{'HF layer':>8} {'fm layer':>8} {'+%':>5} | {'HF mods':>8} {'fm mods':>8} "
+              f"{'fm sites':>8} {'MB':>6} {'x D2H':>5}")
+        for r in res["bench"]:
+            ratio = r["fm_plain_s"] / r["hf_plain_s"] if "fm_plain_s" in r else float("nan")
+            over = (r["fm_layers_s"] / r["fm_plain_s"] - 1) * 100 if "fm_layers_s" in r else float("nan")
+            mb = r.get("fm_sites_bytes", 0) / 1e6
+            # capture of every site against the time its bytes take at the pinned bandwidth
+            vs_d2h = (r["fm_sites_s"] / (mb * 1e6 / (pinned * 1e9))
+                      if pinned and "fm_sites_s" in r and mb else float("nan"))
+            print(f"{r['size']:4} {r['batch']}x{r['seq']:<4} | {ms(r, 'hf_plain_s')} {ms(r, 'fm_plain_s')} "
+                  f"{ratio:5.2f} | {ms(r, 'hf_layers_s')} {ms(r, 'fm_layers_s')} {over:5.1f} | "
+                  f"{ms(r, 'hf_modules_s')} {ms(r, 'fm_modules_s')} {ms(r, 'fm_sites_s')} {mb:6.0f} "
+                  f"{vs_d2h:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
