@@ -112,9 +112,21 @@ mod cuda {
             return Ok(c.clone());
         }
         let (jobs, queue) = channel::<Job>();
+        let stream = context.new_stream().map_err(cuda_error)?;
+        // A second stream puts cudarc in its multi-stream mode, where every kernel launch
+        // records events on its buffers; the copies here order themselves instead.
+        // SAFETY: the copy stream only reads device memory, after waiting for the compute
+        // stream's work so far (`join` in `start`), and the source tensor stays alive until
+        // its copy has completed (the worker drops it after the staging buffer's event), so
+        // no buffer is read before it is written or freed before it is read. Every other
+        // operation (candle's kernels, NCCL) runs on the compute stream.
+        #[allow(unsafe_code)]
+        unsafe {
+            context.disable_event_tracking();
+        }
         let copier = Arc::new(Copier {
             context: context.clone(),
-            stream: context.new_stream().map_err(cuda_error)?,
+            stream,
             free: Mutex::new(Vec::new()),
             pinned: Mutex::new(0),
             jobs: Mutex::new(jobs),
