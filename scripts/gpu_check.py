@@ -12,6 +12,9 @@ Run through scripts/gpu-check.sh, which sets up the CUDA libraries' paths. Steps
      transformers (sdpa) plain, with forward hooks copying every decoder layer's output to
      the host, and on every module; `flexmodel bench` plain, layers, modules, sites on the
      same weights, in the same run.
+  5. With --harvest-docs N: harvest every decoder layer's output (bf16) of N documents of 512
+     tokens into shards on disk, the 1.1B model: `flexmodel harvest` against the loop a
+     researcher writes with transformers (hooks, torch.cat, safetensors save_file per shard).
 Writes $OUT/gpu_check.json (or --out-dir) and prints a table last. `--device cpu` runs the
 same steps on the CPU with tiny models (a dry run of the script where there is no GPU).
 """
@@ -25,7 +28,7 @@ import tempfile
 import time
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 SIZES = {
     # TinyLlama-1.1B's shape
@@ -130,7 +133,63 @@ def d2h_bandwidth(dev, nbytes=512 << 20):
     return res
 
 
-def hf_side(size, dev, shapes, iters, model_dir):
+def hf_harvest(model, ids, out_dir, batch=4, shard_tokens=8192):
+    """The hand-written transformers harvest loop; tokens per second (one warm-up batch)."""
+    captured = {}
+
+    def hook(name):
+        def keep(_m, _i, output):
+            out = output[0] if isinstance(output, tuple) else output
+            captured[name] = out.detach().reshape(-1, out.shape[-1]).to("cpu")
+        return keep
+
+    hs = [layer.register_forward_hook(hook(f"model.layers.{i}"))
+          for i, layer in enumerate(model.model.layers)]
+    os.makedirs(out_dir, exist_ok=True)
+    with torch.no_grad():
+        model(ids[:batch])
+        sync()
+        start = time.perf_counter()
+        buffered, tokens, shard = {}, 0, 0
+
+        def flush(buffered, shard):
+            tensors = {k: torch.cat(v).contiguous() for k, v in buffered.items()}
+            save_file(tensors, os.path.join(out_dir, f"shard-{shard:06}.safetensors"))
+
+        for b in range(0, ids.shape[0], batch):
+            rows = ids[b:b + batch]
+            model(rows)
+            buffered.setdefault("input_ids", []).append(rows.reshape(-1).cpu())
+            for name, t in captured.items():
+                buffered.setdefault(name, []).append(t)
+            tokens += rows.numel()
+            if tokens >= shard_tokens:
+                flush(buffered, shard)
+                buffered, tokens, shard = {}, 0, shard + 1
+        if tokens:
+            flush(buffered, shard)
+        elapsed = time.perf_counter() - start
+    for h in hs:
+        h.remove()
+    return ids.numel() / elapsed
+
+
+def harvest_ids(docs, vocab):
+    return torch.tensor([(i * 7919 + 13) % vocab for i in range(docs * 512)]).reshape(docs, 512)
+
+
+def fm_harvest(binary, model_dir, device, data, layers, out_dir):
+    """`flexmodel harvest` of every decoder layer in bf16; its own tokens/s."""
+    args = ["harvest", "--model", model_dir, "--data", data, "--out", out_dir,
+            "--device", device, "--compute-dtype", "bf16", "--dtype", "bf16",
+            "--seq-len", "512", "--batch-size", "4", "--shard-tokens", "8192", "--sites"]
+    args += [f"model.layers.{i}" for i in range(layers)]
+    line = flexmodel(binary, *args)
+    log(line)
+    return float(line.split(" tokens/s")[0].rsplit(" ", 1)[1])
+
+
+def hf_side(size, dev, shapes, iters, model_dir, harvest_docs=0, tmp=None):
     """Builds the random model, saves it for flexmodel, and times transformers on it."""
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(max_position_embeddings=4096, **SIZES[size])
@@ -175,6 +234,12 @@ def hf_side(size, dev, shapes, iters, model_dir):
             for h in hs:
                 h.remove()
         rows.append(row)
+    if harvest_docs:
+        ids = harvest_ids(harvest_docs, cfg.vocab_size).to(dev)
+        rows[0]["harvest_tokens"] = ids.numel()
+        rows[0]["hf_harvest_tok_s"] = hf_harvest(model, ids, os.path.join(tmp, "hf-harvest"))
+        save_file({"input_ids": ids.cpu()}, os.path.join(tmp, "docs.safetensors"))
+        subprocess.run(["rm", "-rf", os.path.join(tmp, "hf-harvest")])
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -200,6 +265,8 @@ def main():
     ap.add_argument("--shapes", default="1x512,4x512")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--skip", default="", help="steps to skip: check,parity,bench")
+    ap.add_argument("--harvest-docs", type=int, default=0,
+                    help="documents of 512 tokens for the harvest comparison (0: skip it)")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
@@ -221,10 +288,17 @@ def main():
         log(f"d2h: {res['d2h']}")
         res["bench"] = []
         if "bench" not in skip:
-            for size in a.sizes.split(","):
+            for k, size in enumerate(a.sizes.split(",")):
                 model_dir = os.path.join(tmp, size)
-                hf = hf_side(size, dev, shapes, a.iters, model_dir)
+                docs = a.harvest_docs if k == 0 else 0
+                hf = hf_side(size, dev, shapes, a.iters, model_dir, docs, tmp)
                 mine = ours(a.binary, model_dir, a.device, shapes, a.iters, tmp, "bf16")
+                if docs:
+                    out = os.path.join(tmp, "fm-harvest")
+                    hf[0]["fm_harvest_tok_s"] = fm_harvest(
+                        a.binary, model_dir, a.device, os.path.join(tmp, "docs.safetensors"),
+                        SIZES[size]["num_hidden_layers"], out)
+                    subprocess.run(["rm", "-rf", out])
                 for row in hf:
                     for r in mine:
                         if (r["batch"], r["seq"]) == (row["batch"], row["seq"]):
@@ -267,6 +341,12 @@ def table(res):
                   f"{ratio:5.2f} | {ms(r, 'hf_layers_s')} {ms(r, 'fm_layers_s')} {over:5.1f} | "
                   f"{ms(r, 'hf_modules_s')} {ms(r, 'fm_modules_s')} {ms(r, 'fm_sites_s')} {mb:6.0f} "
                   f"{vs_d2h:5.2f}")
+        for r in res["bench"]:
+            if "fm_harvest_tok_s" in r:
+                print(f"harvest {r['size']} every decoder layer, {r['harvest_tokens']} tokens, bf16: "
+                      f"flexmodel {r['fm_harvest_tok_s']:.0f} tokens/s, transformers loop "
+                      f"{r['hf_harvest_tok_s']:.0f} tokens/s, ratio "
+                      f"{r['fm_harvest_tok_s'] / r['hf_harvest_tok_s']:.2f}")
 
 
 if __name__ == "__main__":
