@@ -6,15 +6,26 @@
 #
 #   bash scripts/gpu-check.sh [--binary FILE] [--fixtures DIR] [gpu_check.py options...]
 #
-# Defaults: the binary scripts/build-cuda.sh made (target/cuda/flexmodel), the fixtures in
-# .gpu/fixtures or ../shared/fixtures/models. Details go to $OUT (or the current directory);
-# a short table is printed last.
+# Defaults: what scripts/pack-gpu-check.sh put in .gpu/ (unpacked here), else the binary
+# scripts/build-cuda.sh made (target/cuda/flexmodel) and ../shared/fixtures/models. Details go
+# to $OUT (or the current directory); a short table is printed last.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-python3}
 binary=$root/target/cuda/flexmodel
 fixtures=
 rest=()
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+if [[ -f $root/.gpu/flexmodel.xz ]]; then
+    xz -dc "$root/.gpu/flexmodel.xz" >"$scratch/flexmodel" && chmod +x "$scratch/flexmodel"
+    binary=$scratch/flexmodel
+fi
+if [[ -f $root/.gpu/fixtures.tar.xz ]]; then
+    mkdir -p "$scratch/fixtures" && tar -C "$scratch/fixtures" -xJf "$root/.gpu/fixtures.tar.xz"
+    fixtures=$scratch/fixtures
+fi
 while (($#)); do
     case $1 in
         --binary) binary=$2; shift 2 ;;
@@ -22,36 +33,35 @@ while (($#)); do
         *) rest+=("$1"); shift ;;
     esac
 done
-if [[ -z $fixtures ]]; then
-    for d in "$root/.gpu/fixtures" "$root/../shared/fixtures/models"; do
-        [[ -f $d/llama/config.json ]] && { fixtures=$d; break; }
-    done
+if [[ -z $fixtures && -f $root/../shared/fixtures/models/llama/config.json ]]; then
+    fixtures=$root/../shared/fixtures/models
 fi
 [[ -x $binary ]] || { echo "gpu-check.sh: no binary at $binary (build it with scripts/build-cuda.sh)" >&2; exit 1; }
 [[ -n $fixtures ]] || { echo "gpu-check.sh: no fixtures found; pass --fixtures DIR" >&2; exit 1; }
 
 # The CUDA libraries that come with PyTorch's pip packages, and the driver's. cudarc looks
 # for libnccl.so, NCCL ships libnccl.so.2: a link in a scratch directory bridges the two.
-links=$(mktemp -d)
-trap 'rm -rf "$links"' EXIT
-paths=$(python3 - <<'PY'
-import glob, os
+links=$scratch/links
+mkdir -p "$links"
+"$python" - "$links" >"$scratch/paths" <<'PY'
+import glob, os, sys
 dirs = set()
 try:
     import nvidia
     for base in nvidia.__path__:
         for lib in glob.glob(os.path.join(base, "**", "lib*.so*"), recursive=True):
             dirs.add(os.path.dirname(lib))
-except ImportError:
+            if os.path.basename(lib) == "libnccl.so.2":
+                os.symlink(lib, os.path.join(sys.argv[1], "libnccl.so"))
+except (ImportError, FileExistsError):
     pass
 print(":".join(sorted(dirs)))
 PY
-)
-nccl=$(echo "$paths" | tr ':' '\n' | while read -r d; do ls "$d"/libnccl.so.2 2>/dev/null; done | head -n1)
-[[ -n $nccl ]] && ln -s "$nccl" "$links/libnccl.so"
-for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu; do
-    [[ -d $d ]] && paths=$paths:$d
+paths=$(cat "$scratch/paths")
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+    if [[ -d $d ]]; then paths=$paths:$d; fi
 done
-export LD_LIBRARY_PATH=$links:$paths${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# For the flexmodel binary only (gpu_check.py passes it on): Python keeps its own.
+export FLEXMODEL_LIBRARY_PATH=$links:$paths${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PYTHONUNBUFFERED=1
-exec python3 "$root/scripts/gpu_check.py" --binary "$binary" --fixtures "$fixtures" "${rest[@]}"
+"$python" "$root/scripts/gpu_check.py" --binary "$binary" --fixtures "$fixtures" "${rest[@]}"

@@ -49,7 +49,10 @@ def log(msg):
 
 def flexmodel(binary, *args):
     """Runs the binary; returns stdout, raising with stderr on failure."""
-    p = subprocess.run([binary, *args], capture_output=True, text=True)
+    env = dict(os.environ)
+    if os.environ.get("FLEXMODEL_LIBRARY_PATH"):
+        env["LD_LIBRARY_PATH"] = os.environ["FLEXMODEL_LIBRARY_PATH"]
+    p = subprocess.run([binary, *args], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"flexmodel {' '.join(args)} failed:\n{p.stderr[-3000:]}")
     return p.stdout
@@ -280,7 +283,8 @@ def main():
     scratch = os.environ.get("FLEXMODEL_GPU_SCRATCH", tempfile.gettempdir())
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         if "check" not in skip:
-            res["check"] = flexmodel(a.binary, "check", "--device", a.device)
+            res["check"] = flexmodel(a.binary, "check", "--device", a.device, "--model",
+                                     os.path.join(a.fixtures, "llama"))
             log(res["check"])
         if "parity" not in skip:
             res["parity"] = parity(a.binary, a.fixtures, a.device, tmp)
