@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds the CUDA flexmodel binary on a machine without a GPU or a CUDA install.
 #
-#   bash scripts/build-cuda.sh [--features LIST] [--out FILE]
+#   bash scripts/build-cuda.sh [--features LIST] [--out FILE] [--clippy]
 #
 # Default features: cuda,nccl (add `mpi` for multi-GPU jobs under mpirun; the binary then needs
 # Open MPI's libmpi where it runs). Result: target/cuda/flexmodel (stripped), or --out FILE.
+# --clippy lints the CUDA code instead (clippy -D warnings on every target, same setup).
 #
 # What it does, and why:
 # - The CUDA 13.0 toolchain comes from PyPI wheels into target/cuda-venv (Debian has no usable
@@ -21,11 +22,13 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 features=cuda,nccl
 out=$root/target/cuda/flexmodel
+clippy=
 while (($#)); do
     case $1 in
         --features) features=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
-        *) echo "build-cuda.sh: unknown argument '$1' (accepted: --features LIST, --out FILE)" >&2; exit 2 ;;
+        --clippy) clippy=1; shift ;;
+        *) echo "build-cuda.sh: unknown argument '$1' (accepted: --features LIST, --out FILE, --clippy)" >&2; exit 2 ;;
     esac
 done
 
@@ -70,9 +73,16 @@ export PATH=$cuda/bin:$PATH CUDA_HOME=$cuda CUDA_ROOT=$cuda CUDA_PATH=$cuda
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="${RUSTFLAGS:-} -L $libs"
 cd "$root"
-cargo build --release -p flexmodel-cli --features "$features" \
-    --target-dir "$root/target/cuda-build" \
-    --config "patch.crates-io.candle-core.path=\"$patched\""
+cargo_cuda() {
+    cargo "$1" --release --target-dir "$root/target/cuda-build" \
+        --config "patch.crates-io.candle-core.path=\"$patched\"" "${@:2}"
+}
+if [[ -n $clippy ]]; then
+    cargo_cuda clippy --workspace --all-targets \
+        --features "$(echo "$features" | sed 's/[^,]*/flexmodel-cli\/&/g')" -- -D warnings
+    exit
+fi
+cargo_cuda build -p flexmodel-cli --features "$features"
 mkdir -p "$(dirname "$out")"
 strip -o "$out" "$root/target/cuda-build/release/flexmodel"
 echo "built $out ($(du -h "$out" | cut -f1), features $features)"
