@@ -35,14 +35,14 @@ macro_rules! by_slice {
     };
 }
 
-/// A new device buffer of `n` elements of `dtype`, filled by `$f!(&mut slice)`, as storage.
+/// A new device buffer of `n` elements of `dtype` as `out`, filled by `call`, as storage.
 macro_rules! fresh {
-    ($device:expr, $dtype:expr, $n:expr, $f:ident) => {{
+    ($device:expr, $dtype:expr, $n:expr, |$out:ident| $call:expr) => {{
         macro_rules! typed {
             ($t:ty) => {{
-                let mut out: CudaSlice<$t> = $device.alloc_zeros::<$t>($n)?;
-                $f!(&mut out);
-                CudaStorage::wrap_cuda_slice(out, $device.clone())
+                let mut $out: CudaSlice<$t> = $device.alloc_zeros::<$t>($n)?;
+                $call;
+                CudaStorage::wrap_cuda_slice($out, $device.clone())
             }};
         }
         match $dtype {
@@ -245,75 +245,54 @@ impl CustomOp1 for Nccl1<'_> {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("NCCL: a strided operand".into()))?;
         let n = end - start;
+        // `call` with the operand's elements as `src` and a new buffer of `len` elements of
+        // the same dtype as `out`, which it returns as storage.
+        macro_rules! from_operand {
+            ($len:expr, |$src:ident, $out:ident| $call:expr) => {{
+                macro_rules! typed {
+                    ($s:expr) => {{
+                        let $src = $s.slice(start..end);
+                        let mut $out = device.alloc_zeros($len)?;
+                        $call.map_err(err)?;
+                        CudaStorage::wrap_cuda_slice($out, device.clone())
+                    }};
+                }
+                by_slice!(
+                    &storage.slice,
+                    typed,
+                    candle_core::bail!("NCCL: a dtype that cannot travel")
+                )
+            }};
+        }
         match &self.op {
             Op::Recv { header, src } => {
-                macro_rules! recv {
-                    ($out:expr) => {
-                        nccl.recv($out, *src).map_err(err)?
-                    };
-                }
-                let out = fresh!(device, header.dtype, header.elems(), recv);
+                let out = fresh!(device, header.dtype, header.elems(), |out| nccl
+                    .recv(&mut out, *src)
+                    .map_err(err)?);
                 Ok((out, Shape::from(header.dims.clone())))
             }
             Op::BroadcastTo(header, root) => {
-                macro_rules! receive {
-                    ($out:expr) => {
-                        nccl.broadcast(None::<&CudaSlice<_>>, $out, *root)
-                            .map_err(err)?
-                    };
-                }
-                let out = fresh!(device, header.dtype, header.elems(), receive);
+                let out = fresh!(device, header.dtype, header.elems(), |out| nccl
+                    .broadcast(None::<&CudaSlice<_>>, &mut out, *root)
+                    .map_err(err)?);
                 Ok((out, Shape::from(header.dims.clone())))
             }
             Op::BroadcastFrom(root) => {
-                macro_rules! from_slice {
-                    ($s:expr) => {{
-                        let src = $s.slice(start..end);
-                        let mut out = device.alloc_zeros(n)?;
-                        nccl.broadcast(Some(&src), &mut out, *root).map_err(err)?;
-                        CudaStorage::wrap_cuda_slice(out, device.clone())
-                    }};
-                }
-                let out = by_slice!(
-                    &storage.slice,
-                    from_slice,
-                    candle_core::bail!("NCCL: a dtype that cannot travel")
-                );
+                let out = from_operand!(n, |src, out| nccl.broadcast(Some(&src), &mut out, *root));
                 Ok((out, layout.shape().clone()))
             }
             Op::AllGather(ranks) => {
-                macro_rules! gather {
-                    ($s:expr) => {{
-                        let src = $s.slice(start..end);
-                        let mut out = device.alloc_zeros(n * ranks)?;
-                        nccl.all_gather(&src, &mut out).map_err(err)?;
-                        CudaStorage::wrap_cuda_slice(out, device.clone())
-                    }};
-                }
-                let out = by_slice!(
-                    &storage.slice,
-                    gather,
-                    candle_core::bail!("NCCL: a dtype that cannot travel")
-                );
+                let out = from_operand!(n * ranks, |src, out| nccl.all_gather(&src, &mut out));
                 let mut dims = vec![*ranks];
                 dims.extend(layout.dims());
                 Ok((out, Shape::from(dims)))
             }
             Op::AllReduceSum => {
-                macro_rules! reduce {
-                    ($s:expr) => {{
-                        let src = $s.slice(start..end);
-                        let mut out = device.alloc_zeros(n)?;
-                        nccl.all_reduce(&src, &mut out, &ReduceOp::Sum)
-                            .map_err(err)?;
-                        CudaStorage::wrap_cuda_slice(out, device.clone())
-                    }};
-                }
-                let out = by_slice!(
-                    &storage.slice,
-                    reduce,
-                    candle_core::bail!("NCCL: a dtype that cannot travel")
-                );
+                let out = from_operand!(n, |src, out| nccl.all_reduce(
+                    &src,
+                    &mut out,
+                    &ReduceOp::Sum
+                ));
                 Ok((out, layout.shape().clone()))
             }
         }

@@ -225,7 +225,10 @@ pub(crate) fn attend(
     // a chunk's last position have zero weight; a padding query sees nothing, and like
     // transformers takes the mean of every value, which needs all keys.
     let unpadded = mask.dim(0)? == 1;
-    let out = if s > QUERY_CHUNK && unpadded && !run.is_hooked(sites.probs) {
+    // Chunks save products for more, smaller kernels: measured worth it on the CPU only (a GPU
+    // at these sizes is bound by kernel launches).
+    let chunked = s > QUERY_CHUNK && unpadded && q.device().is_cpu();
+    let out = if chunked && !run.is_hooked(sites.probs) {
         // Nobody reads the probabilities: queries in chunks, each against the keys up to its
         // last position only, skipping most of the masked half of the scores.
         let qg = qg.reshape((b, kv_heads, n_rep, s, d))?;
