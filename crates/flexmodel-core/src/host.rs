@@ -25,6 +25,13 @@ impl HostCopy {
     /// Starts copying `x`, cut from the autograd graph, to host memory.
     pub(crate) fn start(x: &Tensor) -> Result<Self> {
         let x = if x.track_op() { x.detach() } else { x.clone() };
+        if x.elem_count() == 0 {
+            return Ok(Self::Ready(Tensor::zeros(
+                x.shape(),
+                x.dtype(),
+                &Device::Cpu,
+            )?));
+        }
         match x.device() {
             Device::Cpu => Ok(Self::Ready(x)),
             #[cfg(feature = "cuda")]

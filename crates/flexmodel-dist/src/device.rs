@@ -83,9 +83,10 @@ struct Control {
 }
 
 impl Control {
+    /// Empty tensors take the host path: a device cannot allocate zero bytes.
     fn of(t: &Tensor, transport: &dyn Transport) -> Result<Self> {
         Ok(Self {
-            device: transport.carries(t),
+            device: uses(transport, t),
             header: Header::of(t)?,
         })
     }
@@ -112,6 +113,11 @@ impl Control {
             header: Header::decode(&words[1..])?,
         })
     }
+}
+
+/// Whether `t` goes by the transport.
+fn uses(transport: &dyn Transport, t: &Tensor) -> bool {
+    t.elem_count() > 0 && transport.carries(t)
 }
 
 impl Comm for DeviceComm {
@@ -204,7 +210,7 @@ impl Comm for DeviceComm {
         let control = Control::decode(&self.host.scatter(controls.as_deref(), root)?)?;
         if let (Some(pieces), Some(_)) = (pieces, &controls) {
             for (r, piece) in pieces.iter().enumerate().filter(|&(r, _)| r != root) {
-                if self.transport.carries(piece) {
+                if uses(&*self.transport, piece) {
                     self.transport.send(piece, r)?;
                 } else {
                     self.host.send(piece, r)?;
@@ -235,7 +241,7 @@ impl Comm for DeviceComm {
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
         // Every rank holds the same kind of tensor here (the SPMD program computes it the
         // same way everywhere), so no control message is needed.
-        if self.transport.carries(t) {
+        if uses(&*self.transport, t) {
             self.transport.all_reduce_sum(t)
         } else {
             self.host.all_reduce_sum(t)

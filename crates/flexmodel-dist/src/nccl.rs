@@ -119,10 +119,11 @@ impl NcclTransport {
         })
     }
 
-    /// A zero-size tensor on the device, to hang the custom ops that make new tensors on.
+    /// A one-byte tensor on the device, to hang the custom ops that make new tensors on (a
+    /// device cannot allocate zero bytes).
     fn anchor(&self) -> Result<Tensor> {
         Ok(Tensor::zeros(
-            0,
+            1,
             DType::U8,
             &Device::Cuda(self.device.clone()),
         )?)
