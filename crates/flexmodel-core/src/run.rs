@@ -74,6 +74,14 @@ pub(crate) struct Hooks {
     shapes: Vec<(Vec<Dim>, Layout, Layout)>,
     /// Hooks of each site, in registration order; indexed by [`SiteId`].
     per_site: Vec<Vec<Entry>>,
+    /// The decoder layer each site belongs to (the layer's output and every site inside it).
+    layer_of: Vec<Option<usize>>,
+    /// Sites with an enabled hook outside every decoder layer, and which sites fired in the
+    /// current pass: a capture-only pass may stop once the former have all fired.
+    outside: Vec<SiteId>,
+    fired: Vec<bool>,
+    /// The last decoder layer with an enabled hook.
+    last_layer: Option<usize>,
     /// Editing functions by hook; one function serves every site its pattern selected.
     edits: HashMap<HookHandle, Box<dyn Edit>>,
     groups: BTreeMap<String, BTreeSet<HookHandle>>,
@@ -108,8 +116,23 @@ pub(crate) struct Hooks {
 }
 
 impl Hooks {
-    pub(crate) fn new(sites: &SiteTable) -> Self {
+    /// The hooks of a model with `sites` and the decoder layers named `layers`.
+    pub(crate) fn new(sites: &SiteTable, layers: &[String]) -> Self {
+        let layer_of = sites
+            .iter()
+            .map(|(_, s)| {
+                layers.iter().position(|l| {
+                    s.name
+                        .strip_prefix(l.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+                })
+            })
+            .collect();
         Self {
+            layer_of,
+            outside: Vec::new(),
+            fired: vec![false; sites.len()],
+            last_layer: None,
             names: sites.iter().map(|(_, s)| s.name.clone()).collect(),
             kinds: sites.iter().map(|(_, s)| s.kind).collect(),
             shapes: sites
@@ -278,6 +301,16 @@ impl Hooks {
                 .filter(|e| !self.disabled.contains(&e.handle))
                 .fold(0, |m, e| m | bit(e.point));
         }
+        let active: Vec<usize> = (0..self.active.len())
+            .filter(|&i| self.active[i] != 0)
+            .collect();
+        self.outside = active
+            .iter()
+            .filter(|&&i| self.layer_of[i].is_none())
+            .map(|&i| SiteId::from_index(i))
+            .collect();
+        self.last_layer = active.iter().filter_map(|&i| self.layer_of[i]).max();
+        self.fired.iter_mut().for_each(|f| *f = false);
         self.grad_calls.iter_mut().for_each(|c| *c = 0);
         self.kept_calls.iter_mut().for_each(|c| *c = 0);
         self.kept.clear();
@@ -369,6 +402,13 @@ impl Hooks {
         })
     }
 
+    /// Whether a pass that only serves the hooks is done after decoder layer `layer`: every
+    /// enabled hook outside the layers has fired, and none is in a later layer.
+    fn done_after(&self, layer: usize) -> bool {
+        self.last_layer.is_none_or(|last| last <= layer)
+            && self.outside.iter().all(|id| self.fired[id.index()])
+    }
+
     /// Whether any enabled hook wants gradients.
     fn wants_grad(&self) -> bool {
         self.active.iter().any(|m| m & bit(Point::Grad) != 0)
@@ -389,6 +429,7 @@ impl Hooks {
         mut x: Tensor,
         output: &mut OutputMap,
     ) -> Result<Tensor> {
+        self.fired[id.index()] = true;
         let Hooks {
             names,
             per_site,
@@ -658,6 +699,10 @@ pub struct Run<'a> {
     cache: Option<&'a mut KvCache>,
     /// Compute the logits of the last position only (generation).
     last_only: bool,
+    /// Only the hooks need this pass (no logits): it may stop after a decoder layer.
+    hooks_only: bool,
+    /// The decoder layer after which it stopped.
+    stopped: Option<usize>,
 }
 
 struct Hooked<'a> {
@@ -678,6 +723,8 @@ impl Run<'static> {
             pipe: None,
             cache: None,
             last_only: false,
+            hooks_only: false,
+            stopped: None,
         }
     }
 }
@@ -700,7 +747,35 @@ impl<'a> Run<'a> {
             pipe: None,
             cache: None,
             last_only: false,
+            hooks_only: false,
+            stopped: None,
         }
+    }
+
+    /// A pass only the hooks need (see [`FlexModel::capture`](crate::FlexModel::capture)).
+    pub(crate) fn hooks_only(mut self) -> Self {
+        self.hooks_only = true;
+        self
+    }
+
+    /// The decoder layer after which a hooks-only pass stopped.
+    pub(crate) fn stopped(&self) -> Option<usize> {
+        self.stopped
+    }
+
+    /// Whether the pass may end after decoder layer `layer`, its output being what the model
+    /// returns: true only in a single-process pass that no one needs but its hooks, once every
+    /// enabled hook has run and none waits in a later layer. Model code asks after each layer.
+    pub fn stop_after(&mut self, layer: usize) -> bool {
+        let done = self.hooks_only
+            && self
+                .hooks
+                .as_ref()
+                .is_some_and(|h| h.dist.is_none() && !h.grad && h.hooks.done_after(layer));
+        if done {
+            self.stopped = Some(layer);
+        }
+        done
     }
 
     /// Records every site's activation in the autograd graph, as for a gradient hook: the

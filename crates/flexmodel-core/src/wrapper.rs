@@ -43,7 +43,8 @@ pub struct FlexModel<M: Model = Box<dyn Model>> {
 impl<M: Model> FlexModel<M> {
     /// Wraps `model`; no hook is registered yet.
     pub fn new(model: M) -> Self {
-        let hooks = Arc::new(Mutex::new(Hooks::new(model.sites())));
+        let hooks = Hooks::new(model.sites(), &model.info().decoder_layers);
+        let hooks = Arc::new(Mutex::new(hooks));
         Self {
             model,
             hooks,
@@ -100,6 +101,30 @@ impl<M: Model> FlexModel<M> {
     pub fn forward_groups(&mut self, input: &Input, groups: &Groups) -> Result<Tensor> {
         let (_, seq) = input.dims()?;
         self.pass(input, groups, PassInfo::plain(seq), None)
+    }
+
+    /// A forward pass for its hooks alone: captures land in the output map and edits apply,
+    /// but no logits come back, so a single process stops after the last decoder layer an
+    /// enabled hook needs (TransformerLens's `stop_at_layer`, found from the hooks): the later
+    /// layers and the head do not run. Returns that layer's index, or `None` when the pass ran
+    /// to the end (a hook after the decoder layers, such as the final norm or the head; a
+    /// multi-rank job, which always runs whole). Backward hooks do not fire (no backward pass).
+    ///
+    /// # Errors
+    /// As [`FlexModel::forward_input`].
+    pub fn capture(&mut self, input: &Input) -> Result<Option<usize>> {
+        if self.model.grid().is_distributed() {
+            self.forward_input(input)?;
+            return Ok(None);
+        }
+        let (_, seq) = input.dims()?;
+        let mut hooks = lock(&self.hooks);
+        hooks.select(&Groups::All, PassInfo::plain(seq))?;
+        let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).hooks_only();
+        let result = self.model.forward_with(input, &mut run);
+        let stopped = run.stopped();
+        hooks.settle(&mut self.output)?;
+        result.map(|_| stopped)
     }
 
     /// One forward pass; during generation with `cache` (keys and values appended, logits of

@@ -318,6 +318,9 @@ impl<F: Family> Model for Loaded<F> {
         };
         for i in stage.layers.clone() {
             x = self.body.layer(i, &x, &tables, &pass, run)?;
+            if run.stop_after(i) {
+                return Ok(x);
+            }
         }
         if stage.last {
             return self.body.head(x, run);

@@ -235,3 +235,75 @@ fn trainable_module_in_an_edit_learns_from_the_model_output() {
     );
     assert_eq!(frozen.to_vec2::<f32>().unwrap(), before);
 }
+
+/// `capture` stops after the last decoder layer its hooks need, and its captures and edits
+/// are those of the whole forward pass; a hook after the layers makes it run to the end.
+#[test]
+fn capture_stops_after_the_last_hooked_layer_with_the_same_captures() {
+    let final_norms = [
+        ("llama", "model.norm"),
+        ("gpt2", "transformer.ln_f"),
+        ("opt", "model.decoder.final_layer_norm"),
+        ("falcon", "transformer.ln_f"),
+    ];
+    for (arch, after) in final_norms {
+        let refs = reference(arch);
+        let input = Input::new(refs["input_ids"].clone());
+        let mut fm = wrapped(arch, false);
+        let layers = fm.model().info().decoder_layers.clone();
+        let (first, last) = (&layers[0], &layers[layers.len() - 1]);
+        let embed = fm
+            .model()
+            .sites()
+            .iter()
+            .map(|(_, s)| s.name.to_string())
+            .find(|n| {
+                n.ends_with("embed_tokens") || n.ends_with(".wte") || n.ends_with("word_embeddings")
+            });
+        let embed = embed.unwrap_or_else(|| panic!("{arch}: no embedding site"));
+        let cases: Vec<(Vec<String>, Option<usize>)> = vec![
+            (vec![first.clone()], Some(0)),
+            (vec![embed], Some(0)),
+            (
+                vec![format!("{first}.*"), format!("{last}")],
+                Some(layers.len() - 1),
+            ),
+            (vec![first.clone(), after.to_string()], None),
+            (vec!["lm_head".into()], None),
+        ];
+        for (patterns, stop) in cases {
+            let handles: Vec<_> = patterns
+                .iter()
+                .map(|p| fm.register(HookFunction::new(p.as_str())).unwrap())
+                .collect();
+            // An edit in the first layer: later captures see it in both passes.
+            let edit = fm
+                .register(
+                    HookFunction::new(format!("{first}"))
+                        .capture(false)
+                        .edit(|x: &Tensor, _: &mut HookCtx| Ok((x * 0.5)?)),
+                )
+                .unwrap();
+            fm.forward_input(&input).unwrap();
+            let whole = fm.take_output();
+            let stopped = fm.capture(&input).unwrap();
+            let part = fm.take_output();
+            assert_eq!(stopped, stop, "{arch} {patterns:?}");
+            let keys = |m: &flexmodel_core::OutputMap| {
+                m.iter()
+                    .map(|(k, v)| (k.to_string(), v.len()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(keys(&part), keys(&whole), "{arch} {patterns:?}");
+            for (key, got) in part.iter() {
+                let want = whole.get(key).unwrap();
+                for (g, w) in got.iter().zip(want) {
+                    assert_close(&format!("{arch} {key}"), g, w, 0.0);
+                }
+            }
+            for h in handles.into_iter().chain([edit]) {
+                fm.remove(h).unwrap();
+            }
+        }
+    }
+}

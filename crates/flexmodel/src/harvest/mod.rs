@@ -511,7 +511,8 @@ fn harvest_rows(
         // that nothing stores.
         batch.resize(real.max(dp), Row::placeholder());
         let input = batch_input(&batch, settings.seq_len)?;
-        fm.forward_input(&input)?;
+        // Only the captures are wanted: a single process stops after the last stored layer.
+        fm.capture(&input)?;
         let captures = fm.take_output();
         batch.truncate(real);
         done.rows += real;
