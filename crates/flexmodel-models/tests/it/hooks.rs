@@ -279,7 +279,7 @@ fn capture_stops_after_the_last_hooked_layer_with_the_same_captures() {
             // An edit in the first layer: later captures see it in both passes.
             let edit = fm
                 .register(
-                    HookFunction::new(format!("{first}"))
+                    HookFunction::new(first.as_str())
                         .capture(false)
                         .edit(|x: &Tensor, _: &mut HookCtx| Ok((x * 0.5)?)),
                 )
