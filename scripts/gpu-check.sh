@@ -18,12 +18,16 @@ fixtures=
 rest=()
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
+# Unpacked with Python's lzma and tarfile: the GPU machine may lack xz.
 if [[ -f $root/.gpu/flexmodel.xz ]]; then
-    xz -dc "$root/.gpu/flexmodel.xz" >"$scratch/flexmodel" && chmod +x "$scratch/flexmodel"
+    "$python" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$root/.gpu/flexmodel.xz" "$scratch/flexmodel"
+    chmod +x "$scratch/flexmodel"
     binary=$scratch/flexmodel
 fi
 if [[ -f $root/.gpu/fixtures.tar.xz ]]; then
-    mkdir -p "$scratch/fixtures" && tar -C "$scratch/fixtures" -xJf "$root/.gpu/fixtures.tar.xz"
+    "$python" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+        "$root/.gpu/fixtures.tar.xz" "$scratch/fixtures"
     fixtures=$scratch/fixtures
 fi
 while (($#)); do
