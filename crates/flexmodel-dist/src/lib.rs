@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::Device;
 #[cfg(not(feature = "mpi"))]
 use flexmodel_core::Local;
-use flexmodel_core::{Comm, Error, Result};
+use flexmodel_core::{Comm, Result};
 
 mod device;
 #[cfg(feature = "mpi")]
@@ -39,7 +39,7 @@ pub fn for_device(world: Arc<dyn Comm>, device: &Device) -> Result<Arc<dyn Comm>
                 Ok(Arc::new(DeviceComm::new(world, nccl)))
             }
             #[cfg(not(feature = "nccl"))]
-            Err(Error::msg(
+            Err(flexmodel_core::Error::msg(
                 "a CUDA model on several ranks needs NCCL: build with the `nccl` feature \
                  (scripts/build-cuda.sh --features cuda,nccl,mpi)",
             ))
@@ -61,7 +61,7 @@ pub fn init() -> Result<Arc<dyn Comm>> {
     #[cfg(not(feature = "mpi"))]
     {
         match launched_size() {
-            Some(n) if n > 1 => Err(Error::msg(format!(
+            Some(n) if n > 1 => Err(flexmodel_core::Error::msg(format!(
                 "this job has {n} processes but flexmodel was built without MPI; rebuild with \
                  `cargo build --release --features mpi` (needs libopenmpi-dev and libclang-dev)"
             ))),
