@@ -77,11 +77,9 @@ pub fn main(args: Args) -> Result<()> {
         bail!("--iters must be at least 1");
     }
     let device = args.compute.device()?;
-    let options = args
+    let model = args
         .compute
-        .load_options(device.clone(), &flexmodel::Grid::single());
-    let model =
-        flexmodel::load(&dir, &options).with_context(|| format!("loading {}", dir.display()))?;
+        .load(&dir, device.clone(), &flexmodel::Grid::single())?;
     let info = model.info().clone();
     let hooks = |job: &str| -> Vec<String> {
         let kinds = |keep: fn(SiteKind) -> bool| {

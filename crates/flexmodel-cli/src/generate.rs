@@ -108,9 +108,7 @@ pub fn main(args: Args) -> Result<()> {
 
     let device = args.compute.device()?;
     let grid = args.parallel.grid(&device)?;
-    let load = args.compute.load_options(device, &grid);
-    let model =
-        flexmodel::load(&dir, &load).with_context(|| format!("loading {}", dir.display()))?;
+    let model = args.compute.load(&dir, device, &grid)?;
     let sites: Vec<SiteInfo> = model.sites().iter().map(|(_, s)| s.clone()).collect();
     let mut fm = FlexModel::new(model);
     args.hooks.register(&mut fm, edits)?;

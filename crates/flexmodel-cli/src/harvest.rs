@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use flexmodel::harvest::{
     self, DataSource, HarvestOptions, Positions, Progress, Settings, StatsSettings, StoreDType,
 };
@@ -135,9 +135,7 @@ pub fn main(args: Args) -> Result<()> {
     let tokenizer = Tokenizer::from_dir(&dir).ok();
     let device = args.compute.device()?;
     let grid = args.parallel.grid(&device)?;
-    let load = args.compute.load_options(device, &grid);
-    let model =
-        flexmodel::load(&dir, &load).with_context(|| format!("loading {}", dir.display()))?;
+    let model = args.compute.load(&dir, device, &grid)?;
     let mut fm = FlexModel::new(model);
 
     let bar = progress_bar(grid.is_root());

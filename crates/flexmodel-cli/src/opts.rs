@@ -1,10 +1,12 @@
 //! Option groups the subcommands share: the model, the input, the hooks.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
-use flexmodel::{DType, Device, FlexModel, Grid, HookFunction, Input, LoadOptions, Tokenizer};
+use flexmodel::{
+    DType, Device, FlexModel, Grid, HookFunction, Input, LoadOptions, Model, Tokenizer,
+};
 
 use crate::edit::EditSpec;
 use crate::safetensors_io;
@@ -72,14 +74,15 @@ impl ComputeOpts {
         flexmodel::device(&spec).context("--device")
     }
 
-    /// Load options for this rank of `grid` on `device`.
-    pub fn load_options(&self, device: Device, grid: &Grid) -> LoadOptions {
-        LoadOptions {
+    /// The model in `dir`: this rank's part of it under `grid`, on `device`.
+    pub fn load(&self, dir: &Path, device: Device, grid: &Grid) -> Result<Box<dyn Model>> {
+        let options = LoadOptions {
             dtype: self.compute_dtype.into(),
             device,
             grid: grid.clone(),
             ..LoadOptions::default()
-        }
+        };
+        flexmodel::load(dir, &options).with_context(|| format!("loading {}", dir.display()))
     }
 }
 

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use flexmodel::{DType, FlexModel, HookFunction, Input, Tensor, Tokenizer};
 
 use crate::opts::{ComputeOpts, FloatType, HookOpts, InputOpts, ModelOpts, Padding};
@@ -59,9 +59,7 @@ pub fn main(args: Args) -> Result<()> {
 
     let device = args.compute.device()?;
     let grid = args.parallel.grid(&device)?;
-    let options = args.compute.load_options(device, &grid);
-    let model =
-        flexmodel::load(&dir, &options).with_context(|| format!("loading {}", dir.display()))?;
+    let model = args.compute.load(&dir, device, &grid)?;
     let mut fm = FlexModel::new(model);
     args.hooks.register(&mut fm, edits)?;
     for pattern in &args.grad {
