@@ -64,45 +64,63 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def parity(binary, fixtures, device, tmp):
+def attempt(res, what, fn, *args):
+    """`fn(*args)`, or None with the error kept in res["errors"]: one failing step must not
+    cost the others their results on a machine lent for minutes."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        log(f"{what} FAILED: {e}")
+        res.setdefault("errors", {})[what] = str(e)[-2000:]
+        return None
+
+
+def parity(binary, fixtures, device, tmp, res):
     """Every fixture architecture on `device` against the transformers references."""
     rows = []
     for arch in sorted(os.listdir(fixtures)):
         d = os.path.join(fixtures, arch)
         if not os.path.exists(os.path.join(d, "reference.json")):
             continue
-        meta = json.load(open(os.path.join(d, "reference.json")))
-        refs = load_file(os.path.join(d, "reference.safetensors"))
-        modules = [k for k, m in meta["keys"].items() if m["kind"] == "module_output"]
-        grads = [k[len("grad."):] for k in meta["keys"] if k.startswith("grad.") and k != "grad.loss"]
-        row = dict(arch=arch)
-        for dtype, tol in (("f32", 1e-4), ("bf16", 2e-2)):
-            out = os.path.join(tmp, f"{arch}-{dtype}.safetensors")
-            args = ["run", "--model", d, "--input-ids", os.path.join(d, "reference.safetensors"),
-                    "--capture", "*", "--out", out, "--device", device, "--compute-dtype", dtype]
-            if dtype == "f32":
-                for g in grads:
-                    args += ["--grad", g]
-            flexmodel(binary, *args)
-            got = load_file(out)
-            errs = {"logits": rel_err(got["logits"], refs["logits"])}
-            errs.update({k: rel_err(got[k], refs[k]) for k in modules})
-            if dtype == "f32":
-                errs.update({f"grad.{g}": rel_err(got[f"grad.{g}"], refs[f"grad.{g}"]) for g in grads})
-                errs["loss"] = rel_err(got["loss"].reshape(()), refs["grad.loss"].reshape(()))
-                # The reference edit: the module's output times zero.
-                out = os.path.join(tmp, f"{arch}-edit.safetensors")
-                flexmodel(binary, "run", "--model", d, "--input-ids",
-                          os.path.join(d, "reference.safetensors"), "--edit",
-                          f"{meta['edit']['module']}=zero", "--out", out, "--device", device)
-                errs["edit.logits"] = rel_err(load_file(out)["logits"], refs["edit.mlp_zero.logits"])
-            worst = max(errs, key=errs.get)
-            row[dtype] = dict(tensors=len(errs), max_rel_err=errs[worst], worst=worst,
-                              tol=tol, ok=errs[worst] <= tol)
-        rows.append(row)
-        log(f"parity {arch}: f32 {row['f32']['max_rel_err']:.1e} ({row['f32']['tensors']} tensors), "
-            f"bf16 {row['bf16']['max_rel_err']:.1e}")
+        row = attempt(res, f"parity {arch}", parity_of, binary, d, arch, device, tmp)
+        if row:
+            rows.append(row)
     return rows
+
+
+def parity_of(binary, d, arch, device, tmp):
+    """One architecture's parity in f32 and bf16."""
+    meta = json.load(open(os.path.join(d, "reference.json")))
+    refs = load_file(os.path.join(d, "reference.safetensors"))
+    modules = [k for k, m in meta["keys"].items() if m["kind"] == "module_output"]
+    grads = [k[len("grad."):] for k in meta["keys"] if k.startswith("grad.") and k != "grad.loss"]
+    row = dict(arch=arch)
+    for dtype, tol in (("f32", 1e-4), ("bf16", 2e-2)):
+        out = os.path.join(tmp, f"{arch}-{dtype}.safetensors")
+        args = ["run", "--model", d, "--input-ids", os.path.join(d, "reference.safetensors"),
+                "--capture", "*", "--out", out, "--device", device, "--compute-dtype", dtype]
+        if dtype == "f32":
+            for g in grads:
+                args += ["--grad", g]
+        flexmodel(binary, *args)
+        got = load_file(out)
+        errs = {"logits": rel_err(got["logits"], refs["logits"])}
+        errs.update({k: rel_err(got[k], refs[k]) for k in modules})
+        if dtype == "f32":
+            errs.update({f"grad.{g}": rel_err(got[f"grad.{g}"], refs[f"grad.{g}"]) for g in grads})
+            errs["loss"] = rel_err(got["loss"].reshape(()), refs["grad.loss"].reshape(()))
+            # The reference edit: the module's output times zero.
+            out = os.path.join(tmp, f"{arch}-edit.safetensors")
+            flexmodel(binary, "run", "--model", d, "--input-ids",
+                      os.path.join(d, "reference.safetensors"), "--edit",
+                      f"{meta['edit']['module']}=zero", "--out", out, "--device", device)
+            errs["edit.logits"] = rel_err(load_file(out)["logits"], refs["edit.mlp_zero.logits"])
+        worst = max(errs, key=errs.get)
+        row[dtype] = dict(tensors=len(errs), max_rel_err=errs[worst], worst=worst,
+                          tol=tol, ok=errs[worst] <= tol)
+    log(f"parity {arch}: f32 {row['f32']['max_rel_err']:.1e} ({row['f32']['tensors']} tensors), "
+        f"bf16 {row['bf16']['max_rel_err']:.1e}")
+    return row
 
 
 def sync():
@@ -124,7 +142,7 @@ def timeit(fn, iters, warm=2):
 
 
 def d2h_bandwidth(dev, nbytes=512 << 20):
-    if dev.type != "cuda":
+    if dev.type != "cuda" or not torch.cuda.is_available():
         return {}
     x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev).normal_()
     res = {}
@@ -278,43 +296,62 @@ def main():
     import transformers
     res = dict(info=dict(torch=torch.__version__, transformers=transformers.__version__,
                          device=a.device,
-                         gpu=torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+                         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                          time=time.strftime("%Y-%m-%d %H:%M:%S")))
     scratch = os.environ.get("FLEXMODEL_GPU_SCRATCH", tempfile.gettempdir())
+    out_json = os.path.join(a.out_dir, "gpu_check.json")
+
+    def save():  # after every step, so that a run cut short still leaves its results
+        json.dump(res, open(out_json, "w"), indent=1)
+
+    res["bench"] = []
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         if "check" not in skip:
-            res["check"] = flexmodel(a.binary, "check", "--device", a.device, "--model",
-                                     os.path.join(a.fixtures, "llama"))
-            log(res["check"])
+            res["check"] = attempt(res, "check", flexmodel, a.binary, "check", "--device",
+                                   a.device, "--model", os.path.join(a.fixtures, "llama"))
+            log(res["check"] or "")
+            save()
         if "parity" not in skip:
-            res["parity"] = parity(a.binary, a.fixtures, a.device, tmp)
+            res["parity"] = parity(a.binary, a.fixtures, a.device, tmp, res)
+            save()
         res["d2h"] = d2h_bandwidth(dev)
         log(f"d2h: {res['d2h']}")
-        res["bench"] = []
-        if "bench" not in skip:
-            for k, size in enumerate(a.sizes.split(",")):
-                model_dir = os.path.join(tmp, size)
-                docs = a.harvest_docs if k == 0 else 0
-                hf = hf_side(size, dev, shapes, a.iters, model_dir, docs, tmp)
-                mine = ours(a.binary, model_dir, a.device, shapes, a.iters, tmp, "bf16")
-                if docs:
-                    out = os.path.join(tmp, "fm-harvest")
-                    hf[0]["fm_harvest_tok_s"] = fm_harvest(
-                        a.binary, model_dir, a.device, os.path.join(tmp, "docs.safetensors"),
-                        SIZES[size]["num_hidden_layers"], out)
-                    subprocess.run(["rm", "-rf", out])
-                for row in hf:
-                    for r in mine:
-                        if (r["batch"], r["seq"]) == (row["batch"], row["seq"]):
-                            row[f"fm_{r['job']}_s"] = r["median_s"]
-                            row[f"fm_{r['job']}_bytes"] = r["captured_bytes"]
-                res["bench"].extend(hf)
-                subprocess.run(["rm", "-rf", model_dir])
-    json.dump(res, open(os.path.join(a.out_dir, "gpu_check.json"), "w"), indent=1)
+        save()
+        for k, size in enumerate(a.sizes.split(",") if "bench" not in skip else []):
+            model_dir = os.path.join(tmp, size)
+            docs = a.harvest_docs if k == 0 else 0
+            hf = attempt(res, f"transformers {size}", hf_side, size, dev, shapes, a.iters,
+                         model_dir, docs, tmp)
+            if not hf:
+                continue
+            res["bench"].extend(hf)
+            save()
+            mine = attempt(res, f"flexmodel bench {size}", ours, a.binary, model_dir, a.device,
+                           shapes, a.iters, tmp, "bf16") or []
+            for row in hf:
+                for r in mine:
+                    if (r["batch"], r["seq"]) == (row["batch"], row["seq"]):
+                        row[f"fm_{r['job']}_s"] = r["median_s"]
+                        row[f"fm_{r['job']}_bytes"] = r["captured_bytes"]
+            save()
+            if docs:
+                out = os.path.join(tmp, "fm-harvest")
+                tok_s = attempt(res, f"flexmodel harvest {size}", fm_harvest, a.binary, model_dir,
+                                a.device, os.path.join(tmp, "docs.safetensors"),
+                                SIZES[size]["num_hidden_layers"], out)
+                if tok_s:
+                    hf[0]["fm_harvest_tok_s"] = tok_s
+                subprocess.run(["rm", "-rf", out])
+                save()
+            subprocess.run(["rm", "-rf", model_dir])
+    save()
     table(res)
     failed = [r["arch"] for r in res.get("parity", []) if not (r["f32"]["ok"] and r["bf16"]["ok"])]
     if failed:
         print(f"PARITY FAILED: {failed}")
+    for what, e in res.get("errors", {}).items():
+        print(f"ERROR in {what}: {e.splitlines()[-1] if e else ''}")
+    if failed or res.get("errors"):
         sys.exit(1)
 
 
