@@ -92,20 +92,28 @@ mod cuda {
     /// they hold, the source kept alive until the copy is done, and where the result goes.
     struct Job {
         staged: PinnedHostSlice<u8>,
-        bytes: usize,
         dtype: DType,
         shape: Shape,
         source: Tensor,
         done: Sender<Result<Tensor>>,
     }
 
-    /// Per device: its copy stream and the free staging buffers.
+    /// Per device: its copy stream and staging buffers.
     struct Copier {
         context: Arc<CudaContext>,
         stream: Arc<CudaStream>,
-        free: Mutex<Vec<PinnedHostSlice<u8>>>,
-        pinned: Mutex<usize>,
+        pool: Mutex<Pool>,
         jobs: Mutex<Sender<Job>>,
+    }
+
+    /// Staging buffers by size. A copy fills its whole destination (cudarc copies the
+    /// destination's length), so each buffer has the exact size of the captures it serves;
+    /// a forward pass captures the same shapes each time, so they are reused.
+    #[derive(Default)]
+    struct Pool {
+        free: HashMap<usize, Vec<PinnedHostSlice<u8>>>,
+        /// Bytes of every buffer, free or in flight.
+        pinned: usize,
     }
 
     fn copier(context: &Arc<CudaContext>) -> Result<Arc<Copier>> {
@@ -134,8 +142,7 @@ mod cuda {
         let copier = Arc::new(Copier {
             context: context.clone(),
             stream,
-            free: Mutex::new(Vec::new()),
-            pinned: Mutex::new(0),
+            pool: Mutex::new(Pool::default()),
             jobs: Mutex::new(jobs),
         });
         let queue = Arc::new(Mutex::new(queue));
@@ -149,7 +156,6 @@ mod cuda {
                     };
                     let Job {
                         staged,
-                        bytes,
                         dtype,
                         shape,
                         source,
@@ -157,7 +163,7 @@ mod cuda {
                     } = job;
                     let result = staged.as_slice().map_err(cuda_error).and_then(|b| {
                         Ok(Tensor::from_raw_buffer(
-                            &b[..bytes],
+                            b,
                             dtype,
                             shape.dims(),
                             &Device::Cpu,
@@ -165,10 +171,7 @@ mod cuda {
                     });
                     drop(source);
                     if let Some(c) = copier.upgrade() {
-                        c.free
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(staged);
+                        c.give_back(staged);
                     }
                     let _ = done.send(result);
                 }
@@ -183,35 +186,35 @@ mod cuda {
     }
 
     impl Copier {
-        /// A free staging buffer of at least `bytes`, or a new one; `None` past the limit.
+        /// A free staging buffer of exactly `bytes`, or a new one (dropping free buffers of
+        /// other sizes to stay under the limit); `None` when the buffers in flight fill it.
         fn buffer(&self, bytes: usize) -> Result<Option<PinnedHostSlice<u8>>> {
-            {
-                let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-                let best = free
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, b)| b.len() >= bytes)
-                    .min_by_key(|(_, b)| b.len())
-                    .map(|(i, _)| i);
-                if let Some(i) = best {
-                    return Ok(Some(free.swap_remove(i)));
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(buffer) = pool.free.get_mut(&bytes).and_then(Vec::pop) {
+                return Ok(Some(buffer));
+            }
+            while pool.pinned + bytes > PINNED_LIMIT {
+                let spare = pool.free.values_mut().find_map(Vec::pop);
+                match spare {
+                    Some(buffer) => pool.pinned -= buffer.len(),
+                    None => return Ok(None),
                 }
             }
-            // Sizes round up to 2 MiB so that buffers of similar captures are interchangeable.
-            let size = bytes.div_ceil(2 << 20) * (2 << 20);
-            let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
-            if *pinned + size > PINNED_LIMIT {
-                return Ok(None);
-            }
-            // SAFETY: the buffer is uninitialised until a copy writes it; it is read only
-            // through `as_slice`, after the copy's event, and only its first `bytes` bytes,
-            // which that copy wrote. Flags 0: cached host memory (write-combined memory, the
-            // default of `alloc_pinned`, is slow for the CPU to read).
+            // SAFETY: the buffer is uninitialised until a copy writes it, and it is read only
+            // through `as_slice`, which waits for the copy that filled all of it. Flags 0:
+            // cached host memory (write-combined memory, the default of `alloc_pinned`, is
+            // slow for the CPU to read).
             #[allow(unsafe_code)]
-            let buffer = unsafe { self.context.alloc_pinned_with_flags::<u8>(size, 0) }
+            let buffer = unsafe { self.context.alloc_pinned_with_flags::<u8>(bytes, 0) }
                 .map_err(cuda_error)?;
-            *pinned += size;
+            pool.pinned += bytes;
             Ok(Some(buffer))
+        }
+
+        /// Returns a staging buffer to the pool.
+        fn give_back(&self, buffer: PinnedHostSlice<u8>) {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.free.entry(buffer.len()).or_default().push(buffer);
         }
     }
 
@@ -266,11 +269,7 @@ mod cuda {
                 CudaStorageSlice::F32(s) => copy!(s),
                 CudaStorageSlice::F64(s) => copy!(s),
                 _ => {
-                    copier
-                        .free
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(staged);
+                    copier.give_back(staged);
                     return Ok(None);
                 }
             }
@@ -278,7 +277,6 @@ mod cuda {
         let (done, result) = channel();
         let job = Job {
             staged,
-            bytes,
             dtype: x.dtype(),
             shape: x.shape().clone(),
             source: x,
