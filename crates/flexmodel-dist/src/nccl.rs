@@ -106,13 +106,11 @@ impl NcclTransport {
         for (slot, b) in internal.iter_mut().zip(bytes) {
             *slot = b as std::ffi::c_char;
         }
-        let comm = Nccl::from_rank(
-            device.cuda_stream(),
-            host.rank(),
-            host.size(),
-            Id::uninit(internal),
-        )
-        .map_err(nccl_error)?;
+        // NCCL takes the GPU of the thread's current context.
+        let stream = device.cuda_stream();
+        stream.context().bind_to_thread().map_err(nccl_error)?;
+        let comm = Nccl::from_rank(stream, host.rank(), host.size(), Id::uninit(internal))
+            .map_err(nccl_error)?;
         Ok(Self {
             comm: Arc::new(Handle(comm)),
             device: device.clone(),
