@@ -25,22 +25,23 @@ impl HostCopy {
     /// Starts copying `x`, cut from the autograd graph, to host memory.
     pub(crate) fn start(x: &Tensor) -> Result<Self> {
         let x = if x.track_op() { x.detach() } else { x.clone() };
+        if x.device().is_cpu() {
+            return Ok(Self::Ready(x));
+        }
         if x.elem_count() == 0 {
+            // A device cannot copy zero bytes.
             return Ok(Self::Ready(Tensor::zeros(
                 x.shape(),
                 x.dtype(),
                 &Device::Cpu,
             )?));
         }
-        match x.device() {
-            Device::Cpu => Ok(Self::Ready(x)),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_) => Ok(cuda::start(&x)?.map_or_else(
-                || Ok::<_, crate::Error>(Self::Ready(x.to_device(&Device::Cpu)?)),
-                |p| Ok(Self::Copying(p)),
-            )?),
-            _ => Ok(Self::Ready(x.to_device(&Device::Cpu)?)),
+        #[cfg(feature = "cuda")]
+        if let Some(pending) = cuda::start(&x)? {
+            return Ok(Self::Copying(pending));
         }
+        // No asynchronous path (another device, or the pinned memory is spent): a blocking copy.
+        Ok(Self::Ready(x.to_device(&Device::Cpu)?))
     }
 
     /// Whether the tensor is already on the host.

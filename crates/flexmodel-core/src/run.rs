@@ -301,15 +301,14 @@ impl Hooks {
                 .filter(|e| !self.disabled.contains(&e.handle))
                 .fold(0, |m, e| m | bit(e.point));
         }
-        let active: Vec<usize> = (0..self.active.len())
-            .filter(|&i| self.active[i] != 0)
-            .collect();
-        self.outside = active
-            .iter()
-            .filter(|&&i| self.layer_of[i].is_none())
-            .map(|&i| SiteId::from_index(i))
-            .collect();
-        self.last_layer = active.iter().filter_map(|&i| self.layer_of[i]).max();
+        self.outside.clear();
+        self.last_layer = None;
+        for (i, _) in self.active.iter().enumerate().filter(|(_, m)| **m != 0) {
+            match self.layer_of[i] {
+                Some(layer) => self.last_layer = self.last_layer.max(Some(layer)),
+                None => self.outside.push(SiteId::from_index(i)),
+            }
+        }
         self.fired.iter_mut().for_each(|f| *f = false);
         self.grad_calls.iter_mut().for_each(|c| *c = 0);
         self.kept_calls.iter_mut().for_each(|c| *c = 0);
@@ -458,14 +457,11 @@ impl Hooks {
             }
             if entry.capture {
                 let copy = HostCopy::start(&x)?;
-                let key = format!("{}{site}", point.key_prefix());
-                if point == Point::Grad {
+                match point {
+                    Point::Output => deliver(output, in_flight, site, copy)?,
+                    Point::Input => deliver(output, in_flight, &format!("input.{site}"), copy)?,
                     // Gradients arrive last firing first; kept aside and flushed in order.
-                    pending_grads.push((id, call, copy.wait()?));
-                } else if copy.is_ready() && in_flight.is_empty() {
-                    output.push(&key, copy.wait()?);
-                } else {
-                    in_flight.push((key, copy));
+                    Point::Grad => pending_grads.push((id, call, copy.wait()?)),
                 }
             }
             if let Some(edit) = edits.get_mut(&entry.handle) {
@@ -530,6 +526,22 @@ impl Hooks {
     pub(crate) fn has_grad_hooks(&self) -> bool {
         self.wants_grad()
     }
+}
+
+/// A forward capture into `output` under `key`, or into `in_flight` while it is on its way to
+/// the host or while earlier ones are (the output map keeps firing order).
+fn deliver(
+    output: &mut OutputMap,
+    in_flight: &mut Vec<(String, HostCopy)>,
+    key: &str,
+    copy: HostCopy,
+) -> Result<()> {
+    if copy.is_ready() && in_flight.is_empty() {
+        output.push(key, copy.wait()?);
+    } else {
+        in_flight.push((key.to_string(), copy));
+    }
+    Ok(())
 }
 
 /// A pipeline stage's activations: what it received (a leaf, for its gradient) and what it
@@ -744,11 +756,16 @@ impl<'a> Run<'a> {
                 dist: None,
                 grad,
             }),
-            pipe: None,
-            cache: None,
-            last_only: false,
-            hooks_only: false,
-            stopped: None,
+            ..Run::plain()
+        }
+    }
+
+    /// Moves the pass's captures still on their way to the host into the output map; every
+    /// pass ends with it.
+    pub(crate) fn settle(&mut self) -> Result<()> {
+        match &mut self.hooks {
+            Some(h) => h.hooks.settle(h.output),
+            None => Ok(()),
         }
     }
 

@@ -122,9 +122,8 @@ impl<M: Model> FlexModel<M> {
         hooks.select(&Groups::All, PassInfo::plain(seq))?;
         let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).hooks_only();
         let result = self.model.forward_with(input, &mut run);
-        let stopped = run.stopped();
-        hooks.settle(&mut self.output)?;
-        result.map(|_| stopped)
+        run.settle()?;
+        result.map(|_| run.stopped())
     }
 
     /// One forward pass; during generation with `cache` (keys and values appended, logits of
@@ -142,13 +141,11 @@ impl<M: Model> FlexModel<M> {
             let mut hooks = lock(&self.hooks);
             hooks.select(groups, pass)?;
             let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output);
-            let mut run = match cache {
+            let run = match cache {
                 Some(cache) => run.generating(cache),
                 None => run,
             };
-            let logits = self.model.forward_with(input, &mut run);
-            hooks.settle(&mut self.output)?;
-            return logits;
+            return settled_forward(&self.model, input, run);
         }
         let result = self.pass_distributed(input, groups, pass, cache, &grid);
         or_abort(&grid, result)
@@ -169,13 +166,11 @@ impl<M: Model> FlexModel<M> {
         let mut hooks = lock(&self.hooks);
         hooks.select(groups, pass)?;
         let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).distributed(&dist);
-        let mut run = match cache {
+        let run = match cache {
             Some(cache) => run.generating(cache),
             None => run,
         };
-        let local_logits = self.model.forward_with(&local, &mut run);
-        hooks.settle(&mut self.output)?;
-        let local_logits = local_logits?;
+        let local_logits = settled_forward(&self.model, &local, run)?;
         let stages = grid.degrees.pp;
         let last = grid.stage() + 1 == stages;
         let mut logits = None;
@@ -262,10 +257,8 @@ impl<M: Model> FlexModel<M> {
         let logits = {
             let mut hooks = lock(&self.hooks);
             hooks.select(&Groups::All, PassInfo::plain(seq))?;
-            let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).with_gradients();
-            let logits = self.model.forward_with(input, &mut run);
-            hooks.settle(&mut self.output)?;
-            logits?
+            let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).with_gradients();
+            settled_forward(&self.model, input, run)?
         };
         let loss = causal_lm_loss(&logits, input)?;
         let grads = self.backward(&loss)?;
@@ -287,13 +280,11 @@ impl<M: Model> FlexModel<M> {
             let mut hooks = lock(&self.hooks);
             hooks.select(&Groups::All, PassInfo::plain(seq))?;
             hooks.begin_backward();
-            let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output)
+            let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output)
                 .distributed(&dist)
                 .with_gradients()
                 .piped(&mut pipe);
-            let logits = self.model.forward_with(&local, &mut run);
-            hooks.settle(&mut self.output)?;
-            logits?
+            settled_forward(&self.model, &local, run)?
         };
         let mut logits = None;
         if last {
@@ -586,6 +577,14 @@ impl<M: Model> FlexModel<M> {
     pub fn restore(self) -> M {
         self.model
     }
+}
+
+/// `model`'s forward pass under `run`; then the captures still on their way to the host land
+/// in the output map, after an error too, so that none outlives its pass.
+fn settled_forward<M: Model>(model: &M, input: &Input, mut run: Run<'_>) -> Result<Tensor> {
+    let logits = model.forward_with(input, &mut run);
+    run.settle()?;
+    logits
 }
 
 /// In a multi-rank job an error on one rank would leave the others waiting: report it and end

@@ -92,9 +92,10 @@ impl Control {
     }
 
     fn encode(&self) -> Result<Tensor> {
-        let mut words = vec![u64::from(self.device)];
-        words.extend(self.header.encode());
-        let words: Vec<i64> = words.into_iter().map(|w| w as i64).collect();
+        let words: Vec<i64> = std::iter::once(u64::from(self.device))
+            .chain(self.header.encode())
+            .map(|w| w as i64)
+            .collect();
         Ok(Tensor::from_vec(words, HEADER_LEN + 1, &Device::Cpu)?)
     }
 
