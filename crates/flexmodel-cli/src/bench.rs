@@ -122,7 +122,6 @@ pub fn main(args: Args) -> Result<()> {
                 .map(|s| fm.register(HookFunction::new(s.as_str())))
                 .collect::<flexmodel::Result<Vec<_>>>()?;
             let mut seconds = Vec::with_capacity(args.iters);
-            let (mut captures, mut captured_bytes) = (0, 0);
             for i in 0..args.warmup + args.iters {
                 fm.clear_output();
                 let start = Instant::now();
@@ -133,14 +132,15 @@ pub fn main(args: Args) -> Result<()> {
                 if i >= args.warmup {
                     seconds.push(elapsed);
                 }
-                captures = fm.output().iter().map(|(_, v)| v.len()).sum();
-                captured_bytes = fm
-                    .output()
-                    .iter()
-                    .flat_map(|(_, v)| v)
-                    .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-                    .sum();
             }
+            // What the last pass captured.
+            let captures = fm.output().iter().map(|(_, v)| v.len()).sum();
+            let captured_bytes = fm
+                .output()
+                .iter()
+                .flat_map(|(_, v)| v)
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum();
             fm.clear_output();
             for h in handles {
                 fm.remove(h)?;
