@@ -68,7 +68,7 @@ impl ComputeOpts {
     /// The device, opened.
     pub fn device(&self) -> Result<Device> {
         let spec = match self.device.as_str() {
-            "cuda" => format!("cuda:{}", local_rank().unwrap_or(0)),
+            "cuda" => format!("cuda:{}", flexmodel_dist::local_rank().unwrap_or(0)),
             other => other.to_string(),
         };
         flexmodel::device(&spec).context("--device")
@@ -84,17 +84,6 @@ impl ComputeOpts {
         };
         flexmodel::load(dir, &options).with_context(|| format!("loading {}", dir.display()))
     }
-}
-
-/// This process's rank among those of the job on its node, as MPI launchers announce it.
-fn local_rank() -> Option<usize> {
-    [
-        "OMPI_COMM_WORLD_LOCAL_RANK",
-        "MPI_LOCALRANKID",
-        "SLURM_LOCALID",
-    ]
-    .iter()
-    .find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
 /// A floating-point dtype on the command line.

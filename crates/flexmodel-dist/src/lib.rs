@@ -83,5 +83,17 @@ pub fn launched_size() -> Option<usize> {
     .find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
+/// This process's rank among those of the job on its node, as an MPI launcher announced it
+/// (one process per GPU: the GPU to take).
+pub fn local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
 /// Whether this binary can run several processes.
 pub const HAS_MPI: bool = cfg!(feature = "mpi");
