@@ -79,23 +79,38 @@ mod cuda {
     const WORKERS: usize = 8;
 
     /// A copy in flight; its result arrives from a worker.
-    pub(crate) struct Pending(Receiver<Result<Tensor>>);
+    pub(crate) struct Pending {
+        result: Receiver<Result<Tensor>>,
+        /// The captured tensor, alive until its copy is done and released on the thread that
+        /// made it: candle's CUDA stream is the per-thread default stream, so a worker thread
+        /// that dropped the last reference would free the memory in its own stream's order,
+        /// ahead of the kernels this thread queued to read it (measured: an illegal address
+        /// on an H200 when a layer's output was freed that way).
+        _source: Tensor,
+    }
 
     impl Pending {
         pub(crate) fn wait(self) -> Result<Tensor> {
-            self.0
+            self.result
                 .recv()
                 .map_err(|_| Error::msg("a capture's host-copy worker stopped"))?
         }
     }
 
+    impl Drop for Pending {
+        /// A capture dropped unread (a failed pass) still waits for its copy before its
+        /// source may be freed; after `wait` this returns at once.
+        fn drop(&mut self) {
+            let _ = self.result.recv();
+        }
+    }
+
     /// One staged copy, for a worker: the pinned bytes (ready once their event fires), what
-    /// they hold, the source kept alive until the copy is done, and where the result goes.
+    /// they hold, and where the result goes.
     struct Job {
         staged: PinnedHostSlice<u8>,
         dtype: DType,
         shape: Shape,
-        source: Tensor,
         done: Sender<Result<Tensor>>,
     }
 
@@ -133,8 +148,9 @@ mod cuda {
         // records events on its buffers; the copies here order themselves instead.
         // SAFETY: the copy stream only reads device memory, after waiting for the compute
         // stream's work so far (`join` in `start`), and the source tensor stays alive until
-        // its copy has completed (the worker drops it after the staging buffer's event), so
-        // no buffer is read before it is written or freed before it is read. Every other
+        // its copy has completed (`Pending` holds it until the worker has waited for the
+        // staging buffer's event), so no buffer is read before it is written or freed before
+        // it is read. Every other
         // operation (candle's kernels, NCCL) runs on the compute stream.
         #[allow(unsafe_code)]
         unsafe {
@@ -159,7 +175,6 @@ mod cuda {
                         staged,
                         dtype,
                         shape,
-                        source,
                         done,
                     } = job;
                     let result = staged.as_slice().map_err(cuda_error).and_then(|b| {
@@ -170,7 +185,6 @@ mod cuda {
                             &Device::Cpu,
                         )?)
                     });
-                    drop(source);
                     if let Some(c) = copier.upgrade() {
                         c.give_back(staged);
                     }
@@ -280,7 +294,6 @@ mod cuda {
             staged,
             dtype: x.dtype(),
             shape: x.shape().clone(),
-            source: x,
             done,
         };
         copier
@@ -289,6 +302,6 @@ mod cuda {
             .unwrap_or_else(|p| p.into_inner())
             .send(job)
             .map_err(|_| Error::msg("the host-copy workers stopped"))?;
-        Ok(Some(Pending(result)))
+        Ok(Some(Pending { result, _source: x }))
     }
 }

@@ -60,10 +60,16 @@ pub(crate) fn lm_loss_sum(logits: &Tensor, input: &Input) -> Result<(Tensor, f64
             "a token id is not below the vocabulary size {v}"
         )));
     }
-    let picked = log_probs.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?; // [b, s-1]
+    // The input lives on the host, the logits on the model's device.
+    let device = logits.device();
+    let targets = targets.to_device(device)?.unsqueeze(2)?;
+    let picked = log_probs.gather(&targets, 2)?.squeeze(2)?; // [b, s-1]
     let weights = match &input.attention_mask {
-        Some(mask) => mask.narrow(1, 1, s - 1)?.to_dtype(DType::F32)?,
-        None => Tensor::ones((b, s - 1), DType::F32, logits.device())?,
+        Some(mask) => mask
+            .narrow(1, 1, s - 1)?
+            .to_dtype(DType::F32)?
+            .to_device(device)?,
+        None => Tensor::ones((b, s - 1), DType::F32, device)?,
     };
     let count = f64::from(weights.sum_all()?.to_scalar::<f32>()?);
     Ok(((picked * weights)?.sum_all()?.neg()?, count))
