@@ -14,7 +14,9 @@ Run through scripts/gpu-check.sh, which sets up the CUDA libraries' paths. Steps
      same weights, in the same run.
   5. With --harvest-docs N: harvest every decoder layer's output (bf16) of N documents of 512
      tokens into shards on disk, the 1.1B model: `flexmodel harvest` against the loop a
-     researcher writes with transformers (hooks, torch.cat, safetensors save_file per shard).
+     researcher writes with transformers (hooks, torch.cat, safetensors save_file per shard,
+     synced and renamed as ours are). Ours includes its first batch (kernel loading): use
+     >= 128 documents.
 Writes $OUT/gpu_check.json (or --out-dir) and prints a table last. `--device cpu` runs the
 same steps on the CPU with tiny models (a dry run of the script where there is no GPU).
 """
@@ -174,8 +176,14 @@ def hf_harvest(model, ids, out_dir, batch=4, shard_tokens=8192):
         buffered, tokens, shard = {}, 0, 0
 
         def flush(buffered, shard):
+            # As crash-safe as ours: a temporary name, synced, then renamed.
             tensors = {k: torch.cat(v).contiguous() for k, v in buffered.items()}
-            save_file(tensors, os.path.join(out_dir, f"shard-{shard:06}.safetensors"))
+            path = os.path.join(out_dir, f"shard-{shard:06}.safetensors")
+            save_file(tensors, path + ".tmp")
+            fd = os.open(path + ".tmp", os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            os.rename(path + ".tmp", path)
 
         for b in range(0, ids.shape[0], batch):
             rows = ids[b:b + batch]
