@@ -8,22 +8,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use candle_core::{Device, Tensor, Var};
 use flexmodel_core::{FlexModel, Grid, HookCtx, HookFunction, Input, Model, Parallelism};
 use flexmodel_models::{LoadOptions, load};
 
 const RANKS: usize = 8;
-
-fn fixture() -> PathBuf {
-    std::env::var_os("FLEXMODEL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/models")
-        })
-        .join("llama")
-}
 
 /// The llama fixture on `grid`, with a steering vector applied at its last layer's output (or
 /// replacing it); returns the wrapper and the vector.
@@ -32,7 +21,7 @@ fn steered(grid: Grid, replace: bool) -> (FlexModel<Box<dyn Model>>, Var) {
         grid,
         ..Default::default()
     };
-    let mut fm = FlexModel::new(load(fixture(), &options).unwrap());
+    let mut fm = FlexModel::new(load(flexmodel_testkit::model_dir("llama"), &options).unwrap());
     let values: Vec<f32> = (0..64)
         .map(|i| ((i * 37) % 11) as f32 * 0.01 - 0.05)
         .collect();
@@ -60,9 +49,7 @@ fn check() {
         dp: 2,
     };
     let grid = Grid::new(world, degrees).unwrap();
-    let ids = candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu)
-        .unwrap()["input_ids"]
-        .clone();
+    let ids = flexmodel_testkit::reference("llama")["input_ids"].clone();
     let input = Input::new(ids);
     for replace in [false, true] {
         let (mut fm, steer) = steered(grid.clone(), replace);

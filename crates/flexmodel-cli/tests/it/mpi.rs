@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -21,21 +21,12 @@ const LAYOUTS: &[(&[&str], usize)] = &[
     (&["--tp", "2", "--pp", "2", "--dp", "2"], 8),
 ];
 
-/// `mpirun -n ranks flexmodel args...`, as root and on more ranks than cores.
+/// `mpirun -n ranks flexmodel args...`, and how long it took.
 fn mpirun(ranks: usize, args: &[&str]) -> (Output, Duration) {
     let start = Instant::now();
-    let out = Command::new("mpirun")
-        .args([
-            "--oversubscribe",
-            "-n",
-            &ranks.to_string(),
-            env!("CARGO_BIN_EXE_flexmodel"),
-        ])
+    let out = flexmodel_testkit::mpirun(ranks)
+        .arg(env!("CARGO_BIN_EXE_flexmodel"))
         .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("RAYON_NUM_THREADS", "1")
         .output()
         .expect("run mpirun (install openmpi-bin)");
     (out, start.elapsed())
@@ -140,7 +131,7 @@ fn gradients_flow_through_an_edit_under_every_layout() {
             .find(|k| want.contains_key(*k))
             .unwrap_or_else(|| panic!("{arch}: no embedding gradient"));
         assert!(
-            crate::rel_err(&want[embed], &load(&plain)[embed]) > 1e-3,
+            flexmodel_testkit::rel_err(&want[embed], &load(&plain)[embed]) > 1e-3,
             "{arch}"
         );
         every_layout_equals(arch, &common, &want, tmp.path());
@@ -180,7 +171,7 @@ fn random_noise_edit_matches_one_process() {
     let (a, b) = (load(&single), load(&multi));
     assert_close("noise edit", &b["logits"], &a["logits"], 1e-5);
     // The noise changed the logits: the comparison is not vacuous.
-    assert!(crate::rel_err(&a["logits"], &load(&ids)["logits"]) > 1e-3);
+    assert!(flexmodel_testkit::rel_err(&a["logits"], &load(&ids)["logits"]) > 1e-3);
 }
 
 /// Every rank ended, non-zero, within 30 s, saying `message`.
@@ -259,10 +250,8 @@ fn a_rank_that_dies_ends_the_job() {
         ids.display()
     );
     let start = Instant::now();
-    let out = Command::new("mpirun")
-        .args(["--oversubscribe", "-n", "2", "sh", "-c", &script])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    let out = flexmodel_testkit::mpirun(2)
+        .args(["sh", "-c", &script])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -1,15 +1,13 @@
 //! Tests that start themselves under `mpirun`.
 
-use std::process::Command;
-
 /// Where each rank leaves a mark once its check passed.
 const MARKS: &str = "FLEXMODEL_TEST_MARKS";
 
 /// In a rank of an `mpirun` job, runs `check`; otherwise starts this test binary's test `test`
-/// (its exact name) on `ranks` ranks under `mpirun`, as root and oversubscribed, one thread
-/// each, and asserts that the job succeeded and every rank passed: each rank leaves a file
-/// after its check (the ranks' stdout interleaves, so result lines cannot be counted). A
-/// failing check panics, and a panic aborts the whole job.
+/// (its exact name) on `ranks` ranks under [`flexmodel_testkit::mpirun`] and asserts that the
+/// job succeeded and every rank passed: each rank leaves a file after its check (the ranks'
+/// stdout interleaves, so result lines cannot be counted). A failing check panics, and a panic
+/// aborts the whole job.
 pub fn on_ranks(ranks: usize, test: &str, check: fn()) {
     if flexmodel_dist::launched_size().is_some() {
         check();
@@ -19,15 +17,10 @@ pub fn on_ranks(ranks: usize, test: &str, check: fn()) {
         return;
     }
     let marks = tempfile::tempdir().unwrap();
-    let out = Command::new("mpirun")
-        .args(["--oversubscribe", "-n", &ranks.to_string()])
+    let out = flexmodel_testkit::mpirun(ranks)
         .arg(std::env::current_exe().unwrap())
         .args(["--exact", test, "--test-threads=1", "--color=never"])
         .env(MARKS, marks.path())
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("RAYON_NUM_THREADS", "1")
         .output()
         .expect("run mpirun (install openmpi-bin)");
     assert!(

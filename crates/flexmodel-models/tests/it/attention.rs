@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use flexmodel_core::{FlexModel, HookFunction, Input};
 use flexmodel_models::{LoadOptions, load};
 
-use crate::common::{assert_close, model_dir};
+use flexmodel_testkit::{assert_close, model_dir};
 
 const SEQ: usize = 300;
 const PAD: usize = 37;

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use flexmodel_core::{FlexModel, HookFunction};
 use flexmodel_models::{LoadOptions, load};
 
-use crate::common::{ARCHS, assert_close, model_dir, reference};
+use flexmodel_testkit::{ARCHS, assert_close, model_dir, reference};
 
 /// Copies the fixture `arch` into `dir` with its weights converted to `dtype`, in `shards`
 /// files (with an index when more than one).

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use flexmodel_core::{Error as CoreError, FlexModel, HookCtx, HookFunction, Input};
 use flexmodel_models::{Error, LoadOptions, Tokenizer, load};
 
-use crate::common::{model_dir, reference};
+use flexmodel_testkit::{model_dir, reference};
 
 fn llama() -> FlexModel {
     FlexModel::new(load(model_dir("llama"), &LoadOptions::default()).unwrap())
@@ -305,7 +305,7 @@ fn token_id_beyond_vocabulary_is_an_error_not_a_panic() {
 
 #[test]
 fn tokenizer_round_trips_fixture_prompts() {
-    let json = crate::common::reference_json("llama");
+    let json = flexmodel_testkit::reference_json("llama");
     let tok = Tokenizer::from_dir(model_dir("llama")).unwrap();
     for (prompt, ids) in json["prompts"]
         .as_array()

@@ -7,7 +7,7 @@ use flexmodel_core::{
 };
 use flexmodel_models::{LoadOptions, load};
 
-use crate::common::{assert_close, model_dir, reference};
+use flexmodel_testkit::{assert_close, model_dir, reference};
 
 fn wrapped(arch: &str) -> FlexModel {
     FlexModel::new(load(model_dir(arch), &LoadOptions::default()).unwrap())
@@ -30,7 +30,7 @@ pub fn check_greedy(arch: &str) {
     if !refs.contains_key("generate.greedy") {
         // Dynamic-NTK rope changes its frequencies with the sequence length, so cached and
         // uncached generation differ in transformers itself, which then wrote no reference.
-        let why = crate::common::reference_json(arch)["generate"]["error"].to_string();
+        let why = flexmodel_testkit::reference_json(arch)["generate"]["error"].to_string();
         assert!(
             arch.contains("dynamic") && why.contains("gave other tokens"),
             "{arch}: {why}"

@@ -8,7 +8,7 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use flexmodel_core::{Error, FlexModel, HookCtx, HookFunction, Input, causal_lm_loss};
 use flexmodel_models::{LoadOptions, load};
 
-use crate::common::{assert_close, model_dir, reference};
+use flexmodel_testkit::{assert_close, model_dir, reference};
 
 fn wrapped(arch: &str, requires_grad: bool) -> FlexModel {
     let options = LoadOptions {
@@ -132,7 +132,7 @@ fn pre_hook_edit_equals_post_hook_edit_of_the_previous_layer() {
     let (a, b) = (pre.forward(&ids).unwrap(), post.forward(&ids).unwrap());
     assert_close("pre vs post edit", &a, &b, 0.0);
     assert!(
-        crate::common::rel_err(&a, &reference("llama")["logits"]) > 1e-2,
+        flexmodel_testkit::rel_err(&a, &reference("llama")["logits"]) > 1e-2,
         "the edit must change the logits"
     );
 }

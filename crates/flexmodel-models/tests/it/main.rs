@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod attention;
-mod common;
 mod dtype;
 mod errors;
 mod generate;

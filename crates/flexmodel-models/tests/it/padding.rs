@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use flexmodel_core::{Dim, FlexModel, HookFunction, Input, SiteTable};
 use flexmodel_models::{LoadOptions, load, pad_right};
 
-use crate::common::{assert_close, model_dir, reference};
+use flexmodel_testkit::{assert_close, model_dir, reference};
 
 /// Row `row`'s real positions of a captured tensor laid out as `template`.
 fn row_view(

@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use flexmodel_core::{FlexModel, HookFunction, Input, SiteKind, causal_lm_loss};
 use flexmodel_models::{LoadOptions, load};
 
-use crate::common::{ARCHS, assert_close, model_dir, reference, reference_json};
+use flexmodel_testkit::{ARCHS, assert_close, model_dir, reference, reference_json};
 
 /// Site name and firing index of a reference key (`name#k` is the k-th call).
 fn site_and_call(key: &str) -> (&str, usize) {

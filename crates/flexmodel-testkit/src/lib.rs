@@ -1,0 +1,97 @@
+//! What flexmodel's test suites share: the Hugging Face reference fixtures, the relative error
+//! the tests compare by, and the `mpirun` command of the multi-process tests. Its functions fail
+//! by panicking, like the tests that call them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+
+/// The fixture architectures, each a directory of [`fixtures`].
+pub const ARCHS: &[&str] = &[
+    "llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "gpt_neox", "falcon", "opt",
+];
+
+/// `shared/fixtures/models` beside the repository, or `$FLEXMODEL_FIXTURES`.
+pub fn fixtures() -> PathBuf {
+    let dir = match std::env::var_os("FLEXMODEL_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/models"),
+    };
+    assert!(
+        dir.join("llama/config.json").exists(),
+        "fixtures not found at {} (set FLEXMODEL_FIXTURES)",
+        dir.display()
+    );
+    dir
+}
+
+/// The directory of a fixture: a base architecture of [`fixtures`], or a variant (an
+/// architecture with other config options) from this repository's `fixtures/variants`.
+pub fn model_dir(name: &str) -> PathBuf {
+    let variant = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/variants/models")
+        .join(name);
+    if variant.exists() {
+        variant
+    } else {
+        fixtures().join(name)
+    }
+}
+
+/// Every tensor of a safetensors file, on the CPU.
+pub fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The reference tensors of a fixture.
+pub fn reference(name: &str) -> HashMap<String, Tensor> {
+    load(&model_dir(name).join("reference.safetensors"))
+}
+
+/// `reference.json` of a fixture: what its reference tensors hold.
+pub fn reference_json(name: &str) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(model_dir(name).join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("valid json")
+}
+
+/// ‖a − b‖ / ‖b‖, in f64.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let squared_norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    (squared_norm(&(&a - &b).unwrap()) / squared_norm(&b).max(1e-30)).sqrt()
+}
+
+/// Asserts `rel_err(got, want) <= tol` with a message naming `what`.
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let e = rel_err(got, want);
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
+}
+
+/// `mpirun -n ranks`, ready for the program and its arguments: as root, on more ranks than
+/// cores, without the shared-memory transport's single-copy mechanism (containers refuse
+/// it), one compute thread per rank.
+pub fn mpirun(ranks: usize) -> Command {
+    let mut command = Command::new("mpirun");
+    command
+        .args(["--oversubscribe", "-n", &ranks.to_string()])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("RAYON_NUM_THREADS", "1");
+    command
+}
