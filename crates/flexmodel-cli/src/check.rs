@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use flexmodel::{Comm, DType, Device, FlexModel, HookFunction, Input, LoadOptions, Tensor};
 
-use crate::opts::{ComputeOpts, ModelOpts};
+use crate::opts::{DeviceOpts, ModelOpts};
 
 /// Arguments of `flexmodel check`.
 #[derive(clap::Args)]
@@ -18,12 +18,13 @@ pub struct Args {
     #[command(flatten)]
     model: ModelOpts,
 
+    // The model runs there in f32, against the CPU: no --compute-dtype.
     #[command(flatten)]
-    compute: ComputeOpts,
+    device: DeviceOpts,
 }
 
 pub fn main(args: Args) -> Result<()> {
-    let device = args.compute.device()?;
+    let device = args.device.open()?;
     let world = match flexmodel_dist::launched_size() {
         Some(n) if n > 1 => flexmodel_dist::init().context("starting MPI")?,
         _ => std::sync::Arc::new(flexmodel::Local),

@@ -57,21 +57,14 @@ pub struct ComputeOpts {
     #[arg(long, value_enum, default_value_t = FloatType::F32)]
     pub compute_dtype: FloatType,
 
-    /// Device: cpu, cuda:N, or cuda (under an MPI launcher each rank's local rank, else GPU
-    /// 0). GPUs need the CUDA binary (scripts/build-cuda.sh). Captures land on the host
-    /// either way.
-    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceOpts,
 }
 
 impl ComputeOpts {
     /// The device, opened.
     pub fn device(&self) -> Result<Device> {
-        let spec = match self.device.as_str() {
-            "cuda" => format!("cuda:{}", flexmodel_dist::local_rank().unwrap_or(0)),
-            other => other.to_string(),
-        };
-        flexmodel::device(&spec).context("--device")
+        self.device.open()
     }
 
     /// The model in `dir`: this rank's part of it under `grid`, on `device`.
@@ -83,6 +76,27 @@ impl ComputeOpts {
             ..LoadOptions::default()
         };
         flexmodel::load(dir, &options).with_context(|| format!("loading {}", dir.display()))
+    }
+}
+
+/// Where the model runs.
+#[derive(clap::Args)]
+pub struct DeviceOpts {
+    /// Device: cpu, cuda:N, or cuda (under an MPI launcher each rank's local rank, else GPU
+    /// 0). GPUs need the CUDA binary (scripts/build-cuda.sh). Captures land on the host
+    /// either way.
+    #[arg(long = "device", default_value = "cpu", value_name = "DEVICE")]
+    pub name: String,
+}
+
+impl DeviceOpts {
+    /// The device, opened.
+    pub fn open(&self) -> Result<Device> {
+        let spec = match self.name.as_str() {
+            "cuda" => format!("cuda:{}", flexmodel_dist::local_rank().unwrap_or(0)),
+            other => other.to_string(),
+        };
+        flexmodel::device(&spec).context("--device")
     }
 }
 
