@@ -18,12 +18,16 @@ Run through scripts/gpu-check.sh, which sets up the CUDA libraries' paths. Steps
      synced and renamed as ours are), the first size of --sizes (`--sizes 125m` is the harvest
      benchmark's model). A short harvest first loads the CUDA kernels, as the transformers
      side is warm from its timing runs.
+  With --profile (before 3): every kernel of one 4x512 forward of a 2-layer 1.1B-shaped model
+     timed by Nsight Compute (ncu), ours and transformers', summed by kernel name (CSV in $OUT).
 Writes $OUT/gpu_check.json (or --out-dir) and prints a table last. `--device cpu` runs the
 same steps on the CPU with tiny models (a dry run of the script where there is no GPU).
 """
 import argparse
+import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -294,6 +298,64 @@ def ours(binary, model_dir, device, shapes, iters, tmp, dtype):
     return json.load(open(out))["rows"]
 
 
+HF_PASS = """
+import sys, torch
+from transformers import LlamaForCausalLM
+dev = sys.argv[3]
+model = LlamaForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.bfloat16,
+                                         attn_implementation="sdpa").to(dev).eval()
+b, s = map(int, sys.argv[2].split("x"))
+ids = torch.arange(b * s, device=dev).reshape(b, s) % model.config.vocab_size
+with torch.no_grad():
+    model(ids)
+if dev == "cuda":
+    torch.cuda.synchronize()
+"""
+
+
+def kernel_times(command, env=None):
+    """Runs `command` under Nsight Compute, timing every kernel; returns {kernel name:
+    [launches, total ms]} and the raw CSV."""
+    ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
+    p = subprocess.run([ncu, "--clock-control", "none", "--csv", "--metrics",
+                        "gpu__time_duration.sum", *command],
+                       capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"ncu {' '.join(command[:3])} failed:\n{p.stderr[-3000:]}")
+    lines = p.stdout[p.stdout.find('"ID"'):].splitlines()
+    kernels = {}
+    for row in csv.DictReader(lines):
+        if row.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0}.get(row.get("Metric Unit"), 1e-6)
+        k = kernels.setdefault(row["Kernel Name"][:90], [0, 0.0])
+        k[0] += 1
+        k[1] += float(row["Metric Value"].replace(",", "")) * scale
+    return kernels, p.stdout
+
+
+def profile(binary, device, dev, tmp, out_dir, shape="4x512", layers=2):
+    """Where the GPU time of one plain forward goes, kernel by kernel (Nsight Compute), ours and
+    transformers', on a `layers`-layer model of the 1.1B shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(max_position_embeddings=4096, **dict(SIZES["1b"], num_hidden_layers=layers))
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model_dir = os.path.join(tmp, "profile-model")
+    model.save_pretrained(model_dir, safe_serialization=True)
+    del model
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.environ.get("FLEXMODEL_LIBRARY_PATH", "")
+    ours, raw = kernel_times([binary, "bench", "--model", model_dir, "--device", device,
+                              "--compute-dtype", "bf16", "--shape", shape, "--job", "plain",
+                              "--iters", "1", "--warmup", "0"], env)
+    open(os.path.join(out_dir, "profile_ours.csv"), "w").write(raw)
+    theirs, raw = kernel_times([sys.executable, "-c", HF_PASS, model_dir, shape, dev.type])
+    open(os.path.join(out_dir, "profile_hf.csv"), "w").write(raw)
+    return dict(shape=shape, layers=layers, ours=ours, hf=theirs)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--binary", required=True)
@@ -303,6 +365,9 @@ def main():
     ap.add_argument("--shapes", default="1x512,4x512")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--skip", default="", help="steps to skip: check,parity,bench")
+    ap.add_argument("--profile", action="store_true",
+                    help="time every kernel of one 4x512 forward of a 2-layer 1.1B-shaped model, "
+                         "ours and transformers' (Nsight Compute)")
     ap.add_argument("--harvest-docs", type=int, default=0,
                     help="documents of 512 tokens for the harvest comparison (0: skip it)")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
@@ -330,6 +395,10 @@ def main():
             save()
         if "parity" not in skip:
             res["parity"] = parity(a.binary, a.fixtures, a.device, tmp, res)
+            save()
+        if a.profile:
+            res["profile"] = attempt(res, "profile", profile, a.binary, a.device, dev,
+                                     tmp, a.out_dir)
             save()
         res["d2h"] = d2h_bandwidth(dev)
         log(f"d2h: {res['d2h']}")
@@ -374,6 +443,15 @@ def main():
 
 def table(res):
     print(json.dumps(res["info"]))
+    if res.get("profile"):
+        p = res["profile"]
+        for side in ("ours", "hf"):
+            kernels = sorted(p[side].items(), key=lambda kv: -kv[1][1])
+            total = sum(ms for _, ms in p[side].values())
+            print(f"{side}: {p['layers']}-layer 1.1B-shaped model, {p['shape']}, one forward "
+                  f"(and setup): {total:.2f} ms in {sum(n for n, _ in p[side].values())} kernels")
+            for name, (n, ms) in kernels[:15]:
+                print(f"  {ms:8.3f} ms {n:5} x  {name}")
     if res.get("parity"):
         print(f"{'arch':9} {'f32 max rel':>11} {'tensors':>7} {'bf16 max rel':>12} {'tensors':>7}  ok")
         for r in res["parity"]:
