@@ -36,7 +36,7 @@ mod store;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use data::{DataSource, Document, Row, Rows};
@@ -778,6 +778,10 @@ fn select(
         }
     }
     let kept = flat.len();
+    // Every position of every row the model ran, in order (whole rows, no padding): the
+    // captures are stored as they are, without a gathering copy.
+    let every =
+        kept == batch_rows * seq_len && flat.iter().enumerate().all(|(i, &f)| f as usize == i);
     let index = Tensor::new(flat.as_slice(), &Device::Cpu)?;
     let mut tensors = vec![
         (
@@ -808,10 +812,32 @@ fn select(
             };
             let per_token = per_token(&t, template, batch_rows, seq_len)
                 .map_err(|e| Error::Data(format!("site `{site}`: {e}")))?;
-            tensors.push((name, per_token.index_select(&index, 0)?.to_dtype(dtype)?));
+            let rows = if every && whole_storage(&per_token) {
+                per_token
+            } else {
+                per_token.index_select(&index, 0)?
+            };
+            tensors.push((name, rows.to_dtype(dtype)?));
         }
     }
     Ok((tensors, flat))
+}
+
+/// Whether `t` is all of its host storage, so that keeping it until its shard is written holds
+/// no more memory than its own (a view into a larger activation would hold all of it).
+fn whole_storage(t: &Tensor) -> bool {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return false;
+    };
+    let len = match cpu {
+        CpuStorage::F32(v) => v.len(),
+        CpuStorage::BF16(v) => v.len(),
+        CpuStorage::F16(v) => v.len(),
+        CpuStorage::F64(v) => v.len(),
+        _ => return false,
+    };
+    layout.is_contiguous() && layout.start_offset() == 0 && len == t.elem_count()
 }
 
 /// An activation laid out as `template`, as `[batch * seq, ...]` (row-major over batch then
