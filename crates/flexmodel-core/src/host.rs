@@ -68,8 +68,9 @@ mod cuda {
 
     use candle_core::cuda::cudarc::driver::{CudaContext, CudaStream, PinnedHostSlice};
     use candle_core::cuda_backend::CudaStorageSlice;
-    use candle_core::{DType, Device, Shape, Storage, Tensor};
+    use candle_core::{Device, Storage, Tensor};
 
+    use crate::wire::{Header, from_bytes};
     use crate::{Error, Result};
 
     /// Pinned memory a process keeps for captures in flight. A capture that finds the pool
@@ -109,8 +110,7 @@ mod cuda {
     /// they hold, and where the result goes.
     struct Job {
         staged: PinnedHostSlice<u8>,
-        dtype: DType,
-        shape: Shape,
+        header: Header,
         done: Sender<Result<Tensor>>,
     }
 
@@ -173,18 +173,13 @@ mod cuda {
                     };
                     let Job {
                         staged,
-                        dtype,
-                        shape,
+                        header,
                         done,
                     } = job;
-                    let result = staged.as_slice().map_err(cuda_error).and_then(|b| {
-                        Ok(Tensor::from_raw_buffer(
-                            b,
-                            dtype,
-                            shape.dims(),
-                            &Device::Cpu,
-                        )?)
-                    });
+                    let result = staged
+                        .as_slice()
+                        .map_err(cuda_error)
+                        .and_then(|bytes| from_bytes(&header, bytes));
                     if let Some(c) = copier.upgrade() {
                         c.give_back(staged);
                     }
@@ -292,8 +287,10 @@ mod cuda {
         let (done, result) = channel();
         let job = Job {
             staged,
-            dtype: x.dtype(),
-            shape: x.shape().clone(),
+            header: Header {
+                dtype: x.dtype(),
+                dims: x.dims().to_vec(),
+            },
             done,
         };
         copier

@@ -137,7 +137,7 @@ pub fn receive(
         header: &Header,
         fill: impl FnOnce(&mut [u8]) -> Result<()>,
     ) -> Result<Tensor> {
-        let mut data = vec![T::zeroed(); header.elems()];
+        let mut data = fresh::<T>(header.elems());
         fill(bytemuck::cast_slice_mut(&mut data))?;
         Ok(Tensor::from_vec(
             data,
@@ -158,6 +158,62 @@ pub fn receive(
     Ok(t.to_device(device)?)
 }
 
+/// A host tensor holding a copy of `bytes`, laid out as `header` says: one pass over the bytes,
+/// into memory backed by huge pages when it is [`LARGE`].
+///
+/// # Errors
+/// `bytes` of another length than the header's.
+pub fn from_bytes(header: &Header, bytes: &[u8]) -> Result<Tensor> {
+    if bytes.len() != header.bytes() {
+        return Err(Error::msg(format!(
+            "{} bytes for a {:?} tensor of shape {:?} ({} bytes)",
+            bytes.len(),
+            header.dtype,
+            header.dims,
+            header.bytes()
+        )));
+    }
+    if bytes.len() < LARGE {
+        return Ok(Tensor::from_raw_buffer(
+            bytes,
+            header.dtype,
+            &header.dims,
+            &Device::Cpu,
+        )?);
+    }
+    receive(header, &Device::Cpu, |buf| {
+        buf.copy_from_slice(bytes);
+        Ok(())
+    })
+}
+
+/// Allocations from this size on come fresh from the kernel: glibc maps them on their own, at
+/// the threshold `flexmodel::load` sets.
+const LARGE: usize = 32 << 20;
+
+/// A zeroed vector for data about to be written. A [`LARGE`] one is fresh memory, so its first
+/// write faults in every page; asked to be backed by 2 MiB pages, that is 512 times fewer faults
+/// (a 64 MiB copy into fresh memory on the 2-core development VM: 29.9 ms with 4 KiB pages,
+/// 7.6 ms with huge pages, 5.9 ms into reused memory).
+fn fresh<T: bytemuck::Pod>(len: usize) -> Vec<T> {
+    let mut data = bytemuck::zeroed_vec::<T>(len);
+    #[cfg(target_os = "linux")]
+    if size_of_val(data.as_slice()) >= LARGE {
+        const HUGE: usize = 2 << 20;
+        let start = data.as_mut_ptr() as usize;
+        let end = start + size_of_val(data.as_slice());
+        let (from, to) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        // SAFETY: advice on whole pages inside `data`'s allocation: it changes how the kernel
+        // backs them (they stay zero), not what they hold. Refused advice (huge pages turned
+        // off) changes nothing, so its result is ignored.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE);
+        }
+    }
+    data
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +226,27 @@ mod tests {
             Ok(())
         })
         .unwrap()
+    }
+
+    #[test]
+    fn large_tensors_round_trip_through_bytes() {
+        // 40 MiB: received into fresh memory advised for huge pages.
+        let t = Tensor::arange(0u32, 10 << 20, &Device::Cpu).unwrap();
+        let back = round_trip(&t);
+        assert_eq!(back.to_vec1::<u32>().unwrap(), t.to_vec1::<u32>().unwrap());
+    }
+
+    #[test]
+    fn tensors_are_made_from_their_bytes() {
+        // Under and over the size that takes fresh memory.
+        for n in [1000u32, 10 << 20] {
+            let t = Tensor::arange(0u32, n, &Device::Cpu).unwrap();
+            let header = Header::of(&t).unwrap();
+            let bytes = with_bytes(&t, <[u8]>::to_vec).unwrap();
+            let made = from_bytes(&header, &bytes).unwrap();
+            assert_eq!(made.to_vec1::<u32>().unwrap(), t.to_vec1::<u32>().unwrap());
+            assert!(from_bytes(&header, &bytes[1..]).is_err());
+        }
     }
 
     #[test]
