@@ -5,8 +5,8 @@ Run through scripts/gpu-check.sh, which sets up the CUDA libraries' paths. Steps
   1. `flexmodel check` on the GPU: the device against the CPU, and every collective of a
      world-1 NCCL communicator against its definition.
   2. Parity: every fixture architecture on the GPU against the transformers reference
-     activations (f32: logits, every module, an edit, the gradients <= 1e-4 relative;
-     bf16: logits and every module <= 2e-2).
+     activations (f32: logits, every module, an edit, the gradients <= 1e-4 relative, and
+     greedy generation's 12 tokens equal; bf16: logits and every module <= 2e-2).
   3. Device-to-host bandwidth, pinned and pageable (torch), the limit for captures.
   4. Speed: random Llama-shaped models (1.1B, 6.7B) in bf16, batch 1 and 4 x seq 512:
      transformers (sdpa) plain, with forward hooks copying every decoder layer's output to
@@ -125,6 +125,13 @@ def parity_of(binary, d, arch, device, tmp):
                       os.path.join(d, "reference.safetensors"), "--edit",
                       f"{meta['edit']['module']}=zero", "--out", out, "--device", device)
             errs["edit.logits"] = rel_err(load_file(out)["logits"], refs["edit.mlp_zero.logits"])
+            # Greedy generation with the key/value cache: the same 12 tokens as transformers'.
+            out = os.path.join(tmp, f"{arch}-generate.safetensors")
+            flexmodel(binary, "generate", "--model", d, "--input-ids",
+                      os.path.join(d, "reference.safetensors"), "--max-new-tokens", "12",
+                      "--ignore-eos", "--out", out, "--device", device)
+            same = torch.equal(load_file(out)["sequences"].long(), refs["generate.greedy"].long())
+            errs["generate.greedy"] = 0.0 if same else float("inf")
         worst = max(errs, key=errs.get)
         row[dtype] = dict(tensors=len(errs), max_rel_err=errs[worst], worst=worst,
                           tol=tol, ok=errs[worst] <= tol)
