@@ -150,8 +150,8 @@ mod cuda {
         // stream's work so far (`join` in `start`), and the source tensor stays alive until
         // its copy has completed (`Pending` holds it until the worker has waited for the
         // staging buffer's event), so no buffer is read before it is written or freed before
-        // it is read. Every other
-        // operation (candle's kernels, NCCL) runs on the compute stream.
+        // it is read. Every other operation (candle's kernels, NCCL) runs on the compute
+        // stream.
         #[allow(unsafe_code)]
         unsafe {
             context.disable_event_tracking();
