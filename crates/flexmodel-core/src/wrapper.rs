@@ -121,9 +121,8 @@ impl<M: Model> FlexModel<M> {
         let mut hooks = lock(&self.hooks);
         hooks.select(&Groups::All, PassInfo::plain(seq))?;
         let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).hooks_only();
-        let result = self.model.forward_with(input, &mut run);
-        run.settle()?;
-        result.map(|_| run.stopped())
+        settled_forward(&self.model, input, &mut run)?;
+        Ok(run.stopped())
     }
 
     /// One forward pass; during generation with `cache` (keys and values appended, logits of
@@ -141,11 +140,11 @@ impl<M: Model> FlexModel<M> {
             let mut hooks = lock(&self.hooks);
             hooks.select(groups, pass)?;
             let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output);
-            let run = match cache {
+            let mut run = match cache {
                 Some(cache) => run.generating(cache),
                 None => run,
             };
-            return settled_forward(&self.model, input, run);
+            return settled_forward(&self.model, input, &mut run);
         }
         let result = self.pass_distributed(input, groups, pass, cache, &grid);
         or_abort(&grid, result)
@@ -166,11 +165,11 @@ impl<M: Model> FlexModel<M> {
         let mut hooks = lock(&self.hooks);
         hooks.select(groups, pass)?;
         let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).distributed(&dist);
-        let run = match cache {
+        let mut run = match cache {
             Some(cache) => run.generating(cache),
             None => run,
         };
-        let local_logits = settled_forward(&self.model, &local, run)?;
+        let local_logits = settled_forward(&self.model, &local, &mut run)?;
         let stages = grid.degrees.pp;
         let last = grid.stage() + 1 == stages;
         let mut logits = None;
@@ -257,8 +256,8 @@ impl<M: Model> FlexModel<M> {
         let logits = {
             let mut hooks = lock(&self.hooks);
             hooks.select(&Groups::All, PassInfo::plain(seq))?;
-            let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).with_gradients();
-            settled_forward(&self.model, input, run)?
+            let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).with_gradients();
+            settled_forward(&self.model, input, &mut run)?
         };
         let loss = causal_lm_loss(&logits, input)?;
         let grads = self.backward(&loss)?;
@@ -280,11 +279,11 @@ impl<M: Model> FlexModel<M> {
             let mut hooks = lock(&self.hooks);
             hooks.select(&Groups::All, PassInfo::plain(seq))?;
             hooks.begin_backward();
-            let run = Run::hooked(&mut hooks, &self.hooks, &mut self.output)
+            let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output)
                 .distributed(&dist)
                 .with_gradients()
                 .piped(&mut pipe);
-            settled_forward(&self.model, &local, run)?
+            settled_forward(&self.model, &local, &mut run)?
         };
         let mut logits = None;
         if last {
@@ -581,8 +580,8 @@ impl<M: Model> FlexModel<M> {
 
 /// `model`'s forward pass under `run`; then the captures still on their way to the host land
 /// in the output map, after an error too, so that none outlives its pass.
-fn settled_forward<M: Model>(model: &M, input: &Input, mut run: Run<'_>) -> Result<Tensor> {
-    let logits = model.forward_with(input, &mut run);
+fn settled_forward<M: Model>(model: &M, input: &Input, run: &mut Run<'_>) -> Result<Tensor> {
+    let logits = model.forward_with(input, run);
     run.settle()?;
     logits
 }
