@@ -57,12 +57,17 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def flexmodel(binary, *args):
-    """Runs the binary; returns stdout, raising with stderr on failure."""
+def flexmodel_env():
+    """The environment the binary runs in: the CUDA libraries gpu-check.sh found."""
     env = dict(os.environ)
     if os.environ.get("FLEXMODEL_LIBRARY_PATH"):
         env["LD_LIBRARY_PATH"] = os.environ["FLEXMODEL_LIBRARY_PATH"]
-    p = subprocess.run([binary, *args], capture_output=True, text=True, env=env)
+    return env
+
+
+def flexmodel(binary, *args):
+    """Runs the binary; returns stdout, raising with stderr on failure."""
+    p = subprocess.run([binary, *args], capture_output=True, text=True, env=flexmodel_env())
     if p.returncode != 0:
         raise RuntimeError(f"flexmodel {' '.join(args)} failed:\n{p.stderr[-3000:]}")
     return p.stdout
@@ -238,10 +243,11 @@ def fm_harvest(binary, model_dir, device, data, layers, out_dir):
     return float(line.split(" tokens/s")[0].rsplit(" ", 1)[1])
 
 
-def hf_side(size, dev, shapes, iters, model_dir, harvest_docs=0, tmp=None):
-    """Builds the random model, saves it for flexmodel, and times transformers on it."""
+def random_llama(shape, dev, model_dir):
+    """A random Llama of `shape` (keyword arguments of LlamaConfig) in bf16 on `dev`, saved to
+    `model_dir` for flexmodel; returns the transformers model and its config."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(max_position_embeddings=4096, **SIZES[size])
+    cfg = LlamaConfig(max_position_embeddings=4096, **shape)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
@@ -253,7 +259,13 @@ def hf_side(size, dev, shapes, iters, model_dir, harvest_docs=0, tmp=None):
         torch.set_default_dtype(prev)
     t0 = time.time()
     model.save_pretrained(model_dir, safe_serialization=True)
-    log(f"[{size}] saved to {model_dir} in {time.time() - t0:.1f}s")
+    log(f"saved to {model_dir} in {time.time() - t0:.1f}s")
+    return model, cfg
+
+
+def hf_side(size, dev, shapes, iters, model_dir, harvest_docs=0, tmp=None):
+    """Builds the random model, saves it for flexmodel, and times transformers on it."""
+    model, cfg = random_llama(SIZES[size], dev, model_dir)
     rows = []
     layers = [m for m in model.model.layers]
     mods = [m for n, m in model.named_modules() if n and n != "model.layers"]
@@ -344,19 +356,11 @@ def kernel_times(command, env=None):
 def profile(binary, device, dev, tmp, out_dir, shape="4x512", layers=2):
     """Where the GPU time of one plain forward goes, kernel by kernel (Nsight Compute), ours and
     transformers', on a `layers`-layer model of the 1.1B shape."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(max_position_embeddings=4096, **dict(SIZES["1b"], num_hidden_layers=layers))
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model_dir = os.path.join(tmp, "profile-model")
-    model.save_pretrained(model_dir, safe_serialization=True)
-    del model
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.environ.get("FLEXMODEL_LIBRARY_PATH", "")
+    random_llama(dict(SIZES["1b"], num_hidden_layers=layers), dev, model_dir)
     ours, raw = kernel_times([binary, "bench", "--model", model_dir, "--device", device,
                               "--compute-dtype", "bf16", "--shape", shape, "--job", "plain",
-                              "--iters", "1", "--warmup", "0"], env)
+                              "--iters", "1", "--warmup", "0"], flexmodel_env())
     open(os.path.join(out_dir, "profile_ours.csv"), "w").write(raw)
     theirs, raw = kernel_times([sys.executable, "-c", HF_PASS, model_dir, shape, dev.type])
     open(os.path.join(out_dir, "profile_hf.csv"), "w").write(raw)
