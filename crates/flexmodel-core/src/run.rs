@@ -403,6 +403,12 @@ impl Hooks {
 
     /// Whether a pass that only serves the hooks is done after decoder layer `layer`: every
     /// enabled hook outside the layers has fired, and none is in a later layer.
+    /// Records that the pass reached an enabled hook at `id`: on every rank of a distributed
+    /// pass, where the hook itself runs on rank 0 alone.
+    fn reached(&mut self, id: SiteId) {
+        self.fired[id.index()] = true;
+    }
+
     fn done_after(&self, layer: usize) -> bool {
         self.last_layer.is_none_or(|last| last <= layer)
             && self.outside.iter().all(|id| self.fired[id.index()])
@@ -781,14 +787,16 @@ impl<'a> Run<'a> {
     }
 
     /// Whether the pass may end after decoder layer `layer`, its output being what the model
-    /// returns: true only in a single-process pass that no one needs but its hooks, once every
-    /// enabled hook has run and none waits in a later layer. Model code asks after each layer.
+    /// returns: true only in a pass that no one needs but its hooks, once every enabled hook
+    /// has run and none waits in a later layer. Model code asks after each layer. Hooks-only
+    /// passes are never pipelined, so every rank of a distributed one holds every layer and
+    /// reaches the same answer.
     pub fn stop_after(&mut self, layer: usize) -> bool {
         let done = self.hooks_only
             && self
                 .hooks
                 .as_ref()
-                .is_some_and(|h| h.dist.is_none() && !h.grad && h.hooks.done_after(layer));
+                .is_some_and(|h| !h.grad && h.hooks.done_after(layer));
         if done {
             self.stopped = Some(layer);
         }
@@ -899,7 +907,10 @@ impl<'a> Run<'a> {
     pub fn input(&mut self, id: SiteId, x: &Tensor) -> Result<Tensor> {
         match &mut self.hooks {
             Some(h) if h.hooks.is_active(id, Point::Input) => match h.dist {
-                Some(dist) => dist.fire(h.hooks, (id, Point::Input, 0), x.clone(), h.output),
+                Some(dist) => {
+                    h.hooks.reached(id);
+                    dist.fire(h.hooks, (id, Point::Input, 0), x.clone(), h.output)
+                }
                 None => h.hooks.fire(id, Point::Input, 0, x.clone(), h.output),
             },
             _ => Ok(x.clone()),
@@ -925,6 +936,9 @@ impl Hooked<'_> {
             x = Var::from_tensor(&x)?.as_tensor().clone();
         }
         if self.hooks.is_active(id, Point::Output) {
+            if self.dist.is_some() {
+                self.hooks.reached(id);
+            }
             x = match self.dist {
                 // An edit on rank 0 is outside this rank's graph: keep the gradient flowing
                 // through it as in one process.

@@ -104,25 +104,43 @@ impl<M: Model> FlexModel<M> {
     }
 
     /// A forward pass for its hooks alone: captures land in the output map and edits apply,
-    /// but no logits come back, so a single process stops after the last decoder layer an
-    /// enabled hook needs (TransformerLens's `stop_at_layer`, found from the hooks): the later
-    /// layers and the head do not run. Returns that layer's index, or `None` when the pass ran
-    /// to the end (a hook after the decoder layers, such as the final norm or the head; a
-    /// multi-rank job, which always runs whole). Backward hooks do not fire (no backward pass).
+    /// but no logits come back, so the pass stops after the last decoder layer an enabled hook
+    /// needs (TransformerLens's `stop_at_layer`, found from the hooks): the later layers and
+    /// the head do not run. Returns that layer's index, or `None` when the pass ran to the end
+    /// (a hook after the decoder layers, such as the final norm or the head; a pipeline-parallel
+    /// job, whose stages always run whole). Under tensor and data parallelism every rank stops
+    /// after the same layer: each one sees the same hooks. Backward hooks do not fire (no
+    /// backward pass).
     ///
     /// # Errors
     /// As [`FlexModel::forward_input`].
     pub fn capture(&mut self, input: &Input) -> Result<Option<usize>> {
-        if self.model.grid().is_distributed() {
+        let grid = self.model.grid().clone();
+        if grid.degrees.pp > 1 {
             self.forward_input(input)?;
             return Ok(None);
         }
         let (_, seq) = input.dims()?;
-        let mut hooks = lock(&self.hooks);
-        hooks.select(&Groups::All, PassInfo::plain(seq))?;
-        let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).hooks_only();
-        settled_forward(&self.model, input, &mut run)?;
-        Ok(run.stopped())
+        if !grid.is_distributed() {
+            let mut hooks = lock(&self.hooks);
+            hooks.select(&Groups::All, PassInfo::plain(seq))?;
+            let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).hooks_only();
+            settled_forward(&self.model, input, &mut run)?;
+            return Ok(run.stopped());
+        }
+        let result = (|| {
+            let (local, dist) = self.local_rows(input, &grid)?;
+            let mut hooks = lock(&self.hooks);
+            hooks.select(&Groups::All, PassInfo::plain(seq))?;
+            let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output)
+                .distributed(&dist)
+                .hooks_only();
+            settled_forward(&self.model, &local, &mut run)?;
+            let stopped = run.stopped();
+            self.comm_stats = dist.stats.get();
+            Ok(stopped)
+        })();
+        or_abort(&grid, result)
     }
 
     /// One forward pass; during generation with `cache` (keys and values appended, logits of

@@ -511,7 +511,7 @@ fn harvest_rows(
         // that nothing stores.
         batch.resize(real.max(dp), Row::placeholder());
         let input = batch_input(&batch, settings.seq_len)?;
-        // Only the captures are wanted: a single process stops after the last stored layer.
+        // Only the captures are wanted: the pass stops after the last stored layer (unless pipelined).
         fm.capture(&input)?;
         let captures = fm.take_output();
         batch.truncate(real);
