@@ -8,7 +8,9 @@ Loads the checkpoint (f32, eval, no_grad, 2 threads), registers a forward hook o
 layer, runs the documents of DATA (`input_ids` [docs, len], one row each) in batches, keeps each
 layer's output per token, and writes a safetensors shard (`input_ids` and one tensor per layer,
 named like flexmodel's) whenever SHARD_TOKENS tokens are buffered, and at the end. Prints the
-seconds of the loop (after one warm-up batch, model loading excluded).
+seconds of the loop (after one warm-up batch, model loading excluded), then the seconds of the
+model's plain forward over the same batches with the hooks removed (what the loop's speed is
+bounded by).
 """
 import os
 import sys
@@ -34,8 +36,8 @@ def hook(name):
     return keep
 
 
-for i, layer in enumerate(layers):
-    layer.register_forward_hook(hook(f"model.layers.{i}"))
+handles = [layer.register_forward_hook(hook(f"model.layers.{i}"))
+           for i, layer in enumerate(layers)]
 
 with torch.no_grad():
     model(ids[:batch])  # warm-up
@@ -61,4 +63,10 @@ with torch.no_grad():
     if tokens:
         flush()
     elapsed = time.perf_counter() - start
-print(f"{elapsed:.6f}", flush=True)
+    for h in handles:
+        h.remove()
+    start = time.perf_counter()
+    for b in range(0, ids.shape[0], batch):
+        model(ids[b:b + batch])
+    plain = time.perf_counter() - start
+print(f"{elapsed:.6f} {plain:.6f}", flush=True)

@@ -1,7 +1,9 @@
 //! Harvest speed: tokens per second storing every decoder layer's output of the random
 //! 125M-parameter Llama over token-id documents, against the hand-written transformers loop
 //! (forward hooks + safetensors) on the same weights and data, alternating in one run; and
-//! the disk's write bandwidth, measured in the same run, as the limit.
+//! the limits, measured in the same run: the disk's write bandwidth, and each side's forward
+//! pass alone (ours through the decoder layers only, as a harvest runs it; theirs whole, as
+//! their loop runs it), whose ratio bounds what a harvester on these forwards can reach.
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo bench -p flexmodel --bench harvest -- \
@@ -20,7 +22,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use flexmodel::harvest::{self, DataSource, HarvestOptions, Positions, Settings};
-use flexmodel::{FlexModel, LoadOptions, load};
+use flexmodel::{FlexModel, HookFunction, Input, LoadOptions, load};
 use flexmodel_models::random::{LLAMA_125M, token_ids};
 
 const SEQ: usize = 128;
@@ -66,9 +68,10 @@ fn main() {
         .iter()
         .map(|s| s.to_string())
         .collect();
+    let last_layer = sites[sites.len() - 1].clone();
     let options = HarvestOptions {
         settings: Settings {
-            sites,
+            sites: sites.clone(),
             seq_len: SEQ,
             batch_size: BATCH,
             positions: Positions::Real,
@@ -83,8 +86,14 @@ fn main() {
     let _ = std::fs::remove_dir_all(&out);
     harvest::run(&mut fm, &model_dir, None, &source, &out, &options, |_| {}).unwrap();
 
-    let (mut ours, mut theirs, mut disk, mut plain) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut theirs, mut theirs_plain, mut disk, mut plain, mut layers) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     let batches: Vec<Tensor> = (0..docs.div_ceil(BATCH))
         .map(|b| {
             ids.narrow(0, b * BATCH, BATCH.min(docs - b * BATCH))
@@ -101,7 +110,9 @@ fn main() {
         bytes = summary.bytes;
         if let Some(python) = &python {
             let _ = std::fs::remove_dir_all(&out);
-            theirs.push(transformers_seconds(python, &model_dir, &data, &out));
+            let (lp, fwd) = transformers_seconds(python, &model_dir, &data, &out);
+            theirs.push(lp);
+            theirs_plain.push(fwd);
         }
         disk.push(write_bandwidth(&root));
         // The model alone over the same batches, no hooks: the compute floor.
@@ -110,6 +121,16 @@ fn main() {
             fm.forward(batch).unwrap();
         }
         plain.push(start.elapsed().as_secs_f64());
+        // Through the decoder layers only, storing nothing: a harvest's compute floor.
+        let last = fm
+            .register(HookFunction::new(last_layer.as_str()).capture(false))
+            .unwrap();
+        let start = Instant::now();
+        for batch in &batches {
+            fm.capture(&Input::new(batch.clone())).unwrap();
+        }
+        layers.push(start.elapsed().as_secs_f64());
+        fm.remove(last).unwrap();
     }
     let _ = std::fs::remove_dir_all(&out);
 
@@ -133,12 +154,22 @@ fn main() {
         "flexmodel forward alone over the same batches: {plain:.3} s, {:.0} tokens/s",
         tokens / plain
     );
+    let layers = median(layers);
+    println!(
+        "flexmodel forward through the decoder layers alone: {layers:.3} s, {:.0} tokens/s",
+        tokens / layers
+    );
     if !theirs.is_empty() {
-        let theirs = median(theirs);
+        let (theirs, theirs_plain) = (median(theirs), median(theirs_plain));
         println!(
             "transformers loop: {theirs:.3} s, {:.0} tokens/s; flexmodel / transformers: {:.2}x",
             tokens / theirs,
             theirs / ours
+        );
+        println!(
+            "transformers forward alone over the same batches: {theirs_plain:.3} s; the bound, \
+             their loop over our layers alone: {:.2}x",
+            theirs / layers
         );
     }
     println!(
@@ -148,8 +179,9 @@ fn main() {
     );
 }
 
-/// The transformers loop's seconds, as it reports them (model loading excluded).
-fn transformers_seconds(python: &str, model: &Path, data: &Path, out: &Path) -> f64 {
+/// The transformers loop's seconds and its plain forward's over the same batches, as it
+/// reports them (model loading excluded).
+fn transformers_seconds(python: &str, model: &Path, data: &Path, out: &Path) -> (f64, f64) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/hf_harvest.py");
     let output = Command::new(python)
         .args([script])
@@ -162,10 +194,12 @@ fn transformers_seconds(python: &str, model: &Path, data: &Path, out: &Path) -> 
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .unwrap()
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let seconds: Vec<f64> = stdout
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (seconds[0], seconds[1])
 }
 
 /// Bytes per second writing 256 MiB in 1 MiB writes, synced, where the harvest writes.

@@ -86,6 +86,14 @@ fn harvest_equals_run_on_the_same_tokens_and_the_manifest_adds_up() {
             shards.len() >= 3 && manifest["complete"] == true,
             "{manifest}"
         );
+        // The model and data it came from (hashed while the first batch ran).
+        let hash = |p: PathBuf| flexmodel::harvest::hash_file(&p).unwrap();
+        assert_eq!(manifest["model"]["config"], hash(dir.join("config.json")));
+        assert_eq!(
+            manifest["model"]["weights"]["model.safetensors"],
+            hash(dir.join("model.safetensors"))
+        );
+        assert_eq!(manifest["data"]["hash"], hash(tiny_text()));
         for (name, entry) in manifest["tensors"].as_object().unwrap() {
             let t = &stored[name];
             let shape: Vec<usize> = serde_json::from_value(entry["shape"].clone()).unwrap();

@@ -34,6 +34,7 @@ mod stats;
 mod store;
 
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
@@ -355,6 +356,31 @@ pub fn run(
 /// The output directory, opened for this harvest on rank 0.
 struct Open {
     manifest: Manifest,
+    /// A fresh harvest's model and data hashes, computed while the first batch runs (reading
+    /// every weight file again can take as long as many batches); joined before anything
+    /// writes the manifest.
+    hashing: Option<JoinHandle<Result<Identity, Error>>>,
+}
+
+/// The model's identity and the data file's hash.
+type Identity = (ModelIdentity, String);
+
+impl Open {
+    /// The manifest, with a fresh harvest's hashes in it (waiting for them if need be).
+    fn identified(&mut self) -> Result<&mut Manifest, Error> {
+        if let Some(hashing) = self.hashing.take() {
+            let (model, data) = hashing.join().map_err(|_| {
+                Error::Data("the thread hashing the model and data panicked".into())
+            })??;
+            self.manifest.model = model;
+            self.manifest.data.hash = data;
+        }
+        Ok(&mut self.manifest)
+    }
+}
+
+fn identity(model_dir: &Path, data: &Path) -> Result<Identity, Error> {
+    Ok((model_identity(model_dir)?, hash_file(data)?))
 }
 
 fn open(
@@ -367,18 +393,19 @@ fn open(
         path: out.to_path_buf(),
         source,
     })?;
-    let fresh = Manifest {
+    let bytes = std::fs::metadata(data.path())
+        .map_err(|source| Error::Io {
+            path: data.path().to_path_buf(),
+            source,
+        })?
+        .len();
+    let fresh = |(model, hash): Identity| Manifest {
         format: "flexmodel-harvest/1".into(),
-        model: model_identity(model_dir)?,
+        model,
         data: DataIdentity {
             source: data.clone(),
-            bytes: std::fs::metadata(data.path())
-                .map_err(|source| Error::Io {
-                    path: data.path().to_path_buf(),
-                    source,
-                })?
-                .len(),
-            hash: hash_file(data.path())?,
+            bytes,
+            hash,
         },
         settings: options.settings.clone(),
         tensors: Default::default(),
@@ -386,37 +413,57 @@ fn open(
         stats: None,
         complete: false,
     };
-    let manifest = match Manifest::read(out)? {
-        None => fresh,
-        Some(_) if !options.resume => {
-            return Err(Error::Data(format!(
-                "{} already holds a harvest ({MANIFEST}); pass --resume to continue it, or \
-                 choose an empty directory",
-                out.display()
-            )));
-        }
-        Some(old) => {
-            let mut differs = Vec::new();
-            if old.model.config != fresh.model.config || old.model.weights != fresh.model.weights {
-                differs.push("model");
-            }
-            if old.data.hash != fresh.data.hash || old.data.source != fresh.data.source {
-                differs.push("data");
-            }
-            if old.settings != fresh.settings {
-                differs.push("settings");
-            }
-            if !differs.is_empty() {
-                return Err(Error::Mismatch {
-                    dir: out.to_path_buf(),
-                    what: differs.join(" and "),
-                });
-            }
-            old
-        }
+    let Some(old) = Manifest::read(out)? else {
+        let (dir, path) = (model_dir.to_path_buf(), data.path().to_path_buf());
+        let hashing = std::thread::Builder::new()
+            .name("flexmodel-harvest-hash".into())
+            .spawn(move || identity(&dir, &path))
+            .map_err(|source| Error::Io {
+                path: out.to_path_buf(),
+                source,
+            })?;
+        let unknown = ModelIdentity {
+            dir: model_dir.to_path_buf(),
+            config: String::new(),
+            tokenizer: None,
+            weights: Default::default(),
+        };
+        let manifest = fresh((unknown, String::new()));
+        store::clean(out, &manifest)?;
+        return Ok(Open {
+            manifest,
+            hashing: Some(hashing),
+        });
     };
-    store::clean(out, &manifest)?;
-    Ok(Open { manifest })
+    if !options.resume {
+        return Err(Error::Data(format!(
+            "{} already holds a harvest ({MANIFEST}); pass --resume to continue it, or \
+             choose an empty directory",
+            out.display()
+        )));
+    }
+    let fresh = fresh(identity(model_dir, data.path())?);
+    let mut differs = Vec::new();
+    if old.model.config != fresh.model.config || old.model.weights != fresh.model.weights {
+        differs.push("model");
+    }
+    if old.data.hash != fresh.data.hash || old.data.source != fresh.data.source {
+        differs.push("data");
+    }
+    if old.settings != fresh.settings {
+        differs.push("settings");
+    }
+    if !differs.is_empty() {
+        return Err(Error::Mismatch {
+            dir: out.to_path_buf(),
+            what: differs.join(" and "),
+        });
+    }
+    store::clean(out, &old)?;
+    Ok(Open {
+        manifest: old,
+        hashing: None,
+    })
 }
 
 /// The shard being filled: per stored tensor, its chunks.
@@ -537,14 +584,15 @@ fn harvest_rows(
         let writer = match &mut writer {
             Some(w) => w,
             None => {
-                open.manifest.tensors = tensor_entries(&tensors)?;
+                let manifest = open.identified()?;
+                manifest.tensors = tensor_entries(&tensors)?;
                 shard_tokens = settings.shard_tokens.unwrap_or_else(|| {
                     (DEFAULT_SHARD_BYTES / per_token_bytes(&tensors)).max(1) as usize
                 });
                 if let Some(budget) = options.memory_budget {
                     shard_tokens = fit_budget(budget, &tensors, kept, shard_tokens)?;
                 }
-                writer.insert(Writer::start(out.to_path_buf(), open.manifest.clone()))
+                writer.insert(Writer::start(out.to_path_buf(), manifest.clone()))
             }
         };
         let (first_doc, last_doc) = doc_range(&tensors);
@@ -570,7 +618,7 @@ fn harvest_rows(
         done.seconds = start.elapsed().as_secs_f64();
         progress(&done);
     }
-    let Some(open) = state.take() else {
+    let Some(mut open) = state.take() else {
         return Ok(summary(None, out, done.tokens, start, shard_tokens));
     };
     let mut manifest = match writer.as_mut() {
@@ -580,8 +628,11 @@ fn harvest_rows(
             }
             writer.finish()?
         }
-        // Every row was stored by an earlier run.
-        None => open.manifest,
+        // Every row was stored by an earlier run, or there were none.
+        None => {
+            open.identified()?;
+            open.manifest
+        }
     };
     // The final statistics under their own name, then the manifest that names them.
     let old_stats = match &stats {
