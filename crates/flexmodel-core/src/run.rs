@@ -401,14 +401,14 @@ impl Hooks {
         })
     }
 
-    /// Whether a pass that only serves the hooks is done after decoder layer `layer`: every
-    /// enabled hook outside the layers has fired, and none is in a later layer.
     /// Records that the pass reached an enabled hook at `id`: on every rank of a distributed
     /// pass, where the hook itself runs on rank 0 alone.
     fn reached(&mut self, id: SiteId) {
         self.fired[id.index()] = true;
     }
 
+    /// Whether a pass that only serves the hooks is done after decoder layer `layer`: every
+    /// enabled hook outside the layers has fired, and none is in a later layer.
     fn done_after(&self, layer: usize) -> bool {
         self.last_layer.is_none_or(|last| last <= layer)
             && self.outside.iter().all(|id| self.fired[id.index()])

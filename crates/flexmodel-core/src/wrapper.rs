@@ -120,27 +120,32 @@ impl<M: Model> FlexModel<M> {
             self.forward_input(input)?;
             return Ok(None);
         }
-        let (_, seq) = input.dims()?;
         if !grid.is_distributed() {
+            let (_, seq) = input.dims()?;
             let mut hooks = lock(&self.hooks);
             hooks.select(&Groups::All, PassInfo::plain(seq))?;
             let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).hooks_only();
             settled_forward(&self.model, input, &mut run)?;
             return Ok(run.stopped());
         }
-        let result = (|| {
-            let (local, dist) = self.local_rows(input, &grid)?;
-            let mut hooks = lock(&self.hooks);
-            hooks.select(&Groups::All, PassInfo::plain(seq))?;
-            let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output)
-                .distributed(&dist)
-                .hooks_only();
-            settled_forward(&self.model, &local, &mut run)?;
-            let stopped = run.stopped();
-            self.comm_stats = dist.stats.get();
-            Ok(stopped)
-        })();
+        let result = self.capture_distributed(input, &grid);
         or_abort(&grid, result)
+    }
+
+    /// This rank's part of a hooks-only pass of a `tp × dp` job: its rows of the batch, as far
+    /// as the hooks need; the captures land on global rank 0.
+    fn capture_distributed(&mut self, input: &Input, grid: &Grid) -> Result<Option<usize>> {
+        let (_, seq) = input.dims()?;
+        let (local, dist) = self.local_rows(input, grid)?;
+        let mut hooks = lock(&self.hooks);
+        hooks.select(&Groups::All, PassInfo::plain(seq))?;
+        let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output)
+            .distributed(&dist)
+            .hooks_only();
+        settled_forward(&self.model, &local, &mut run)?;
+        let stopped = run.stopped();
+        self.comm_stats = dist.stats.get();
+        Ok(stopped)
     }
 
     /// One forward pass; during generation with `cache` (keys and values appended, logits of

@@ -558,7 +558,8 @@ fn harvest_rows(
         // that nothing stores.
         batch.resize(real.max(dp), Row::placeholder());
         let input = batch_input(&batch, settings.seq_len)?;
-        // Only the captures are wanted: the pass stops after the last stored layer (unless pipelined).
+        // Only the captures are wanted: the pass stops after the last stored layer (but for
+        // pipeline stages, which run whole).
         fm.capture(&input)?;
         let captures = fm.take_output();
         batch.truncate(real);
