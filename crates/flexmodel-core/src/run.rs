@@ -76,10 +76,10 @@ pub(crate) struct Hooks {
     per_site: Vec<Vec<Entry>>,
     /// The decoder layer each site belongs to (the layer's output and every site inside it).
     layer_of: Vec<Option<usize>>,
-    /// Sites with an enabled hook outside every decoder layer, and which sites fired in the
-    /// current pass: a capture-only pass may stop once the former have all fired.
+    /// Sites with an enabled hook outside every decoder layer, and which sites the current
+    /// pass reached (on every rank): a capture-only pass may stop once it reached the former.
     outside: Vec<SiteId>,
-    fired: Vec<bool>,
+    reached: Vec<bool>,
     /// The last decoder layer with an enabled hook.
     last_layer: Option<usize>,
     /// Editing functions by hook; one function serves every site its pattern selected.
@@ -131,7 +131,7 @@ impl Hooks {
         Self {
             layer_of,
             outside: Vec::new(),
-            fired: vec![false; sites.len()],
+            reached: vec![false; sites.len()],
             last_layer: None,
             names: sites.iter().map(|(_, s)| s.name.clone()).collect(),
             kinds: sites.iter().map(|(_, s)| s.kind).collect(),
@@ -309,7 +309,7 @@ impl Hooks {
                 None => self.outside.push(SiteId::from_index(i)),
             }
         }
-        self.fired.iter_mut().for_each(|f| *f = false);
+        self.reached.iter_mut().for_each(|f| *f = false);
         self.grad_calls.iter_mut().for_each(|c| *c = 0);
         self.kept_calls.iter_mut().for_each(|c| *c = 0);
         self.kept.clear();
@@ -401,17 +401,18 @@ impl Hooks {
         })
     }
 
-    /// Records that the pass reached an enabled hook at `id`: on every rank of a distributed
-    /// pass, where the hook itself runs on rank 0 alone.
-    fn reached(&mut self, id: SiteId) {
-        self.fired[id.index()] = true;
+    /// Records that the pass reached an enabled hook at `id`. Marked where the model passes
+    /// the site, on every rank of a distributed pass (whose hooks run on rank 0 alone), so
+    /// that every rank stops after the same layer.
+    fn reach(&mut self, id: SiteId) {
+        self.reached[id.index()] = true;
     }
 
-    /// Whether a pass that only serves the hooks is done after decoder layer `layer`: every
-    /// enabled hook outside the layers has fired, and none is in a later layer.
+    /// Whether a pass that only serves the hooks is done after decoder layer `layer`: it
+    /// reached every enabled hook outside the layers, and none is in a later layer.
     fn done_after(&self, layer: usize) -> bool {
         self.last_layer.is_none_or(|last| last <= layer)
-            && self.outside.iter().all(|id| self.fired[id.index()])
+            && self.outside.iter().all(|id| self.reached[id.index()])
     }
 
     /// Whether any enabled hook wants gradients.
@@ -434,7 +435,6 @@ impl Hooks {
         mut x: Tensor,
         output: &mut OutputMap,
     ) -> Result<Tensor> {
-        self.fired[id.index()] = true;
         let Hooks {
             names,
             per_site,
@@ -906,13 +906,13 @@ impl<'a> Run<'a> {
     #[inline]
     pub fn input(&mut self, id: SiteId, x: &Tensor) -> Result<Tensor> {
         match &mut self.hooks {
-            Some(h) if h.hooks.is_active(id, Point::Input) => match h.dist {
-                Some(dist) => {
-                    h.hooks.reached(id);
-                    dist.fire(h.hooks, (id, Point::Input, 0), x.clone(), h.output)
+            Some(h) if h.hooks.is_active(id, Point::Input) => {
+                h.hooks.reach(id);
+                match h.dist {
+                    Some(dist) => dist.fire(h.hooks, (id, Point::Input, 0), x.clone(), h.output),
+                    None => h.hooks.fire(id, Point::Input, 0, x.clone(), h.output),
                 }
-                None => h.hooks.fire(id, Point::Input, 0, x.clone(), h.output),
-            },
+            }
             _ => Ok(x.clone()),
         }
     }
@@ -936,9 +936,7 @@ impl Hooked<'_> {
             x = Var::from_tensor(&x)?.as_tensor().clone();
         }
         if self.hooks.is_active(id, Point::Output) {
-            if self.dist.is_some() {
-                self.hooks.reached(id);
-            }
+            self.hooks.reach(id);
             x = match self.dist {
                 // An edit on rank 0 is outside this rank's graph: keep the gradient flowing
                 // through it as in one process.

@@ -121,31 +121,28 @@ impl<M: Model> FlexModel<M> {
             return Ok(None);
         }
         if !grid.is_distributed() {
-            let (_, seq) = input.dims()?;
-            let mut hooks = lock(&self.hooks);
-            hooks.select(&Groups::All, PassInfo::plain(seq))?;
-            let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).hooks_only();
-            settled_forward(&self.model, input, &mut run)?;
-            return Ok(run.stopped());
+            return self.hooks_only_pass(input, None);
         }
-        let result = self.capture_distributed(input, &grid);
+        let result = self.local_rows(input, &grid).and_then(|(local, dist)| {
+            let stopped = self.hooks_only_pass(&local, Some(&dist));
+            self.comm_stats = dist.stats.get();
+            stopped
+        });
         or_abort(&grid, result)
     }
 
-    /// This rank's part of a hooks-only pass of a `tp × dp` job: its rows of the batch, as far
-    /// as the hooks need; the captures land on global rank 0.
-    fn capture_distributed(&mut self, input: &Input, grid: &Grid) -> Result<Option<usize>> {
+    /// A hooks-only pass over `input` (this rank's rows of the batch under `dist`), as far as
+    /// the hooks need; returns the layer it stopped after.
+    fn hooks_only_pass(&mut self, input: &Input, dist: Option<&Dist>) -> Result<Option<usize>> {
         let (_, seq) = input.dims()?;
-        let (local, dist) = self.local_rows(input, grid)?;
         let mut hooks = lock(&self.hooks);
         hooks.select(&Groups::All, PassInfo::plain(seq))?;
-        let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output)
-            .distributed(&dist)
-            .hooks_only();
-        settled_forward(&self.model, &local, &mut run)?;
-        let stopped = run.stopped();
-        self.comm_stats = dist.stats.get();
-        Ok(stopped)
+        let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).hooks_only();
+        if let Some(dist) = dist {
+            run = run.distributed(dist);
+        }
+        settled_forward(&self.model, input, &mut run)?;
+        Ok(run.stopped())
     }
 
     /// One forward pass; during generation with `cache` (keys and values appended, logits of

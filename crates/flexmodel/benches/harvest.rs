@@ -115,7 +115,7 @@ fn main() {
             theirs_plain.push(fwd);
         }
         disk.push(write_bandwidth(&root));
-        // The model alone over the same batches, no hooks: the compute floor.
+        // The model alone over the same batches, no hooks, head included: a whole forward.
         let start = Instant::now();
         for batch in &batches {
             fm.forward(batch).unwrap();
