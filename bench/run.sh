@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The side-by-side benchmark (BENCHMARKS.md, "Against the peers"): makes the Python venv of the
 # peers once (bench/.venv: CPU torch, transformers, flex-model; built by
-# ../shared/tools/setup_ref_venv.sh), then runs bench/peers.py with every argument given here.
+# scripts/setup-ref-venv.sh), then runs bench/peers.py with every argument given here.
 # Set FLEXMODEL_BENCH_PYTHON to use another Python with those packages.
 #
 #   bash bench/run.sh                       # the full run (~25 min on 2 cores, + builds)
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${FLEXMODEL_BENCH_PYTHON:-bench/.venv/bin/python}
 if [ ! -x "$python" ]; then
-    setup=../shared/tools/setup_ref_venv.sh
+    setup=scripts/setup-ref-venv.sh
     [ -f "$setup" ] || { echo "error: $setup not found; set FLEXMODEL_BENCH_PYTHON" >&2; exit 1; }
     bash "$setup" bench/.venv
 fi

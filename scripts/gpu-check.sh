@@ -7,7 +7,7 @@
 #   bash scripts/gpu-check.sh [--binary FILE] [--fixtures DIR] [gpu_check.py options...]
 #
 # Defaults: what scripts/pack-gpu-check.sh put in .gpu/ (unpacked here), else the binary
-# scripts/build-cuda.sh made (target/cuda/flexmodel) and ../shared/fixtures/models. Details go
+# scripts/build-cuda.sh made (target/cuda/flexmodel) and fixtures/base/models. Details go
 # to $OUT (or the current directory); a short table is printed last.
 set -euo pipefail
 
@@ -37,8 +37,8 @@ while (($#)); do
         *) rest+=("$1"); shift ;;
     esac
 done
-if [[ -z $fixtures && -f $root/../shared/fixtures/models/llama/config.json ]]; then
-    fixtures=$root/../shared/fixtures/models
+if [[ -z $fixtures && -f $root/fixtures/base/models/llama/config.json ]]; then
+    fixtures=$root/fixtures/base/models
 fi
 [[ -x $binary ]] || { echo "gpu-check.sh: no binary at $binary (build it with scripts/build-cuda.sh)" >&2; exit 1; }
 [[ -n $fixtures ]] || { echo "gpu-check.sh: no fixtures found; pass --fixtures DIR" >&2; exit 1; }

@@ -3,11 +3,11 @@
 # .gpu/ (ignored by git): the CUDA binary and the reference fixtures, xz-compressed (the binary
 # is ~60 MB, mostly PTX text; packed ~8 MB). Build the binary first (scripts/build-cuda.sh).
 #
-#   bash scripts/pack-gpu-check.sh [--fixtures DIR]      # default ../shared/fixtures/models
+#   bash scripts/pack-gpu-check.sh [--fixtures DIR]      # default fixtures/base/models
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-fixtures=$root/../shared/fixtures/models
+fixtures=$root/fixtures/base/models
 [[ ${1:-} == --fixtures ]] && fixtures=$2
 binary=$root/target/cuda/flexmodel
 [[ -x $binary ]] || { echo "pack-gpu-check.sh: build $binary first (scripts/build-cuda.sh)" >&2; exit 1; }

@@ -156,6 +156,7 @@ pub struct HookFunction {
     pub(crate) capture: bool,
     pub(crate) groups: Vec<String>,
     pub(crate) steps: Steps,
+    pub(crate) in_place: bool,
 }
 
 impl HookFunction {
@@ -187,6 +188,7 @@ impl HookFunction {
             capture: true,
             groups: Vec::new(),
             steps: Steps::All,
+            in_place: false,
         }
     }
 
@@ -211,6 +213,16 @@ impl HookFunction {
     /// Limits the hook to some passes of a generation (the prompt, the decode steps, a range).
     pub fn steps(mut self, steps: Steps) -> Self {
         self.steps = steps;
+        self
+    }
+
+    /// Declares that the editing function may write into the memory of the activation it is
+    /// given (a Python function modifying the array it received) instead of returning a new
+    /// tensor. Every capture of a pass in which such a hook is enabled is then a copy, so that
+    /// captures keep the values from before the edits even where sites share memory (a module's
+    /// output is the next module's input).
+    pub fn in_place(mut self, in_place: bool) -> Self {
+        self.in_place = in_place;
         self
     }
 

@@ -55,6 +55,7 @@ struct Entry {
     expected_shape: Option<Vec<usize>>,
     capture: bool,
     steps: Steps,
+    in_place: bool,
 }
 
 const fn bit(point: Point) -> u8 {
@@ -90,6 +91,8 @@ pub(crate) struct Hooks {
     active: Vec<u8>,
     /// Hooks the current pass's group selection disables.
     disabled: HashSet<HookHandle>,
+    /// An enabled hook may edit in place: the pass's captures on the host are copies.
+    copy_captures: bool,
     /// The current pass (its generation step and positions).
     pass: PassInfo,
     /// Firings of each gradient-hooked site in the current forward pass.
@@ -145,6 +148,7 @@ impl Hooks {
             next_handle: 0,
             active: vec![0; sites.len()],
             disabled: HashSet::new(),
+            copy_captures: false,
             pass: PassInfo::default(),
             grad_calls: vec![0; sites.len()],
             kept_calls: vec![0; sites.len()],
@@ -178,6 +182,7 @@ impl Hooks {
                 expected_shape: hook.expected_shape.clone(),
                 capture: hook.capture,
                 steps: hook.steps,
+                in_place: hook.in_place,
             });
         }
         if let Some(edit) = hook.edit {
@@ -301,6 +306,11 @@ impl Hooks {
                 .filter(|e| !self.disabled.contains(&e.handle))
                 .fold(0, |m, e| m | bit(e.point));
         }
+        self.copy_captures = self
+            .per_site
+            .iter()
+            .flatten()
+            .any(|e| e.in_place && !self.disabled.contains(&e.handle));
         self.outside.clear();
         self.last_layer = None;
         for (i, _) in self.active.iter().enumerate().filter(|(_, m)| **m != 0) {
@@ -445,6 +455,7 @@ impl Hooks {
             pending_grads,
             in_flight,
             pass,
+            copy_captures,
             ..
         } = self;
         let site = &*names[id.index()];
@@ -462,7 +473,11 @@ impl Hooks {
                 }
             }
             if entry.capture {
-                let copy = HostCopy::start(&x)?;
+                let copy = if *copy_captures && x.device().is_cpu() {
+                    HostCopy::start(&x.copy()?)?
+                } else {
+                    HostCopy::start(&x)?
+                };
                 match point {
                     Point::Output => deliver(output, in_flight, site, copy)?,
                     Point::Input => deliver(output, in_flight, &format!("input.{site}"), copy)?,

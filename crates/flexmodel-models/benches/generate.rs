@@ -8,7 +8,7 @@
 //!     [--hf PYTHON] [--repeats N] [--smoke]
 //! ```
 //!
-//! `--hf` names a Python with torch and transformers (`../shared/tools/setup_ref_venv.sh`
+//! `--hf` names a Python with torch and transformers (`scripts/setup-ref-venv.sh`
 //! makes one); it runs `bench/hf_generate.py` as a server so both sides alternate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails by panicking

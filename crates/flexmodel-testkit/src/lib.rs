@@ -14,11 +14,11 @@ pub const ARCHS: &[&str] = &[
     "llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "gpt_neox", "falcon", "opt",
 ];
 
-/// `shared/fixtures/models` beside the repository, or `$FLEXMODEL_FIXTURES`.
+/// The repository's `fixtures/base/models`, or `$FLEXMODEL_FIXTURES`.
 pub fn fixtures() -> PathBuf {
     let dir = match std::env::var_os("FLEXMODEL_FIXTURES") {
         Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/models"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/base/models"),
     };
     assert!(
         dir.join("llama/config.json").exists(),

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! `--hf` names a Python with torch, transformers and safetensors
-//! (`../shared/tools/setup_ref_venv.sh` makes one); it runs `bench/hf_harvest.py`.
+//! (`scripts/setup-ref-venv.sh` makes one); it runs `bench/hf_harvest.py`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails by panicking
 

@@ -34,7 +34,7 @@ pub use flexmodel_core::{
     Comm, Dim, Edit, Error, FlexModel, GenerateOptions, Generation, Grid, Groups, Guard, HookCtx,
     HookFunction, HookHandle, Input, KvCache, Layout, Local, Model, ModelInfo, Modules, OutputMap,
     Parallelism, Parameters, PassInfo, Point, Result, Run, Sampling, SaveContext, SiteId, SiteInfo,
-    SiteKind, SiteTable, Steps, causal_lm_loss,
+    SiteKind, SiteTable, Steps, causal_lm_loss, copy_of,
 };
 pub use flexmodel_core::{rng, site};
 pub use flexmodel_models::{

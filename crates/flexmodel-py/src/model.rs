@@ -1,0 +1,681 @@
+//! The wrapper as Python sees it: a loaded model with hooks, whose every pass runs with the
+//! GIL released (taken again only around Python editing functions).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+
+use flexmodel::harvest::{self, DataSource, HarvestOptions, Settings, StatsSettings, StoreDType};
+use flexmodel::{
+    Device, FlexModel, GenerateOptions, Groups, HookFunction, HookHandle, Input, LoadOptions,
+    ModelInfo, Parallelism, Sampling, Steps, Tensor, Tokenizer,
+};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::edit::{Failures, PyEdit};
+use crate::error;
+use crate::tensor::{RawTensor, dtype_name, from_bytes, parse_dtype};
+
+/// A model wrapped for hooks (the native half of `flexmodel.FlexModel`).
+#[pyclass(frozen, module = "flexmodel._flexmodel", name = "Model")]
+pub struct PyModel {
+    /// Empty once the job ended or the wrapper was restored.
+    fm: Arc<Mutex<Option<FlexModel>>>,
+    failures: Arc<Failures>,
+    /// Our hook ids and the wrapper's handles.
+    handles: Mutex<HashMap<u64, HookHandle>>,
+    next_id: AtomicU64,
+    dir: PathBuf,
+    info: ModelInfo,
+    device: Device,
+    degrees: Parallelism,
+    rank: usize,
+    sites_json: String,
+}
+
+impl PyModel {
+    fn wrap(fm: FlexModel, dir: PathBuf, degrees: Parallelism) -> PyResult<Self> {
+        let model = fm.model();
+        let sites: Vec<_> = model.sites().iter().map(|(_, s)| s).collect();
+        let sites_json = serde_json::to_string(&sites)
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot describe the sites: {e}")))?;
+        let info = model.info().clone();
+        let device = model.device().clone();
+        let grid = model.grid();
+        let failures = Arc::new(Failures::new(grid.is_distributed()));
+        let rank = grid.world.rank();
+        let fm = Arc::new(Mutex::new(Some(fm)));
+        crate::dist::track(&fm);
+        Ok(Self {
+            fm,
+            failures,
+            handles: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            dir,
+            info,
+            device,
+            degrees,
+            rank,
+            sites_json,
+        })
+    }
+
+    /// The wrapper, for a call outside a pass; a call from inside an editing function (while
+    /// the pass holds it) is an error, not a deadlock.
+    fn model(&self) -> PyResult<Guard<'_>> {
+        let guard = match self.fm.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                return Err(PyRuntimeError::new_err(
+                    "the model is running a pass: an editing function cannot call the model it \
+                     is a hook of (read ctx and the activation instead)",
+                ));
+            }
+        };
+        if guard.is_none() {
+            return Err(PyRuntimeError::new_err(
+                "this wrapper no longer holds a model (it was restored, or the job ended)",
+            ));
+        }
+        Ok(Guard(guard))
+    }
+
+    /// Runs `f` on the wrapper with the GIL released; an exception an editing function raised
+    /// comes back as itself, any other failure as flexmodel's exception.
+    fn run<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut FlexModel) -> flexmodel::Result<T> + Send,
+    ) -> PyResult<T> {
+        let mut guard = self.model()?;
+        let fm = guard.get();
+        self.failures.take();
+        let result = py.detach(|| f(fm));
+        result.map_err(|e| self.failures.take().unwrap_or_else(|| error::core(&e)))
+    }
+
+    fn handle(&self, id: u64) -> PyResult<HookHandle> {
+        lock(&self.handles)
+            .get(&id)
+            .copied()
+            .ok_or_else(|| error::core(&flexmodel::Error::UnknownHook(id)))
+    }
+}
+
+struct Guard<'a>(MutexGuard<'a, Option<FlexModel>>);
+
+impl Guard<'_> {
+    fn get(&mut self) -> &mut FlexModel {
+        self.0
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("checked in PyModel::model"))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The model input from the token ids (uint32, C order) and mask Python sent.
+fn input(
+    ids: &Bound<'_, PyBytes>,
+    shape: (usize, usize),
+    mask: Option<&Bound<'_, PyBytes>>,
+) -> PyResult<Input> {
+    let dims = [shape.0, shape.1];
+    let ids = from_bytes(ids, "uint32", &dims, &Device::Cpu)?;
+    Ok(match mask {
+        Some(m) => Input::with_mask(ids, from_bytes(m, "uint32", &dims, &Device::Cpu)?),
+        None => Input::new(ids),
+    })
+}
+
+fn groups(only: Option<Vec<String>>, except: Option<Vec<String>>) -> PyResult<Groups> {
+    match (only, except) {
+        (Some(_), Some(_)) => Err(PyValueError::new_err(
+            "give groups (the hooks to run) or exclude_groups (the hooks to skip), not both",
+        )),
+        (Some(only), None) => Ok(Groups::only(only)),
+        (None, Some(except)) => Ok(Groups::except(except)),
+        (None, None) => Ok(Groups::All),
+    }
+}
+
+fn steps(kind: &str, start: usize, end: usize) -> PyResult<Steps> {
+    Ok(match kind {
+        "all" => Steps::All,
+        "prompt" => Steps::Prompt,
+        "decode" => Steps::Decode,
+        "range" => Steps::Range(start, end),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "steps `{other}`: use \"all\", \"prompt\", \"decode\" or a (start, end) range"
+            )));
+        }
+    })
+}
+
+fn raw(t: &Tensor) -> PyResult<RawTensor> {
+    RawTensor::read_only(t).map_err(error::candle)
+}
+
+/// Loads the Hugging Face model in `dir`; under `mpirun`, this rank's part of it.
+#[pyfunction]
+#[pyo3(signature = (dir, dtype = "float32", device = "cpu", tp = 1, pp = 1, dp = 1, requires_grad = false))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn load(
+    py: Python<'_>,
+    dir: PathBuf,
+    dtype: &str,
+    device: &str,
+    tp: usize,
+    pp: usize,
+    dp: usize,
+    requires_grad: bool,
+) -> PyResult<PyModel> {
+    let dtype = parse_dtype(dtype)?;
+    let spec = match device {
+        "cuda" => format!("cuda:{}", flexmodel_dist::local_rank().unwrap_or(0)),
+        other => other.to_string(),
+    };
+    let device = flexmodel::device(&spec).map_err(|e| error::load(&e))?;
+    let degrees = Parallelism { tp, pp, dp };
+    let grid = crate::dist::grid(degrees, &device)?;
+    let options = LoadOptions {
+        dtype,
+        device,
+        requires_grad,
+        grid,
+    };
+    let model = py
+        .detach(|| flexmodel::load(&dir, &options))
+        .map_err(|e| error::load(&e))?;
+    PyModel::wrap(FlexModel::new(model), dir, degrees)
+}
+
+#[pymethods]
+impl PyModel {
+    /// Registers a hook; returns its id.
+    #[pyo3(signature = (pattern, point, expected_shape, edit, capture, groups, steps_kind, steps_start, steps_end))]
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &self,
+        pattern: &str,
+        point: &str,
+        expected_shape: Option<Vec<usize>>,
+        edit: Option<Py<PyAny>>,
+        capture: bool,
+        groups: Vec<String>,
+        steps_kind: &str,
+        steps_start: usize,
+        steps_end: usize,
+    ) -> PyResult<u64> {
+        let mut hook = match point {
+            "output" => HookFunction::new(pattern),
+            "input" => HookFunction::pre(pattern),
+            "grad" => HookFunction::backward(pattern),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "hook point `{other}`: use \"output\", \"input\" or \"grad\""
+                )));
+            }
+        };
+        hook = hook
+            .capture(capture)
+            .steps(steps(steps_kind, steps_start, steps_end)?);
+        if let Some(shape) = expected_shape {
+            hook = hook.expected_shape(&shape);
+        }
+        if let Some(call) = edit {
+            let failures = self.failures.clone();
+            hook = hook.edit(PyEdit { call, failures }).in_place(true);
+        }
+        for g in groups {
+            hook = hook.group(g);
+        }
+        let handle = self
+            .model()?
+            .get()
+            .register(hook)
+            .map_err(|e| error::core(&e))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(id, handle);
+        Ok(id)
+    }
+
+    /// Removes the hook `id`.
+    fn remove(&self, id: u64) -> PyResult<()> {
+        let handle = self.handle(id)?;
+        self.model()?
+            .get()
+            .remove(handle)
+            .map_err(|e| error::core(&e))?;
+        lock(&self.handles).remove(&id);
+        Ok(())
+    }
+
+    /// A forward pass; the logits on rank 0 (None on the other ranks).
+    #[pyo3(signature = (ids, shape, mask = None, only = None, except = None))]
+    fn forward(
+        &self,
+        py: Python<'_>,
+        ids: &Bound<'_, PyBytes>,
+        shape: (usize, usize),
+        mask: Option<&Bound<'_, PyBytes>>,
+        only: Option<Vec<String>>,
+        except: Option<Vec<String>>,
+    ) -> PyResult<Option<RawTensor>> {
+        let input = input(ids, shape, mask)?;
+        let groups = groups(only, except)?;
+        let logits = self.run(py, |fm| fm.forward_groups(&input, &groups))?;
+        if self.rank != 0 {
+            return Ok(None);
+        }
+        raw(&logits).map(Some)
+    }
+
+    /// A pass for the hooks alone; the decoder layer it stopped after.
+    #[pyo3(signature = (ids, shape, mask = None))]
+    fn capture(
+        &self,
+        py: Python<'_>,
+        ids: &Bound<'_, PyBytes>,
+        shape: (usize, usize),
+        mask: Option<&Bound<'_, PyBytes>>,
+    ) -> PyResult<Option<usize>> {
+        let input = input(ids, shape, mask)?;
+        self.run(py, |fm| fm.capture(&input))
+    }
+
+    /// Generation with a key/value cache; the sequences (int64) on every rank.
+    #[pyo3(signature = (ids, shape, mask, max_new_tokens, sample, temperature, top_k, top_p, seed, eos_token_ids, pad_token_id))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        ids: &Bound<'_, PyBytes>,
+        shape: (usize, usize),
+        mask: Option<&Bound<'_, PyBytes>>,
+        max_new_tokens: usize,
+        sample: bool,
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        seed: u64,
+        eos_token_ids: Vec<u32>,
+        pad_token_id: u32,
+    ) -> PyResult<(RawTensor, usize)> {
+        let input = input(ids, shape, mask)?;
+        let sampling = if sample {
+            Sampling::Sample {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            }
+        } else {
+            Sampling::Greedy
+        };
+        let options = GenerateOptions {
+            max_new_tokens,
+            sampling,
+            eos_token_ids,
+            pad_token_id,
+        };
+        let interrupted = AtomicBool::new(false);
+        let generation = self.run(py, |fm| {
+            fm.generate(&input, &options, |_, _| {
+                // Ctrl-C ends every row at its next token.
+                if !interrupted.load(Ordering::Relaxed)
+                    && Python::attach(|py| py.check_signals()).is_err()
+                {
+                    interrupted.store(true, Ordering::Relaxed);
+                }
+                interrupted.load(Ordering::Relaxed)
+            })
+        })?;
+        if interrupted.load(Ordering::Relaxed) {
+            return Err(PyKeyboardInterrupt::new_err("generation interrupted"));
+        }
+        Ok((raw(&generation.sequences)?, generation.steps))
+    }
+
+    /// The causal-LM loss's forward and backward pass: (loss, logits, weight gradients) on
+    /// rank 0; weight gradients only for a model loaded with `requires_grad`.
+    #[pyo3(signature = (ids, shape, mask = None))]
+    #[allow(clippy::type_complexity)]
+    fn lm_backward(
+        &self,
+        py: Python<'_>,
+        ids: &Bound<'_, PyBytes>,
+        shape: (usize, usize),
+        mask: Option<&Bound<'_, PyBytes>>,
+    ) -> PyResult<(Option<f32>, Option<RawTensor>, Vec<(String, RawTensor)>)> {
+        let input = input(ids, shape, mask)?;
+        let (loss, logits, grads) = self.run(py, |fm| {
+            let b = fm.lm_backward(&input)?;
+            let mut grads = Vec::new();
+            for (name, p) in fm.model().parameters().iter() {
+                if let Some(g) = b.grads.get(p) {
+                    grads.push((name.to_string(), g.clone()));
+                }
+            }
+            let loss = b.loss.to_dtype(flexmodel::DType::F32)?.to_scalar::<f32>()?;
+            Ok((loss, b.logits, grads))
+        })?;
+        if self.rank != 0 {
+            return Ok((None, None, Vec::new()));
+        }
+        let grads = grads
+            .iter()
+            .map(|(n, g)| Ok((n.clone(), raw(g)?)))
+            .collect::<PyResult<_>>()?;
+        Ok((Some(loss), Some(raw(&logits)?), grads))
+    }
+
+    /// The full tensor of a parameter (on rank 0; every rank must call it).
+    fn parameter(&self, py: Python<'_>, name: &str) -> PyResult<RawTensor> {
+        let t = self.run(py, |fm| fm.parameter(name))?;
+        raw(&t)
+    }
+
+    /// Every parameter name.
+    fn parameter_names(&self) -> PyResult<Vec<String>> {
+        let mut guard = self.model()?;
+        let names = guard.get().model().parameters().iter();
+        Ok(names.map(|(n, _)| n.to_string()).collect())
+    }
+
+    /// Site names with captures, in name order.
+    fn output_keys(&self) -> PyResult<Vec<String>> {
+        let mut guard = self.model()?;
+        Ok(guard
+            .get()
+            .output()
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .collect())
+    }
+
+    /// The captures of `key`, oldest first (read-only arrays over the captured tensors).
+    fn output_get(&self, key: &str) -> PyResult<Option<Vec<RawTensor>>> {
+        let mut guard = self.model()?;
+        match guard.get().output().get(key) {
+            Some(list) => list.iter().map(raw).collect::<PyResult<_>>().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Forgets every capture.
+    fn clear_output(&self) -> PyResult<()> {
+        self.model()?.get().clear_output();
+        Ok(())
+    }
+
+    /// Takes every capture, leaving the output map empty.
+    fn take_output(&self) -> PyResult<Vec<(String, Vec<RawTensor>)>> {
+        let output = self.model()?.get().take_output();
+        output
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.iter().map(raw).collect::<PyResult<_>>()?)))
+            .collect()
+    }
+
+    /// Every site as JSON: name, kind, shape template, layouts.
+    fn sites_json(&self) -> &str {
+        &self.sites_json
+    }
+
+    /// Creates an empty hook group.
+    fn create_group(&self, name: &str) -> PyResult<()> {
+        self.model()?.get().create_group(name);
+        Ok(())
+    }
+
+    /// Adds hook `id` to group `name`.
+    fn add_to_group(&self, name: &str, id: u64) -> PyResult<()> {
+        let handle = self.handle(id)?;
+        let mut guard = self.model()?;
+        let fm = guard.get();
+        fm.add_to_group(name, handle).map_err(|e| error::core(&e))
+    }
+
+    /// Takes hook `id` out of group `name`.
+    fn remove_from_group(&self, name: &str, id: u64) -> PyResult<()> {
+        let handle = self.handle(id)?;
+        let mut guard = self.model()?;
+        let fm = guard.get();
+        fm.remove_from_group(name, handle)
+            .map_err(|e| error::core(&e))
+    }
+
+    /// Removes group `name` and its hooks; returns how many.
+    fn remove_group(&self, name: &str) -> PyResult<usize> {
+        let mut guard = self.model()?;
+        let fm = guard.get();
+        let members = fm.group(name).map_err(|e| error::core(&e))?;
+        let n = fm.remove_group(name).map_err(|e| error::core(&e))?;
+        lock(&self.handles).retain(|_, h| !members.contains(h));
+        Ok(n)
+    }
+
+    /// The ids of the hooks in group `name`.
+    fn group(&self, name: &str) -> PyResult<Vec<u64>> {
+        let members = self
+            .model()?
+            .get()
+            .group(name)
+            .map_err(|e| error::core(&e))?;
+        let handles = lock(&self.handles);
+        let mut ids: Vec<u64> = handles
+            .iter()
+            .filter(|(_, h)| members.contains(h))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Every group name.
+    fn groups(&self) -> PyResult<Vec<String>> {
+        Ok(self.model()?.get().groups())
+    }
+
+    /// Hands the untouched model to a new wrapper (every hook, group and capture gone); this
+    /// one is empty after.
+    fn restore(&self) -> PyResult<PyModel> {
+        let mut guard = self.model()?;
+        let fm = guard.0.take().unwrap_or_else(|| unreachable!("checked"));
+        drop(guard);
+        PyModel::wrap(FlexModel::new(fm.restore()), self.dir.clone(), self.degrees)
+    }
+
+    /// Harvests sites over a dataset (the CLI's `harvest`); returns the summary as a dict's
+    /// items.
+    #[pyo3(signature = (data, text_field, sites, out, seq_len, packing, batch_size, max_tokens, dtype, positions, shard_tokens, stats, raw, top_k, context, covariance, memory_budget, resume))]
+    #[allow(clippy::too_many_arguments)]
+    fn harvest(
+        &self,
+        py: Python<'_>,
+        data: PathBuf,
+        text_field: &str,
+        sites: Vec<String>,
+        out: PathBuf,
+        seq_len: usize,
+        packing: bool,
+        batch_size: usize,
+        max_tokens: Option<usize>,
+        dtype: &str,
+        positions: &str,
+        shard_tokens: Option<usize>,
+        stats: bool,
+        raw: bool,
+        top_k: usize,
+        context: usize,
+        covariance: bool,
+        memory_budget: Option<u64>,
+        resume: bool,
+    ) -> PyResult<Vec<(String, f64)>> {
+        let source = DataSource::from_path(&data, text_field).map_err(|e| error::harvest(&e))?;
+        let positions = positions.parse().map_err(|e| error::harvest(&e))?;
+        let dtype = match parse_dtype(dtype)? {
+            flexmodel::DType::F32 => StoreDType::F32,
+            flexmodel::DType::F16 => StoreDType::F16,
+            flexmodel::DType::BF16 => StoreDType::Bf16,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "harvest dtype {}: use float32, float16 or bfloat16",
+                    dtype_name(other)
+                )));
+            }
+        };
+        let options = HarvestOptions {
+            settings: Settings {
+                sites,
+                seq_len,
+                packing,
+                batch_size,
+                max_tokens,
+                dtype,
+                positions,
+                raw,
+                stats: stats.then_some(StatsSettings {
+                    top_k,
+                    context,
+                    covariance,
+                }),
+                shard_tokens,
+            },
+            memory_budget,
+            resume,
+        };
+        let tokenizer = Tokenizer::from_dir(&self.dir).ok();
+        let dir = self.dir.clone();
+        let mut guard = self.model()?;
+        let fm = guard.get();
+        let summary = py
+            .detach(|| {
+                harvest::run(
+                    fm,
+                    &dir,
+                    tokenizer.as_ref(),
+                    &source,
+                    &out,
+                    &options,
+                    |_| {},
+                )
+            })
+            .map_err(|e| error::harvest(&e))?;
+        Ok(vec![
+            ("rows".into(), summary.rows as f64),
+            ("tokens".into(), summary.tokens as f64),
+            ("stored_tokens".into(), summary.stored_tokens as f64),
+            ("shards".into(), summary.shards as f64),
+            ("bytes".into(), summary.bytes as f64),
+            ("seconds".into(), summary.seconds),
+        ])
+    }
+
+    /// The model's directory.
+    #[getter]
+    fn dir(&self) -> PathBuf {
+        self.dir.clone()
+    }
+
+    /// The family (`model_type` of config.json).
+    #[getter]
+    fn model_type(&self) -> &str {
+        &self.info.model_type
+    }
+
+    /// The compute dtype's name.
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        dtype_name(self.info.dtype)
+    }
+
+    /// Where the weights live (`cpu`, `cuda:0`).
+    #[getter]
+    fn device(&self) -> String {
+        match self.device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        }
+    }
+
+    /// (tp, pp, dp).
+    #[getter]
+    fn layout(&self) -> (usize, usize, usize) {
+        (self.degrees.tp, self.degrees.pp, self.degrees.dp)
+    }
+
+    /// This process's rank.
+    #[getter]
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The decoder layers' site names.
+    #[getter]
+    fn decoder_layers(&self) -> Vec<String> {
+        self.info.decoder_layers.clone()
+    }
+
+    /// The vocabulary size.
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.info.vocab_size
+    }
+
+    /// The hidden size.
+    #[getter]
+    fn hidden_size(&self) -> usize {
+        self.info.hidden_size
+    }
+
+    /// The number of registered hooks.
+    #[getter]
+    fn hook_count(&self) -> usize {
+        lock(&self.handles).len()
+    }
+}
+
+/// A model directory's tokenizer (`tokenizer.json`).
+#[pyclass(frozen, module = "flexmodel._flexmodel", name = "Tokenizer")]
+pub struct PyTokenizer(Tokenizer);
+
+#[pymethods]
+impl PyTokenizer {
+    /// The tokenizer of the model in `dir`.
+    #[new]
+    fn new(dir: PathBuf) -> PyResult<Self> {
+        Tokenizer::from_dir(&dir)
+            .map(Self)
+            .map_err(|e| error::load(&e))
+    }
+
+    /// The token ids of `text`.
+    fn encode(&self, text: &str) -> PyResult<Vec<u32>> {
+        self.0.encode(text).map_err(|e| error::load(&e))
+    }
+
+    /// The text of `ids`.
+    fn decode(&self, ids: Vec<u32>) -> PyResult<String> {
+        self.0.decode(&ids).map_err(|e| error::load(&e))
+    }
+}
+
+/// Every tensor of a safetensors file, as read-only host tensors.
+#[pyfunction]
+pub(crate) fn read_safetensors(path: PathBuf) -> PyResult<Vec<(String, RawTensor)>> {
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| PyValueError::new_err(format!("{}: {}", path.display(), error::chain(&e))))?;
+    let mut items: Vec<_> = tensors.into_iter().collect();
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    items.into_iter().map(|(n, t)| Ok((n, raw(&t)?))).collect()
+}
