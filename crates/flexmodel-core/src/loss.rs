@@ -54,7 +54,7 @@ pub(crate) fn lm_loss_sum(logits: &Tensor, input: &Input) -> Result<(Tensor, f64
         ));
     }
     let log_probs = log_softmax(&logits.narrow(1, 0, s - 1)?.to_dtype(DType::F32)?)?;
-    let targets = input.input_ids.narrow(1, 1, s - 1)?.to_dtype(DType::U32)?;
+    let targets = input.input_ids.narrow(1, 1, s - 1)?.to_dtype(DType::U32)?.contiguous()?;
     if targets.max_all()?.to_scalar::<u32>()? as usize >= v {
         return Err(Error::Input(format!(
             "a token id is not below the vocabulary size {v}"
@@ -81,4 +81,33 @@ fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     shifted.broadcast_sub(&lse)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// Token ids come as u32 (tokenizers, the Python package) or i64 (transformers' files):
+    /// the narrowed targets of u32 ids are a strided view that gather must not see.
+    #[test]
+    fn u32_ids_give_the_loss_of_i64_ids() {
+        let cpu = &Device::Cpu;
+        let logits = Tensor::arange(0f32, 2.0 * 4.0 * 8.0, cpu)
+            .unwrap()
+            .reshape((2, 4, 8))
+            .unwrap()
+            .sin()
+            .unwrap();
+        let ids = [[1u32, 7, 3, 0], [5, 2, 6, 4]];
+        let wide = ids.map(|row| row.map(i64::from));
+        let narrow = causal_lm_loss(&logits, &Input::new(Tensor::new(&ids, cpu).unwrap()));
+        let wide = causal_lm_loss(&logits, &Input::new(Tensor::new(&wide, cpu).unwrap()));
+        let (a, b) = (narrow.unwrap(), wide.unwrap());
+        assert_eq!(
+            a.to_scalar::<f32>().unwrap(),
+            b.to_scalar::<f32>().unwrap()
+        );
+    }
 }
