@@ -1,0 +1,46 @@
+"""Under mpirun, Python hooks run once, on rank 0, on full tensors: tp2 and tp2·pp2·dp2 equal
+one process (captures, an in-place edit, gradients), and an exception in an editing function
+ends the job on every rank, whichever stage its site is in."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import flexmodel
+from conftest import mpirun
+from mpi_job import MODEL, job
+
+JOB = str(Path(__file__).with_name("mpi_job.py"))
+
+
+@pytest.fixture(scope="module")
+def expected(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mpi") / "single.npz"
+    np.savez(path, **job(flexmodel.load(MODEL)))
+    return path
+
+
+@pytest.mark.parametrize("layout", [(2, 1, 1), (2, 2, 2)], ids=["tp2", "tp2-pp2-dp2"])
+def test_a_layout_with_python_hooks_equals_one_process(layout, expected):
+    tp, pp, dp = layout
+    run = mpirun(tp * pp * dp, JOB, "compare", str(tp), str(pp), str(dp), str(expected))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "results equal one process's" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "site", ["model.layers.0.mlp", "model.layers.1.mlp"], ids=["first-stage", "last-stage"])
+def test_an_exception_in_an_editing_function_ends_every_rank(site):
+    start = time.monotonic()
+    run = mpirun(4, JOB, "raise", "1", "2", "2", site, timeout=60)
+    elapsed = time.monotonic() - start
+    assert run.returncode != 0
+    assert elapsed < 30, f"the job took {elapsed:.0f} s to end"
+    # Rank 0, which ran the hook, never returned from the pass (ranks whose part of the pass
+    # was done may have, before the job ended them).
+    assert "rank 0: the pass returned" not in run.stdout
+    # The Python traceback reaches stderr.
+    assert "Traceback" in run.stderr and f"editing function failed at {site}" in run.stderr
+    assert "in explode" in run.stderr
