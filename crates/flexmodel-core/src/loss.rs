@@ -54,7 +54,11 @@ pub(crate) fn lm_loss_sum(logits: &Tensor, input: &Input) -> Result<(Tensor, f64
         ));
     }
     let log_probs = log_softmax(&logits.narrow(1, 0, s - 1)?.to_dtype(DType::F32)?)?;
-    let targets = input.input_ids.narrow(1, 1, s - 1)?.to_dtype(DType::U32)?.contiguous()?;
+    let targets = input
+        .input_ids
+        .narrow(1, 1, s - 1)?
+        .to_dtype(DType::U32)?
+        .contiguous()?;
     if targets.max_all()?.to_scalar::<u32>()? as usize >= v {
         return Err(Error::Input(format!(
             "a token id is not below the vocabulary size {v}"
@@ -105,9 +109,6 @@ mod tests {
         let narrow = causal_lm_loss(&logits, &Input::new(Tensor::new(&ids, cpu).unwrap()));
         let wide = causal_lm_loss(&logits, &Input::new(Tensor::new(&wide, cpu).unwrap()));
         let (a, b) = (narrow.unwrap(), wide.unwrap());
-        assert_eq!(
-            a.to_scalar::<f32>().unwrap(),
-            b.to_scalar::<f32>().unwrap()
-        );
+        assert_eq!(a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
     }
 }
