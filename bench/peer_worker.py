@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The Python peers of `bench/peers.py`, behind a line protocol on stdin/stdout.
 
-    peer_worker.py hf|flex-model MODEL_DIR
+    peer_worker.py hf|flex-model|nnsight|flexmodel-py MODEL_DIR
 
 Loads the checkpoint with transformers (f32, eval, no_grad, 2 threads), then reads one command
 per line:
@@ -12,7 +12,11 @@ per line:
   installed before and removed after the timed forward call; captures are real copies
   (`detach().clone()`: on CPU `.to("cpu")` would alias). `hf` is plain PyTorch forward hooks;
   `flex-model` is FlexModel 0.1.0 (single process, gloo world of 1) with one HookFunction per
-  site, and supports `layers` and `edit`.
+  site, and supports `layers` and `edit`. `nnsight` is nnsight 0.8 tracing the same
+  transformers model (`.output.save()` per layer, or the MLP's output set to zeros), and
+  supports `layers` and `edit`. `flexmodel-py` is flexmodel's Python package on the same
+  checkpoint: Python `HookFunction`s (captures, and an editing function that zeroes the MLP in
+  place), its captures the engine's own host tensors (as the Rust worker's).
 - `rss` answers the process's peak resident set size in KiB; `quit` ends the worker.
 
 Token ids are `(i * 7919 + 13) % vocab` for i in 0..batch*seq, as in every worker.
@@ -27,12 +31,20 @@ from transformers import AutoModelForCausalLM
 
 torch.set_num_threads(2)
 peer, model_dir = sys.argv[1:3]
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-config = model.config
-layers_prefix = "transformer.h" if config.model_type == "gpt2" else "model.layers"
-layer_names = [f"{layers_prefix}.{i}" for i in range(config.num_hidden_layers)]
-module_names = [n for n, _ in model.named_modules() if n]
-edited = f"{layers_prefix}.5.mlp"
+if peer == "flexmodel-py":
+    import flexmodel
+
+    fm_py = flexmodel.load(model_dir)
+    vocab_size = fm_py.vocab_size
+    layer_names = fm_py.decoder_layers
+    module_names = [s.name for s in fm_py.sites() if s.kind == "module"]
+else:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    vocab_size = model.config.vocab_size
+    layers_prefix = "transformer.h" if model.config.model_type == "gpt2" else "model.layers"
+    layer_names = [f"{layers_prefix}.{i}" for i in range(model.config.num_hidden_layers)]
+    module_names = [n for n, _ in model.named_modules() if n]
+edited = f"{layer_names[5]}.mlp"
 
 if peer == "flex-model":
     import torch.distributed as dist
@@ -44,8 +56,12 @@ if peer == "flex-model":
     os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     sock.close()
     dist.init_process_group("gloo", rank=0, world_size=1)
-elif peer != "hf":
-    raise SystemExit(f"unknown peer {peer!r} (expected hf or flex-model)")
+elif peer == "nnsight":
+    from nnsight import NNsight
+
+    traced = NNsight(model)
+elif peer not in ("hf", "flexmodel-py"):
+    raise SystemExit(f"unknown peer {peer!r} (expected hf, flex-model, nnsight or flexmodel-py)")
 
 
 def first_tensor(output):
@@ -76,9 +92,48 @@ def hf_hooks(job, store):
     return [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
 
 
+def zero_in_place(x, ctx):
+    x[...] = 0
+
+
+def run_flexmodel_py(job, ids):
+    names = {"plain": [], "layers": layer_names, "all": module_names, "edit": []}[job]
+    handles = [fm_py.register_forward_hook(flexmodel.HookFunction(n)) for n in names]
+    if job == "edit":
+        handles.append(fm_py.register_forward_hook(
+            flexmodel.HookFunction(edited, editing_function=zero_in_place, capture=False)))
+    try:
+        start = time.perf_counter()
+        fm_py(ids)
+        seconds = time.perf_counter() - start
+        return seconds, len(fm_py.output)
+    finally:
+        for h in handles:
+            h.remove()
+        fm_py.clear_output()
+
+
+def run_nnsight(job, ids):
+    if job not in ("layers", "edit"):
+        raise ValueError(f"nnsight runs layers and edit, not {job}")
+    start = time.perf_counter()
+    with torch.no_grad():
+        with traced.trace(ids):
+            if job == "layers":
+                saved = [traced.get(n).output.save() for n in layer_names]
+            else:
+                traced.get(edited).output[:] = 0
+                saved = []
+    return time.perf_counter() - start, len(saved)
+
+
 def run(job, ids):
     """One timed forward pass; returns (seconds, tensors captured)."""
     store = {}
+    if peer == "flexmodel-py":
+        return run_flexmodel_py(job, ids.numpy())
+    if peer == "nnsight":
+        return run_nnsight(job, ids)
     if peer == "hf":
         handles = hf_hooks(job, store)
         try:
@@ -125,7 +180,7 @@ for line in sys.stdin:
     else:
         job, batch, seq = words[0], int(words[1]), int(words[2])
         n = batch * seq
-        ids = ((torch.arange(n, dtype=torch.int64) * 7919 + 13) % config.vocab_size).reshape(batch, seq)
+        ids = ((torch.arange(n, dtype=torch.int64) * 7919 + 13) % vocab_size).reshape(batch, seq)
         seconds, captured = run(job, ids)
         answer = f"{seconds} {captured}"
     print(answer, flush=True)

@@ -33,6 +33,8 @@ SUPPORTS = {
     "flexmodel": {"llama": JOBS, "gpt2": JOBS},
     "hf": {"llama": JOBS, "gpt2": JOBS},
     "flex-model": {"llama": ["layers", "edit"], "gpt2": ["layers", "edit"]},
+    "flexmodel-py": {"llama": JOBS, "gpt2": JOBS},
+    "nnsight": {"llama": ["layers", "edit"], "gpt2": ["layers", "edit"]},
     "candle-mi": {"llama": ["plain", "layers", "edit"]},
 }
 THREADS = {"RAYON_NUM_THREADS": "2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
@@ -167,9 +169,12 @@ def memory_model(commands, model, batch, seq):
 
 
 def versions(python):
-    probe = ("import torch, transformers, importlib.metadata as m; "
-             "print(torch.__version__, transformers.__version__, m.version('flex-model'))")
-    torch_v, transformers_v, flex_v = subprocess.run(
+    probe = ("import torch, transformers, importlib.metadata as m\n"
+             "def v(p):\n"
+             "    try: return m.version(p)\n"
+             "    except m.PackageNotFoundError: return '-'\n"
+             "print(torch.__version__, transformers.__version__, v('flex-model'), v('nnsight'))")
+    torch_v, transformers_v, flex_v, nnsight_v = subprocess.run(
         [python, "-c", probe], check=True, stdout=subprocess.PIPE, text=True).stdout.split()
     rustc = subprocess.run(["rustc", "--version"], stdout=subprocess.PIPE, text=True).stdout
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
@@ -179,7 +184,8 @@ def versions(python):
     return {"date": datetime.datetime.now().isoformat(timespec="minutes"),
             "cpu": cpu, "cores": os.cpu_count(), "flexmodel": commit,
             "rustc": rustc.split()[1], "torch": torch_v, "transformers": transformers_v,
-            "flex-model": flex_v, "candle-mi": "0.2.2", "python": platform.python_version()}
+            "flex-model": flex_v, "nnsight": nnsight_v, "candle-mi": "0.2.2",
+            "python": platform.python_version()}
 
 
 def report(meta, timings, memory, peers):
@@ -187,7 +193,8 @@ def report(meta, timings, memory, peers):
           f"load average {meta['load_before']} before, {meta['load_after']} after; "
           f"flexmodel {meta['flexmodel']} (rustc {meta['rustc']}), torch {meta['torch']}, "
           f"transformers {meta['transformers']}, flex-model {meta['flex-model']}, "
-          f"candle-mi {meta['candle-mi']}, Python {meta['python']}.\n")
+          f"nnsight {meta.get('nnsight', '-')}, candle-mi {meta['candle-mi']}, "
+          f"Python {meta['python']}.\n")
     others = [p for p in peers if p != "flexmodel"]
     by_key = {(r["model"], r["batch"], r["seq"], r["job"], r["peer"]): r for r in timings}
     head = ["model", "shape", "job", "flexmodel"] + others + [f"÷ {p}" for p in others]
@@ -204,6 +211,8 @@ def report(meta, timings, memory, peers):
             cells.append(f"{r['median_s'] * 1e3:.0f} ms" if r else "–")
             ratios.append(f"{ours / r['median_s']:.2f}" if r else "–")
         print("| " + " | ".join(cells + ratios) + " |")
+    if "flexmodel-py" in peers:
+        python_side(by_key, [p for p in peers if p != "flexmodel-py"])
     print("\nflexmodel's own capture overhead (median ÷ its plain forward, same run):\n")
     print("| model | shape | layers | all |\n|---|---|---|---|")
     for (model, batch, seq, job, peer), r in by_key.items():
@@ -229,6 +238,24 @@ def report(meta, timings, memory, peers):
                 cells.append(f"{r['peak_rss_mib']:.0f}{ratio}")
             label = job if job == "load" else f"{job} {shape}"
             print(f"| {model} | {label} | " + " | ".join(cells) + " |")
+
+
+def python_side(by_key, others):
+    """The Python package against the Rust API and the Python peers: flexmodel-py's median
+    divided by each one's."""
+    print("\nflexmodel's Python package (median; ratio: flexmodel-py ÷ the peer):\n")
+    head = ["model", "shape", "job", "flexmodel-py"] + [f"÷ {p}" for p in others]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for model, batch, seq, job, peer in list(by_key):
+        if peer != "flexmodel-py":
+            continue
+        ours = by_key[model, batch, seq, job, peer]["median_s"]
+        cells = [model, f"{batch}×{seq}", job, f"{ours * 1e3:.1f} ms"]
+        for p in others:
+            r = by_key.get((model, batch, seq, job, p))
+            cells.append(f"{ours / r['median_s']:.3f} ({r['median_s'] * 1e3:.1f} ms)" if r else "–")
+        print("| " + " | ".join(cells) + " |")
 
 
 def main():
@@ -268,7 +295,7 @@ def main():
         for peer in peers:
             if model not in SUPPORTS[peer]:
                 continue
-            if peer in ("hf", "flex-model"):
+            if peer in ("hf", "flex-model", "nnsight", "flexmodel-py"):
                 commands[peer] = [python, str(BENCH / "peer_worker.py"), peer, ckpt]
             elif peer == "flexmodel":
                 commands[peer] = [binaries[peer], "--bench", ckpt]

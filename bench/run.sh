@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The side-by-side benchmark (BENCHMARKS.md, "Against the peers"): makes the Python venv of the
-# peers once (bench/.venv: CPU torch, transformers, flex-model; built by
-# scripts/setup-ref-venv.sh), then runs bench/peers.py with every argument given here.
+# peers once (bench/.venv: CPU torch, transformers, flex-model, nnsight; built by
+# scripts/setup-ref-venv.sh), builds flexmodel's Python package into it, then runs
+# bench/peers.py with every argument given here.
 # Set FLEXMODEL_BENCH_PYTHON to use another Python with those packages.
 #
 #   bash bench/run.sh                       # the full run (~25 min on 2 cores, + builds)
 #   bash bench/run.sh --smoke --no-memory   # one tiny round, to check the setup
+#   bash bench/run.sh --models llama --peers flexmodel,flexmodel-py,hf,nnsight   # the Python side
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${FLEXMODEL_BENCH_PYTHON:-bench/.venv/bin/python}
@@ -14,4 +16,8 @@ if [ ! -x "$python" ]; then
     [ -f "$setup" ] || { echo "error: $setup not found; set FLEXMODEL_BENCH_PYTHON" >&2; exit 1; }
     bash "$setup" bench/.venv
 fi
+# The Python package (the flexmodel-py peer), built into that venv from this tree.
+venv=$(cd "$(dirname "$python")/.." && pwd)
+"$python" -c 'import maturin' 2>/dev/null || "$python" -m pip install -q maturin==1.16.0
+(cd crates/flexmodel-py && VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH maturin develop --release --quiet)
 exec "$python" bench/peers.py --python "$python" "$@"

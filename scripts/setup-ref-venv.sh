@@ -26,8 +26,12 @@ PIP="$VENV/bin/pip"
 "$PIP" install transformers==5.24.0 safetensors==0.8.0 tokenizers==0.23.3
 # the original FlexModel (peer for benchmarks); its only dep is torch>=2.1
 "$PIP" install --no-deps flex-model==0.1.0
+# nnsight (peer for the Python benchmark), without letting pip touch torch
+"$PIP" install --no-deps nnsight==0.8.1
+"$PIP" install greenlet pydantic pyyaml cloudpickle huggingface-hub websocket-client zstandard \
+    httpx tqdm
 "$VENV/bin/python" - <<'EOF'
-import torch, transformers, safetensors, tokenizers, numpy
+import torch, transformers, safetensors, tokenizers, numpy, nnsight
 a = torch.randn(2, 2) @ torch.randn(2, 2)
 assert not torch.cuda.is_available()
 print("ok torch", torch.__version__, "transformers", transformers.__version__,

@@ -131,6 +131,8 @@ pub fn main(args: Args) -> Result<()> {
         },
         memory_budget: args.memory_budget.map(|mb| mb * 1_000_000),
         resume: args.resume,
+        // Ctrl-C ends the process; the complete shards stay, for --resume.
+        stop: None,
     };
     let tokenizer = Tokenizer::from_dir(&dir).ok();
     let device = args.compute.device()?;

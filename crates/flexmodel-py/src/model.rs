@@ -552,11 +552,14 @@ impl PyModel {
             },
             memory_budget,
             resume,
+            stop: Some(Arc::new(AtomicBool::new(false))),
         };
+        let stop = options.stop.clone().unwrap_or_default();
         let tokenizer = Tokenizer::from_dir(&self.dir).ok();
         let dir = self.dir.clone();
         let mut guard = self.model()?;
         let fm = guard.get();
+        self.failures.take();
         let summary = py
             .detach(|| {
                 harvest::run(
@@ -566,10 +569,21 @@ impl PyModel {
                     &source,
                     &out,
                     &options,
-                    |_| {},
+                    |_| {
+                        // Ctrl-C: the harvest ends after this batch, resumable.
+                        if Python::attach(|py| py.check_signals()).is_err() {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    },
                 )
             })
-            .map_err(|e| error::harvest(&e))?;
+            .map_err(|e| match e {
+                harvest::Error::Interrupted { .. } => {
+                    PyKeyboardInterrupt::new_err(error::chain(&e))
+                }
+                // An editing function of the wrapper raised (a Ctrl-C there too).
+                e => self.failures.take().unwrap_or_else(|| error::harvest(&e)),
+            })?;
         Ok(vec![
             ("rows".into(), summary.rows as f64),
             ("tokens".into(), summary.tokens as f64),

@@ -34,6 +34,8 @@ mod stats;
 mod store;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -91,6 +93,21 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    /// [`HarvestOptions::stop`] was raised: the complete shards are on disk and listed, the
+    /// rows after them were dropped.
+    #[error(
+        "the harvest was interrupted after {rows} rows ({shards} complete shards in {}); \
+         resume it to continue",
+        dir.display()
+    )]
+    Interrupted {
+        /// The output directory.
+        dir: PathBuf,
+        /// Rows in complete shards.
+        rows: usize,
+        /// Complete shards.
+        shards: usize,
+    },
 }
 
 /// Stored bytes per shard when no shard size is given.
@@ -249,6 +266,10 @@ pub struct HarvestOptions {
     pub memory_budget: Option<u64>,
     /// Continue the harvest in the output directory (else it must hold none).
     pub resume: bool,
+    /// Checked after each batch of a single-process harvest: once raised (a Ctrl-C), the
+    /// harvest ends with [`Error::Interrupted`], its complete shards kept for a resume. (In a
+    /// multi-rank job the launcher ends every rank on Ctrl-C; the complete shards stay as well.)
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// Where a harvest stands, after each batch.
@@ -618,6 +639,19 @@ fn harvest_rows(
         }
         done.seconds = start.elapsed().as_secs_f64();
         progress(&done);
+        let stop = options
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed));
+        if stop && !fm.model().grid().is_distributed() {
+            // The filling shard is dropped: the manifest lists what is complete.
+            let rows = writer.finish()?.rows_done();
+            return Err(Error::Interrupted {
+                dir: out.to_path_buf(),
+                rows,
+                shards,
+            });
+        }
     }
     let Some(mut open) = state.take() else {
         return Ok(summary(None, out, done.tokens, start, shard_tokens));
