@@ -103,6 +103,29 @@ impl<M: Model> FlexModel<M> {
         self.pass(input, groups, PassInfo::plain(seq), None)
     }
 
+    /// The forward pass recording the autograd graph from the embeddings on, as a pass with a
+    /// backward hook does, so that [`FlexModel::backward`] of any scalar computed from its
+    /// logits (a logit difference, a KL divergence) runs the backward hooks and reaches
+    /// trainable modules. One process only: across ranks the loss is
+    /// [`FlexModel::lm_backward`]'s.
+    ///
+    /// # Errors
+    /// A multi-rank model, or as [`FlexModel::forward_groups`].
+    pub fn forward_recorded(&mut self, input: &Input, groups: &Groups) -> Result<Tensor> {
+        if self.model.grid().is_distributed() {
+            return Err(Error::Backward(
+                "a recorded forward pass for a loss of your own runs in one process; across \
+                 ranks use FlexModel::lm_backward"
+                    .into(),
+            ));
+        }
+        let (_, seq) = input.dims()?;
+        let mut hooks = lock(&self.hooks);
+        hooks.select(groups, PassInfo::plain(seq))?;
+        let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).with_gradients();
+        settled_forward(&self.model, input, &mut run)
+    }
+
     /// A forward pass for its hooks alone: captures land in the output map and edits apply,
     /// but no logits come back, so the pass stops after the last decoder layer an enabled hook
     /// needs (TransformerLens's `stop_at_layer`, found from the hooks): the later layers and
@@ -272,13 +295,7 @@ impl<M: Model> FlexModel<M> {
             let result = self.lm_backward_distributed(input, &grid);
             return or_abort(&grid, result);
         }
-        let (_, seq) = input.dims()?;
-        let logits = {
-            let mut hooks = lock(&self.hooks);
-            hooks.select(&Groups::All, PassInfo::plain(seq))?;
-            let mut run = Run::hooked(&mut hooks, &self.hooks, &mut self.output).with_gradients();
-            settled_forward(&self.model, input, &mut run)?
-        };
+        let logits = self.forward_recorded(input, &Groups::All)?;
         let loss = causal_lm_loss(&logits, input)?;
         let grads = self.backward(&loss)?;
         Ok(LmBackward {

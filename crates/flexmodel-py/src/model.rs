@@ -28,6 +28,8 @@ pub struct PyModel {
     /// Our hook ids and the wrapper's handles.
     handles: Mutex<HashMap<u64, HookHandle>>,
     next_id: AtomicU64,
+    /// The logits of the last recorded forward pass, for [`PyModel::backward`].
+    recorded: Mutex<Option<Tensor>>,
     dir: PathBuf,
     info: ModelInfo,
     device: Device,
@@ -54,6 +56,7 @@ impl PyModel {
             failures,
             handles: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            recorded: Mutex::new(None),
             dir,
             info,
             device,
@@ -276,6 +279,74 @@ impl PyModel {
             return Ok(None);
         }
         raw(&logits).map(Some)
+    }
+
+    /// A forward pass recording the autograd graph (one process), for a loss of the caller's:
+    /// the logits, kept for [`PyModel::backward`].
+    #[pyo3(signature = (ids, shape, mask = None, only = None, except = None))]
+    fn forward_recorded(
+        &self,
+        py: Python<'_>,
+        ids: &Bound<'_, PyBytes>,
+        shape: (usize, usize),
+        mask: Option<&Bound<'_, PyBytes>>,
+        only: Option<Vec<String>>,
+        except: Option<Vec<String>>,
+    ) -> PyResult<RawTensor> {
+        let input = input(ids, shape, mask)?;
+        let groups = groups(only, except)?;
+        let logits = self.run(py, |fm| fm.forward_recorded(&input, &groups))?;
+        let view = raw(&logits.detach())?;
+        *lock(&self.recorded) = Some(logits);
+        Ok(view)
+    }
+
+    /// The backward pass from the last recorded forward pass, given the gradient of the
+    /// caller's loss with respect to its logits: runs the backward hooks and the torch edits'
+    /// vector-Jacobian products; returns the weights' gradients (a model loaded with
+    /// `requires_grad`).
+    fn backward(
+        &self,
+        py: Python<'_>,
+        grad: &Bound<'_, PyBytes>,
+        dtype: &str,
+        shape: Vec<usize>,
+    ) -> PyResult<Vec<(String, RawTensor)>> {
+        let logits = lock(&self.recorded).take().ok_or_else(|| {
+            error::raise(
+                "BackwardError",
+                "backward: no recorded forward pass to differentiate; run fm(ids, grad=True) \
+                 first (each recorded pass serves one backward pass)"
+                    .into(),
+            )
+        })?;
+        let grad = from_bytes(grad, dtype, &shape, logits.device())?;
+        if grad.dims() != logits.dims() {
+            return Err(error::raise(
+                "ShapeError",
+                format!(
+                    "backward: the gradient has shape {:?}, the logits {:?}",
+                    grad.dims(),
+                    logits.dims()
+                ),
+            ));
+        }
+        let grads = self.run(py, |fm| {
+            let f32 = flexmodel::DType::F32;
+            let surrogate = (logits.to_dtype(f32)? * grad.to_dtype(f32)?)?.sum_all()?;
+            let store = fm.backward(&surrogate)?;
+            let mut grads = Vec::new();
+            for (name, p) in fm.model().parameters().iter() {
+                if let Some(g) = store.get(p) {
+                    grads.push((name.to_string(), g.clone()));
+                }
+            }
+            Ok(grads)
+        })?;
+        grads
+            .iter()
+            .map(|(n, g)| Ok((n.clone(), raw(g)?)))
+            .collect()
     }
 
     /// A pass for the hooks alone; the decoder layer it stopped after.

@@ -96,3 +96,34 @@ def test_backward_hooks_edit_the_gradient():
     fm.lm_backward(ids)
     assert_close("halved", fm.output["grad.model.layers.0"][-1],
                  ref.output["grad.model.layers.0"][-1] * 0.5, 1e-6)
+
+
+def test_a_loss_of_your_own_backpropagates_through_the_engine():
+    ids = np.array([[1, 5, 9, 2, 7, 3, 8]])
+    ref = flexmodel.load(TINY)
+    ref.register_full_backward_hook(flexmodel.HookFunction("model.layers.0"))
+    want = ref.lm_backward(ids)
+    fm = flexmodel.load(TINY, framework="torch", requires_grad=True)
+    fm.register_full_backward_hook(flexmodel.HookFunction("model.layers.0"))
+    logits = fm(ids, grad=True)
+    # transformers' causal-LM loss, written in torch on the engine's logits.
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(ids[0, 1:]))
+    grads = fm.backward(loss)
+    assert abs(float(loss.detach()) - want.loss) <= 1e-6 * want.loss
+    assert_close("grad through a torch loss", fm.output["grad.model.layers.0"][-1],
+                 ref.output["grad.model.layers.0"][-1], 1e-5)
+    assert grads["model.layers.0.mlp.up_proj.weight"].shape == (128, 64)
+    # The same loss's gradient with respect to the logits, given as an array.
+    np_fm = flexmodel.load(TINY)
+    np_fm.register_full_backward_hook(flexmodel.HookFunction("model.layers.0"))
+    lg = np_fm(ids, grad=True)
+    p = np.exp(lg[0, :-1] - lg[0, :-1].max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    p[np.arange(6), ids[0, 1:]] -= 1
+    dlogits = np.zeros_like(lg)
+    dlogits[0, :-1] = p / 6
+    np_fm.backward(dlogits)
+    assert_close("grad from an array", np_fm.output["grad.model.layers.0"][-1],
+                 ref.output["grad.model.layers.0"][-1], 1e-5)
+    with pytest.raises(flexmodel.BackwardError, match="no recorded forward pass"):
+        np_fm.backward(dlogits)

@@ -315,6 +315,23 @@ def _trampoline(fn, state: dict, framework: str):
     return call
 
 
+def _recorded_logits(fm, logits):
+    """The logits of a recorded pass as a torch tensor whose backward runs the engine's."""
+    import torch
+
+    class EngineBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            fm._backward_from(g)
+            return None
+
+    return EngineBackward.apply(logits.requires_grad_(True))
+
+
 # --- the wrapper ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -392,6 +409,7 @@ class FlexModel:
         #: State shared by every editing function (``ctx.state``), kept across passes.
         self.state: dict = {}
         self._tokenizer = None
+        self._weight_grads: dict = {}
 
     # what the model is
 
@@ -509,15 +527,45 @@ class FlexModel:
 
     # passes
 
-    def __call__(self, input_ids, attention_mask=None, *, groups=None, exclude_groups=None):
+    def __call__(self, input_ids, attention_mask=None, *, groups=None, exclude_groups=None,
+                 grad=False):
         """The forward pass with every hook applied (or those of ``groups``, or all but those of
         ``exclude_groups``, for this pass). Returns the logits [batch, seq, vocab] (on rank 0;
-        None on the other ranks of a multi-rank job)."""
+        None on the other ranks of a multi-rank job).
+
+        With ``grad=True`` (one process) the pass records the autograd graph, and
+        :meth:`backward` differentiates a loss of your own computed from these logits: with
+        ``framework="torch"`` they are a torch tensor in torch's graph, so ``loss.backward()``
+        (or ``fm.backward(loss)``) runs the backward hooks and the torch edits' gradients."""
         ids, shape, mask = _input(input_ids, attention_mask)
         only = list(groups) if groups is not None else None
         except_ = list(exclude_groups) if exclude_groups is not None else None
+        if grad:
+            logits = _from_raw(self._native.forward_recorded(ids, shape, mask, only, except_),
+                               self.framework)
+            if self.framework == "torch":
+                return _recorded_logits(self, logits)
+            return logits
         raw = self._native.forward(ids, shape, mask, only, except_)
         return None if raw is None else _from_raw(raw, self.framework)
+
+    def backward(self, loss) -> dict:
+        """The backward pass of the last ``fm(ids, grad=True)``: ``loss`` is a torch scalar
+        computed from its logits (``framework="torch"``), or the gradient of your loss with
+        respect to the logits as an array of their shape. Backward hooks run on the way
+        (captures as ``grad.<site>``). Returns the weights' gradients by name (a model loaded
+        with requires_grad=True; else empty)."""
+        self._weight_grads = {}
+        if type(loss).__module__.startswith("torch") and loss.numel() == 1:
+            loss.backward()
+        else:
+            self._backward_from(loss)
+        return self._weight_grads
+
+    def _backward_from(self, grad) -> None:
+        data, dtype, shape = _to_parts(grad)
+        grads = self._native.backward(data, dtype, list(shape))
+        self._weight_grads = {n: _from_raw(g, self.framework) for n, g in grads}
 
     forward = __call__
 
