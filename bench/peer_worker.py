@@ -116,14 +116,16 @@ def run_flexmodel_py(job, ids):
 def run_nnsight(job, ids):
     if job not in ("layers", "edit"):
         raise ValueError(f"nnsight runs layers and edit, not {job}")
+    # nnsight runs the with block's source on its own: results leave it through a list.
+    saved = []
     start = time.perf_counter()
     with torch.no_grad():
         with traced.trace(ids):
             if job == "layers":
-                saved = [traced.get(n).output.save() for n in layer_names]
+                for n in layer_names:
+                    saved.append(traced.get(n).output.save())
             else:
                 traced.get(edited).output[:] = 0
-                saved = []
     return time.perf_counter() - start, len(saved)
 
 

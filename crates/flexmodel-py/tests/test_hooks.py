@@ -225,13 +225,38 @@ def test_torch_tensors_in_and_out():
     np.testing.assert_array_equal(logits.numpy(), ref(IDS))
 
 
-def test_bfloat16_models_hand_out_bfloat16_arrays():
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_models_hand_out_half_precision_arrays(dtype):
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    fm = flexmodel.load(TINY, dtype="bfloat16")
-    fm.register_forward_hook(flexmodel.HookFunction("model.layers.0.mlp", editing_function=lambda x, c: x * 2))
+    want = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    fm = flexmodel.load(TINY, dtype=dtype)
+    seen = []
+
+    def double(x, ctx):
+        seen.append(x.dtype)
+        return x * 2
+
+    fm.register_forward_hook(flexmodel.HookFunction("model.layers.0.mlp", editing_function=double))
     logits = fm(IDS)
-    assert logits.dtype == ml_dtypes.bfloat16
-    assert fm.output["model.layers.0.mlp"][0].dtype == ml_dtypes.bfloat16
+    assert logits.dtype == want and seen == [want]
+    assert fm.output["model.layers.0.mlp"][0].dtype == want
     f32 = flexmodel.load(TINY)
     f32.register_forward_hook(flexmodel.HookFunction("model.layers.0.mlp", editing_function=lambda x, c: x * 2))
-    assert_close("bf16 logits", logits.astype(np.float32), f32(IDS), 3e-2)
+    assert_close(f"{dtype} logits", logits.astype(np.float32), f32(IDS), 3e-2)
+
+
+def test_half_precision_torch_edits():
+    torch = pytest.importorskip("torch")
+    fm = flexmodel.load(TINY, dtype="bfloat16", framework="torch")
+    seen = []
+
+    def double(x, ctx):
+        seen.append(x.dtype)
+        return x * 2
+
+    fm.register_forward_hook(flexmodel.HookFunction("model.layers.0.mlp", editing_function=double))
+    logits = fm(IDS)
+    assert logits.dtype == torch.bfloat16 and seen == [torch.bfloat16]
+    ref = flexmodel.load(TINY, dtype="bfloat16")
+    ref.register_forward_hook(flexmodel.HookFunction("model.layers.0.mlp", editing_function=lambda x, c: x * 2))
+    np.testing.assert_array_equal(logits.float().numpy(), ref(IDS).astype(np.float32))
