@@ -8,10 +8,15 @@ plain one, interleaved, median of --repeats rounds (2 threads):
 
 - `passthrough`: an editing function that returns its argument (a Python call per site: the
   trampoline, the context, the zero-copy array, the identity check);
+- `bare call`: what bounds it, a raw callback on the native module that returns at once (the
+  GIL taken back from the released engine, one Python call, no array), and `bare call +
+  array` (that callback making the numpy array of its argument);
 - `capture`: a capture (the engine's own host tensor, no Python during the pass); then
   `read`: handing every capture to Python as numpy arrays (`fm.output[key]`, no copy).
 
-Per-site cost = (hooked - plain) / sites. Prints a markdown table for BENCHMARKS.md.
+Per-site cost = (hooked - plain) / sites. With --hf, the same for PyTorch forward hooks on
+every module of the transformers model (one returning its output, one keeping
+`output.detach()`), in the same run. Prints a markdown table for BENCHMARKS.md.
 """
 import argparse
 import os
@@ -31,7 +36,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(BENCH / ".cache" / "llama"))
     ap.add_argument("--shape", default="1x16")
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--hf", action="store_true", help="also PyTorch hooks in transformers")
     a = ap.parse_args()
     batch, seq = (int(x) for x in a.shape.split("x"))
     fm = flexmodel.load(a.model)
@@ -42,6 +48,14 @@ def main():
         start = time.perf_counter()
         fm(ids)
         return time.perf_counter() - start
+
+    def bare(callback):
+        hook = fm._native.register("*", "output", None, callback, False, [], "all", 0, 0)
+        start = time.perf_counter()
+        fm(ids)
+        seconds = time.perf_counter() - start
+        fm._native.remove(hook)
+        return seconds
 
     def hooked(edit):
         h = fm.register_forward_hook(flexmodel.HookFunction(
@@ -58,11 +72,14 @@ def main():
 
     for _ in range(3):
         plain(), hooked(True), hooked(False)
-    times = {"plain": [], "passthrough": [], "capture": [], "read": []}
+    times = {"plain": [], "passthrough": [], "capture": [], "read": [], "bare call": [],
+             "bare call + array": []}
     firings = 0
     for _ in range(a.repeats):
         times["plain"].append(plain())
         times["passthrough"].append(hooked(True)[0])
+        times["bare call"].append(bare(lambda *args: None))
+        times["bare call + array"].append(bare(lambda raw, *args: (np.asarray(raw), None)[1]))
         forward, read, firings = hooked(False)
         times["capture"].append(forward)
         times["read"].append(read)
@@ -70,11 +87,51 @@ def main():
     print(f"{a.model}, {batch}x{seq}, {sites} sites ({firings} firings per pass), "
           f"median of {a.repeats}: plain forward {med['plain'] * 1e3:.2f} ms\n")
     print("| hook at every site | forward | per site |\n|---|---|---|")
-    for job in ("passthrough", "capture"):
+    for job in ("passthrough", "bare call", "bare call + array", "capture"):
         per = (med[job] - med["plain"]) / firings
         print(f"| {job} | {med[job] * 1e3:.2f} ms | {per * 1e6:.2f} µs |")
     print(f"| read every capture as numpy | {med['read'] * 1e3:.2f} ms | "
           f"{med['read'] / firings * 1e6:.2f} µs |")
+    if a.hf:
+        hf_costs(a.model, ids, a.repeats)
+
+
+def hf_costs(model_dir, ids, repeats):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    modules = [m for n, m in model.named_modules() if n]
+    ids = torch.tensor(ids)
+    kept = []
+    hooks = {"passthrough": lambda m, args, out: out,
+             "capture": lambda m, args, out: kept.append(
+                 out.detach() if isinstance(out, torch.Tensor) else out)}
+
+    def forward(hook):
+        handles = [m.register_forward_hook(hooks[hook]) for m in modules] if hook else []
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(ids)
+        seconds = time.perf_counter() - start
+        for h in handles:
+            h.remove()
+        kept.clear()
+        return seconds
+
+    times = {None: [], "passthrough": [], "capture": []}
+    for round_ in range(3 + repeats):
+        for hook in times:
+            t = forward(hook)
+            if round_ >= 3:
+                times[hook].append(t)
+    plain = statistics.median(times[None])
+    print(f"\ntransformers, {len(modules)} modules hooked, plain forward {plain * 1e3:.2f} ms\n")
+    print("| PyTorch hook at every module | forward | per module |\n|---|---|---|")
+    for hook in ("passthrough", "capture"):
+        m = statistics.median(times[hook])
+        print(f"| {hook} | {m * 1e3:.2f} ms | {(m - plain) / len(modules) * 1e6:.2f} µs |")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import _flexmodel as _native
-from .errors import *  # noqa: F401,F403
-from .errors import FlexModelError, InputError
+from . import errors as _errors
+from .errors import *  # noqa: F401,F403  (every exception, as flexmodel.<Name>)
+from .errors import InputError
 
 __all__ = [
     "load",
@@ -49,7 +50,7 @@ __all__ = [
     "SUPPORTED",
     "HAS_MPI",
     "HAS_CUDA",
-] + list(__import__("flexmodel.errors", fromlist=["__all__"]).__all__)
+] + _errors.__all__
 
 #: The ``model_type`` values flexmodel loads.
 SUPPORTED: list = list(_native.SUPPORTED)
@@ -288,6 +289,19 @@ def _steps(steps) -> tuple:
     return "range", int(start), int(end)
 
 
+def _torch_vjp(x, y):
+    """The backward of a torch edit ``y = f(x)``: given dL/dy, torch autograd accumulates the
+    parameters' ``.grad`` and gives dL/dx (None: y does not depend on x)."""
+    import torch
+
+    def vjp(graw):
+        g = _from_raw(graw, "torch").to(y.dtype)
+        torch.autograd.backward(y, g)
+        return None if x.grad is None else _to_parts(x.grad)
+
+    return vjp
+
+
 def _trampoline(fn, state: dict, framework: str):
     """The callable the engine calls at a site: builds the context, converts arrays, and tells
     the engine what came back (None: the given memory, edited in place or not)."""
@@ -301,15 +315,7 @@ def _trampoline(fn, state: dict, framework: str):
         if y is None or _same_memory(x, y):
             return None
         data, dtype, shape = _to_parts(y)
-        vjp = None
-        if torch_grad and getattr(y, "requires_grad", False):
-            import torch
-
-            def vjp(graw):
-                g = _from_raw(graw, "torch").to(y.dtype)
-                torch.autograd.backward(y, g)
-                return None if x.grad is None else _to_parts(x.grad)
-
+        vjp = _torch_vjp(x, y) if torch_grad and getattr(y, "requires_grad", False) else None
         return data, dtype, shape, vjp
 
     return call
