@@ -261,8 +261,11 @@ impl PyModel {
         Ok(())
     }
 
-    /// A forward pass; the logits on rank 0 (None on the other ranks).
-    #[pyo3(signature = (ids, shape, mask = None, only = None, except = None))]
+    /// A forward pass; the logits on rank 0 (None on the other ranks). With `record` (one
+    /// process) it records the autograd graph for a loss of the caller's, and keeps the logits
+    /// for [`PyModel::backward`].
+    #[pyo3(signature = (ids, shape, mask = None, only = None, except = None, record = false))]
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         py: Python<'_>,
@@ -271,34 +274,23 @@ impl PyModel {
         mask: Option<&Bound<'_, PyBytes>>,
         only: Option<Vec<String>>,
         except: Option<Vec<String>>,
+        record: bool,
     ) -> PyResult<Option<RawTensor>> {
         let input = input(ids, shape, mask)?;
         let groups = groups(only, except)?;
-        let logits = self.run(py, |fm| fm.forward_groups(&input, &groups))?;
+        let logits = self.run(py, |fm| match record {
+            true => fm.forward_recorded(&input, &groups),
+            false => fm.forward_groups(&input, &groups),
+        })?;
+        if record {
+            let view = raw(&logits.detach())?;
+            *lock(&self.recorded) = Some(logits);
+            return Ok(Some(view));
+        }
         if self.rank != 0 {
             return Ok(None);
         }
         raw(&logits).map(Some)
-    }
-
-    /// A forward pass recording the autograd graph (one process), for a loss of the caller's:
-    /// the logits, kept for [`PyModel::backward`].
-    #[pyo3(signature = (ids, shape, mask = None, only = None, except = None))]
-    fn forward_recorded(
-        &self,
-        py: Python<'_>,
-        ids: &Bound<'_, PyBytes>,
-        shape: (usize, usize),
-        mask: Option<&Bound<'_, PyBytes>>,
-        only: Option<Vec<String>>,
-        except: Option<Vec<String>>,
-    ) -> PyResult<RawTensor> {
-        let input = input(ids, shape, mask)?;
-        let groups = groups(only, except)?;
-        let logits = self.run(py, |fm| fm.forward_recorded(&input, &groups))?;
-        let view = raw(&logits.detach())?;
-        *lock(&self.recorded) = Some(logits);
-        Ok(view)
     }
 
     /// The backward pass from the last recorded forward pass, given the gradient of the

@@ -546,14 +546,11 @@ class FlexModel:
         ids, shape, mask = _input(input_ids, attention_mask)
         only = list(groups) if groups is not None else None
         except_ = list(exclude_groups) if exclude_groups is not None else None
-        if grad:
-            logits = _from_raw(self._native.forward_recorded(ids, shape, mask, only, except_),
-                               self.framework)
-            if self.framework == "torch":
-                return _recorded_logits(self, logits)
-            return logits
-        raw = self._native.forward(ids, shape, mask, only, except_)
-        return None if raw is None else _from_raw(raw, self.framework)
+        raw = self._native.forward(ids, shape, mask, only, except_, grad)
+        logits = None if raw is None else _from_raw(raw, self.framework)
+        if grad and self.framework == "torch":
+            return _recorded_logits(self, logits)
+        return logits
 
     def backward(self, loss) -> dict:
         """The backward pass of the last ``fm(ids, grad=True)``: ``loss`` is a torch scalar

@@ -53,7 +53,9 @@ class Model:
         mask: Optional[bytes] = None,
         only: Optional[Sequence[str]] = None,
         except_: Optional[Sequence[str]] = None,
+        record: bool = False,
     ) -> Optional[RawTensor]: ...
+    def backward(self, grad: bytes, dtype: str, shape: Sequence[int]) -> list[tuple[str, RawTensor]]: ...
     def capture(self, ids: bytes, shape: tuple[int, int], mask: Optional[bytes] = None) -> Optional[int]: ...
     def generate(
         self,
