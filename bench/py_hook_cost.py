@@ -4,7 +4,8 @@
     bench/.venv/bin/python bench/py_hook_cost.py [--model bench/.cache/llama] [--shape 1x16]
 
 Registers a hook at every site (`*`) of the model and times the forward pass against the
-plain one, interleaved, median of --repeats rounds (2 threads):
+plain one, interleaved (the order rotating from round to round), median of --repeats rounds
+(2 threads):
 
 - `passthrough`: an editing function that returns its argument (a Python call per site: the
   trampoline, the context, the zero-copy array, the identity check);
@@ -74,15 +75,25 @@ def main():
         plain(), hooked(True), hooked(False)
     times = {"plain": [], "passthrough": [], "capture": [], "read": [], "bare call": [],
              "bare call + array": []}
+    jobs = {
+        "plain": plain,
+        "passthrough": lambda: hooked(True)[0],
+        "bare call": lambda: bare(lambda *args: None),
+        "bare call + array": lambda: bare(lambda raw, *args: (np.asarray(raw), None)[1]),
+        "capture": lambda: hooked(False),
+    }
+    names = list(jobs)
     firings = 0
-    for _ in range(a.repeats):
-        times["plain"].append(plain())
-        times["passthrough"].append(hooked(True)[0])
-        times["bare call"].append(bare(lambda *args: None))
-        times["bare call + array"].append(bare(lambda raw, *args: (np.asarray(raw), None)[1]))
-        forward, read, firings = hooked(False)
-        times["capture"].append(forward)
-        times["read"].append(read)
+    for round_ in range(a.repeats):
+        # The order rotates, so that no job always follows the same one.
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            result = jobs[name]()
+            if name == "capture":
+                forward, read, firings = result
+                times["capture"].append(forward)
+                times["read"].append(read)
+            else:
+                times[name].append(result)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{a.model}, {batch}x{seq}, {sites} sites ({firings} firings per pass), "
           f"median of {a.repeats}: plain forward {med['plain'] * 1e3:.2f} ms\n")
@@ -121,8 +132,9 @@ def hf_costs(model_dir, ids, repeats):
         return seconds
 
     times = {None: [], "passthrough": [], "capture": []}
+    order = list(times)
     for round_ in range(3 + repeats):
-        for hook in times:
+        for hook in order[round_ % 3:] + order[:round_ % 3]:
             t = forward(hook)
             if round_ >= 3:
                 times[hook].append(t)

@@ -79,7 +79,7 @@ impl PyEdit {
                 .and_then(|h| h.copy())
                 .map_err(crate::error::candle)?
         };
-        let raw = Bound::new(py, RawTensor::writable(given.clone()))?;
+        let raw = Bound::new(py, RawTensor::writable(given.clone())?)?;
         let point = match cx.point() {
             Point::Output => "output",
             Point::Input => "input",
@@ -218,7 +218,7 @@ impl CustomOp2 for TorchVjp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         Python::attach(|py| {
             let result = (|| -> PyResult<Tensor> {
-                let raw = RawTensor::read_only(grad).map_err(crate::error::candle)?;
+                let raw = RawTensor::read_only(grad)?;
                 let out = self.vjp.call1(py, (raw,))?;
                 let out = out.bind(py);
                 if out.is_none() {

@@ -163,7 +163,7 @@ fn steps(kind: &str, start: usize, end: usize) -> PyResult<Steps> {
 }
 
 fn raw(t: &Tensor) -> PyResult<RawTensor> {
-    RawTensor::read_only(t).map_err(error::candle)
+    RawTensor::read_only(t)
 }
 
 /// Loads the Hugging Face model in `dir`; under `mpirun`, this rank's part of it.

@@ -1,81 +1,133 @@
-//! Tensors across the boundary: host tensors handed to numpy without a copy (numpy's array
-//! interface over candle's storage), and arrays from Python read into candle tensors.
+//! Tensors across the boundary: host tensors handed to numpy without a copy (the buffer
+//! protocol over candle's storage), and arrays from Python read into candle tensors.
+
+use std::ffi::{CStr, c_int, c_void};
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyTuple};
+use pyo3::types::{PyBytes, PyTuple};
 
-/// A host tensor that numpy reads in place (`numpy.asarray(raw)`): the array's memory is the
-/// tensor's storage, which lives as long as the array does (numpy keeps this object as the
-/// array's base).
+/// A host tensor that numpy reads in place (`numpy.asarray(raw)`) through the buffer protocol:
+/// the array's memory is the tensor's storage, which lives as long as the array does (the
+/// buffer holds a reference to this object, which holds the tensor).
 #[pyclass(frozen, module = "flexmodel._flexmodel")]
 pub struct RawTensor {
     pub(crate) tensor: Tensor,
     /// Whether numpy may write into it (an editing function's argument; captures are
     /// read-only).
     writable: bool,
+    /// Address of the first element, and the buffer protocol's format, shape and strides
+    /// (bytes), fixed at construction: the storage never moves (candle tensors are immutable
+    /// from Rust and this object keeps it alive).
+    address: usize,
+    format: &'static CStr,
+    shape: Box<[isize]>,
+    strides: Box<[isize]>,
 }
 
 impl RawTensor {
     /// A read-only view of `tensor`, copied to the host first if it lives on a device.
-    pub(crate) fn read_only(tensor: &Tensor) -> candle_core::Result<Self> {
-        Ok(Self {
-            tensor: tensor.to_device(&Device::Cpu)?,
-            writable: false,
-        })
+    pub(crate) fn read_only(tensor: &Tensor) -> PyResult<Self> {
+        let host = tensor.to_device(&Device::Cpu).map_err(crate::error::candle)?;
+        Self::new(host, false)
     }
 
     /// A writable view of a host tensor.
-    pub(crate) fn writable(tensor: Tensor) -> Self {
-        Self {
+    pub(crate) fn writable(tensor: Tensor) -> PyResult<Self> {
+        Self::new(tensor, true)
+    }
+
+    fn new(tensor: Tensor, writable: bool) -> PyResult<Self> {
+        let (address, format, shape, strides) = {
+            let (storage, layout) = tensor.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                return Err(PyValueError::new_err("a device tensor has no host address"));
+            };
+            let (base, format) = match cpu {
+                CpuStorage::U8(v) => (v.as_ptr() as usize, c"B"),
+                CpuStorage::U32(v) => (v.as_ptr() as usize, c"I"),
+                CpuStorage::I16(v) => (v.as_ptr() as usize, c"h"),
+                CpuStorage::I32(v) => (v.as_ptr() as usize, c"i"),
+                CpuStorage::I64(v) => (v.as_ptr() as usize, c"q"),
+                // No buffer format for bfloat16: its bits, viewed as ml_dtypes.bfloat16 (or
+                // torch.bfloat16) on the Python side.
+                CpuStorage::BF16(v) => (v.as_ptr() as usize, c"H"),
+                CpuStorage::F16(v) => (v.as_ptr() as usize, c"e"),
+                CpuStorage::F32(v) => (v.as_ptr() as usize, c"f"),
+                CpuStorage::F64(v) => (v.as_ptr() as usize, c"d"),
+                _ => {
+                    return Err(PyValueError::new_err(format!(
+                        "dtype {:?} has no numpy equivalent",
+                        tensor.dtype()
+                    )));
+                }
+            };
+            let size = tensor.dtype().size_in_bytes();
+            let shape = tensor.dims().iter().map(|&d| d as isize).collect();
+            let strides = layout.stride().iter().map(|&s| (s * size) as isize).collect();
+            (base + layout.start_offset() * size, format, shape, strides)
+        };
+        Ok(Self {
             tensor,
-            writable: true,
-        }
+            writable,
+            address,
+            format,
+            shape,
+            strides,
+        })
     }
 }
 
 #[pymethods]
 impl RawTensor {
-    /// numpy's array interface (version 3): shape, dtype, strides and the address of the data.
-    #[getter]
-    fn __array_interface__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let t = &self.tensor;
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            return Err(PyValueError::new_err("a device tensor has no host address"));
-        };
-        // The address of the storage's first element; numpy reads the tensor's elements from
-        // there through its offset and strides. The storage is never reallocated: candle
-        // tensors are immutable from Rust, and this object keeps it alive.
-        let (base, typestr) = match cpu {
-            CpuStorage::U8(v) => (v.as_ptr() as usize, "|u1"),
-            CpuStorage::U32(v) => (v.as_ptr() as usize, "<u4"),
-            CpuStorage::I16(v) => (v.as_ptr() as usize, "<i2"),
-            CpuStorage::I32(v) => (v.as_ptr() as usize, "<i4"),
-            CpuStorage::I64(v) => (v.as_ptr() as usize, "<i8"),
-            // numpy has no bfloat16: the bits, viewed as ml_dtypes.bfloat16 on the Python side.
-            CpuStorage::BF16(v) => (v.as_ptr() as usize, "<u2"),
-            CpuStorage::F16(v) => (v.as_ptr() as usize, "<f2"),
-            CpuStorage::F32(v) => (v.as_ptr() as usize, "<f4"),
-            CpuStorage::F64(v) => (v.as_ptr() as usize, "<f8"),
-            _ => {
-                return Err(PyValueError::new_err(format!(
-                    "dtype {:?} has no numpy equivalent",
-                    t.dtype()
-                )));
-            }
-        };
-        let size = t.dtype().size_in_bytes();
-        let interface = PyDict::new(py);
-        interface.set_item("version", 3)?;
-        interface.set_item("shape", PyTuple::new(py, t.dims())?)?;
-        interface.set_item("typestr", typestr)?;
-        let strides: Vec<usize> = layout.stride().iter().map(|s| s * size).collect();
-        interface.set_item("strides", PyTuple::new(py, strides)?)?;
-        let address = base + layout.start_offset() * size;
-        interface.set_item("data", (address, !self.writable))?;
-        Ok(interface)
+    /// The buffer protocol: numpy's view of the tensor's memory, no copy.
+    ///
+    /// # Safety
+    /// Called by Python with a `Py_buffer` to fill, as the protocol prescribes.
+    #[allow(unsafe_code)]
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("no buffer to fill"));
+        }
+        let this = slf.get();
+        if flags & ffi::PyBUF_WRITABLE != 0 && !this.writable {
+            return Err(PyBufferError::new_err("a capture is read-only"));
+        }
+        if flags & ffi::PyBUF_STRIDES != ffi::PyBUF_STRIDES && !this.tensor.is_contiguous() {
+            return Err(PyBufferError::new_err(
+                "the tensor is strided and the consumer asked for no strides",
+            ));
+        }
+        let itemsize = this.tensor.dtype().size_in_bytes() as isize;
+        // SAFETY: `view` is a valid, writable Py_buffer (checked non-null above), which this
+        // function owns until it returns. The pointers stored in it (data, format, shape,
+        // strides) point into `this`, which the buffer keeps alive through `obj` (a new
+        // reference) until Python releases the buffer; none of them is ever freed or moved
+        // while `this` lives.
+        unsafe {
+            (*view).obj = slf.clone().into_any().into_ptr();
+            (*view).buf = this.address as *mut c_void;
+            (*view).len = this.tensor.elem_count() as isize * itemsize;
+            (*view).readonly = c_int::from(!this.writable);
+            (*view).itemsize = itemsize;
+            (*view).format = if flags & ffi::PyBUF_FORMAT != 0 {
+                this.format.as_ptr().cast_mut()
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).ndim = this.shape.len() as c_int;
+            (*view).shape = this.shape.as_ptr().cast_mut();
+            (*view).strides = this.strides.as_ptr().cast_mut();
+            (*view).suboffsets = std::ptr::null_mut();
+            (*view).internal = std::ptr::null_mut();
+        }
+        Ok(())
     }
 
     /// The dtype's name as numpy and torch spell it (`float32`, `bfloat16`, ...).

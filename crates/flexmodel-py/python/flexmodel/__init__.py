@@ -78,7 +78,8 @@ def _bfloat16():
 def _from_raw(raw, framework: str) -> Array:
     """The array over a native tensor's memory (no copy)."""
     a = np.asarray(raw)
-    bf16 = raw.dtype == "bfloat16"
+    # uint16 buffers are bfloat16 bits: the engine has no other 16-bit integer dtype.
+    bf16 = a.dtype.char == "H"
     if framework == "torch":
         import torch
 
@@ -172,20 +173,26 @@ def _input(input_ids, attention_mask):
 
 # --- hooks ---------------------------------------------------------------------------------
 
-@dataclasses.dataclass
 class HookContext:
     """What an editing function knows besides the activation."""
 
-    #: The site that fired (useful when the hook was registered with a pattern).
-    site: str
-    #: "output" (forward hook), "input" (pre-hook) or "grad" (backward hook).
-    point: str
-    #: The generation step: 0 for a plain forward pass and for the prompt, then 1, 2, ...
-    step: int
-    #: The sequence positions this pass processes.
-    positions: range
-    #: State shared by every hook of the wrapper, kept across passes (``fm.state``).
-    state: dict
+    __slots__ = ("site", "point", "step", "positions", "state")
+
+    def __init__(self, site: str, point: str, step: int, positions: range, state: dict):
+        #: The site that fired (useful when the hook was registered with a pattern).
+        self.site = site
+        #: "output" (forward hook), "input" (pre-hook) or "grad" (backward hook).
+        self.point = point
+        #: The generation step: 0 for a plain forward pass and for the prompt, then 1, 2, ...
+        self.step = step
+        #: The sequence positions this pass processes.
+        self.positions = positions
+        #: State shared by every hook of the wrapper, kept across passes (``fm.state``).
+        self.state = state
+
+    def __repr__(self) -> str:
+        return (f"HookContext(site={self.site!r}, point={self.point!r}, step={self.step}, "
+                f"positions={self.positions!r})")
 
 
 _HOOK_TYPES = {
