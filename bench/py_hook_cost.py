@@ -15,7 +15,8 @@ plain one, interleaved (the order rotating from round to round), median of --rep
 - `capture`: a capture (the engine's own host tensor, no Python during the pass); then
   `read`: handing every capture to Python as numpy arrays (`fm.output[key]`, no copy).
 
-Per-site cost = (hooked - plain) / sites. With --hf, the same for PyTorch forward hooks on
+Per-site cost = (hooked - plain) / firings, with --per-site hooks at every site (so that the
+hooks' time stands out of the forward's noise). With --hf, the same for PyTorch forward hooks on
 every module of the transformers model (one returning its output, one keeping
 `output.detach()`), in the same run. Prints a markdown table for BENCHMARKS.md.
 """
@@ -38,6 +39,8 @@ def main():
     ap.add_argument("--model", default=str(BENCH / ".cache" / "llama"))
     ap.add_argument("--shape", default="1x16")
     ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--per-site", type=int, default=10,
+                    help="hooks registered at every site (more firings, less noise per firing)")
     ap.add_argument("--hf", action="store_true", help="also PyTorch hooks in transformers")
     a = ap.parse_args()
     batch, seq = (int(x) for x in a.shape.split("x"))
@@ -50,24 +53,30 @@ def main():
         fm(ids)
         return time.perf_counter() - start
 
+    k = a.per_site
+
     def bare(callback):
-        hook = fm._native.register("*", "output", None, callback, False, [], "all", 0, 0)
+        hooks = [fm._native.register("*", "output", None, callback, False, [], "all", 0, 0)
+                 for _ in range(k)]
         start = time.perf_counter()
         fm(ids)
         seconds = time.perf_counter() - start
-        fm._native.remove(hook)
+        for h in hooks:
+            fm._native.remove(h)
         return seconds
 
     def hooked(edit):
-        h = fm.register_forward_hook(flexmodel.HookFunction(
-            "*", editing_function=(lambda x, ctx: x) if edit else None, capture=not edit))
+        hook = flexmodel.HookFunction(
+            "*", editing_function=(lambda x, ctx: x) if edit else None, capture=not edit)
+        handles = [fm.register_forward_hook(hook) for _ in range(k)]
         start = time.perf_counter()
         fm(ids)
         forward = time.perf_counter() - start
         start = time.perf_counter()
-        n = sum(len(fm.output[k]) for k in fm.output)
+        n = sum(len(fm.output[key]) for key in fm.output)
         read = time.perf_counter() - start
-        h.remove()
+        for h in handles:
+            h.remove()
         fm.clear_output()
         return forward, read, n
 
@@ -95,7 +104,7 @@ def main():
             else:
                 times[name].append(result)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{a.model}, {batch}x{seq}, {sites} sites ({firings} firings per pass), "
+    print(f"{a.model}, {batch}x{seq}, {sites} sites, {k} hooks each ({firings} firings per pass), "
           f"median of {a.repeats}: plain forward {med['plain'] * 1e3:.2f} ms\n")
     print("| hook at every site | forward | per site |\n|---|---|---|")
     for job in ("passthrough", "bare call", "bare call + array", "capture"):
@@ -104,10 +113,10 @@ def main():
     print(f"| read every capture as numpy | {med['read'] * 1e3:.2f} ms | "
           f"{med['read'] / firings * 1e6:.2f} µs |")
     if a.hf:
-        hf_costs(a.model, ids, a.repeats)
+        hf_costs(a.model, ids, a.repeats, k)
 
 
-def hf_costs(model_dir, ids, repeats):
+def hf_costs(model_dir, ids, repeats, k):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -121,7 +130,8 @@ def hf_costs(model_dir, ids, repeats):
                  out.detach() if isinstance(out, torch.Tensor) else out)}
 
     def forward(hook):
-        handles = [m.register_forward_hook(hooks[hook]) for m in modules] if hook else []
+        handles = [m.register_forward_hook(hooks[hook]) for m in modules for _ in range(k)
+                   if hook]
         start = time.perf_counter()
         with torch.no_grad():
             model(ids)
@@ -139,11 +149,12 @@ def hf_costs(model_dir, ids, repeats):
             if round_ >= 3:
                 times[hook].append(t)
     plain = statistics.median(times[None])
-    print(f"\ntransformers, {len(modules)} modules hooked, plain forward {plain * 1e3:.2f} ms\n")
+    print(f"\ntransformers, {len(modules)} modules, {k} hooks each, plain forward "
+          f"{plain * 1e3:.2f} ms\n")
     print("| PyTorch hook at every module | forward | per module |\n|---|---|---|")
     for hook in ("passthrough", "capture"):
         m = statistics.median(times[hook])
-        print(f"| {hook} | {m * 1e3:.2f} ms | {(m - plain) / len(modules) * 1e6:.2f} µs |")
+        print(f"| {hook} | {m * 1e3:.2f} ms | {(m - plain) / (len(modules) * k) * 1e6:.2f} µs |")
 
 
 if __name__ == "__main__":

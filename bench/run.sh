@@ -19,5 +19,11 @@ fi
 # The Python package (the flexmodel-py peer), built into that venv from this tree.
 venv=$(cd "$(dirname "$python")/.." && pwd)
 "$python" -c 'import maturin' 2>/dev/null || "$python" -m pip install -q maturin==1.16.0
-(cd crates/flexmodel-py && VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH maturin develop --release --quiet)
+# (A wheel, installed: `maturin develop` would put the module in the source tree, over the
+# test venv's.)
+wheels=$(mktemp -d)
+(cd crates/flexmodel-py && VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH \
+    maturin build --release --quiet --interpreter "$venv/bin/python" --out "$wheels")
+"$python" -m pip install -q --no-deps --force-reinstall "$wheels"/flexmodel-*.whl
+rm -rf "$wheels"
 exec "$python" bench/peers.py --python "$python" "$@"

@@ -30,7 +30,9 @@ pub struct RawTensor {
 impl RawTensor {
     /// A read-only view of `tensor`, copied to the host first if it lives on a device.
     pub(crate) fn read_only(tensor: &Tensor) -> PyResult<Self> {
-        let host = tensor.to_device(&Device::Cpu).map_err(crate::error::candle)?;
+        let host = tensor
+            .to_device(&Device::Cpu)
+            .map_err(crate::error::candle)?;
         Self::new(host, false)
     }
 
@@ -66,7 +68,11 @@ impl RawTensor {
             };
             let size = tensor.dtype().size_in_bytes();
             let shape = tensor.dims().iter().map(|&d| d as isize).collect();
-            let strides = layout.stride().iter().map(|&s| (s * size) as isize).collect();
+            let strides = layout
+                .stride()
+                .iter()
+                .map(|&s| (s * size) as isize)
+                .collect();
             (base + layout.start_offset() * size, format, shape, strides)
         };
         Ok(Self {
