@@ -1,6 +1,7 @@
 //! Editing functions written in Python: the [`Edit`] that calls them, and the autograd op that
 //! carries a torch edit's vector-Jacobian product into candle's backward pass.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
@@ -115,13 +116,6 @@ impl PyEdit {
         }
         // A torch edit in a gradient pass: y joins candle's graph as a function of x whose
         // backward asks torch for the vector-Jacobian product.
-        if self.failures.distributed {
-            return Err(pyo3::exceptions::PyNotImplementedError::new_err(
-                "gradients through a torch editing function are computed in single-process \
-                 jobs only; under mpirun, return a detached tensor (the edit is then a constant \
-                 for autograd) or write the edit in Rust",
-            ));
-        }
         if y.dims() != x.dims() || y.dtype() != x.dtype() {
             // The wrapper reports the mismatch with both shapes.
             return Ok(y);
@@ -129,6 +123,9 @@ impl PyEdit {
         let op = TorchVjp {
             vjp: vjp.clone().unbind(),
             failures: self.failures.clone(),
+            // Across ranks, rank 0 first probes what the edit's result depends on (one
+            // backward pass of its own), then asks for the product in the real one.
+            probes: AtomicU32::new(u32::from(self.failures.distributed)),
         };
         x.apply_op2_arc(&y, Arc::new(Box::new(op)))
             .map_err(crate::error::candle)
@@ -177,10 +174,13 @@ fn unchanged(given: &Tensor, x: &Tensor) -> PyResult<bool> {
 
 /// The identity on an edit's result `y` in the forward pass; in the backward pass, torch's
 /// vector-Jacobian product of the edit with respect to its input `x`. The torch parameters the
-/// edit used accumulate their gradients (`.grad`) in the same call.
+/// edit used accumulate their gradients (`.grad`) in the same call (but for a probe's call).
 struct TorchVjp {
     vjp: Py<PyAny>,
     failures: Arc<Failures>,
+    /// Backward calls still to come that only probe (torch keeps its graph and the
+    /// parameters' `.grad` stay untouched) before the one that counts.
+    probes: AtomicU32,
 }
 
 impl CustomOp2 for TorchVjp {
@@ -219,7 +219,11 @@ impl CustomOp2 for TorchVjp {
         Python::attach(|py| {
             let result = (|| -> PyResult<Tensor> {
                 let raw = RawTensor::read_only(grad)?;
-                let out = self.vjp.call1(py, (raw,))?;
+                let probe = self
+                    .probes
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok();
+                let out = self.vjp.call1(py, (raw, probe))?;
                 let out = out.bind(py);
                 if out.is_none() {
                     // The edit does not depend on its input.

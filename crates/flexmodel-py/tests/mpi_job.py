@@ -2,6 +2,8 @@
 
     mpi_job.py compare TP PP DP EXPECTED.npz   captures, an edit and gradients of a layout,
                                                compared on rank 0 with a single process's
+    mpi_job.py torch TP PP DP EXPECTED.npz     a torch edit's gradients (a steering vector's
+                                               .grad, a backward hook's capture), likewise
     mpi_job.py raise TP PP DP SITE             an editing function that raises at SITE
 """
 
@@ -41,19 +43,43 @@ def job(fm):
     return out
 
 
+def torch_job(fm):
+    """A steering vector added by a torch edit, trained through lm_backward: its gradient and
+    the gradient that passes through it, on rank 0."""
+    import torch
+
+    ids = reference("llama")["input_ids"]
+    steer = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 64))
+    fm.register_forward_hook(flexmodel.HookFunction(
+        "model.layers.1.mlp", editing_function=lambda x, ctx: x * 1.5 + steer))
+    fm.register_full_backward_hook(flexmodel.HookFunction("model.layers.0"))
+    backward = fm.lm_backward(ids)
+    if not flexmodel.is_main():
+        return None
+    return {
+        "steer grad": steer.grad.numpy(),
+        "grad model.layers.0": np.asarray(fm.output["grad.model.layers.0"][-1]),
+        "loss": np.float32(backward.loss),
+    }
+
+
+def compare(got, path):
+    want = np.load(path)
+    assert sorted(got) == sorted(want.files), (sorted(got), want.files)
+    for key in want.files:
+        a, b = np.asarray(got[key], np.float64), want[key].astype(np.float64)
+        err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+        assert err <= 1e-5, f"{key}: relative error {err:.2e}"
+    print(f"rank 0 of {flexmodel.world_size()}: {len(want.files)} results equal one process's")
+
+
 def main():
     mode, tp, pp, dp, arg = sys.argv[1], *map(int, sys.argv[2:5]), sys.argv[5]
-    fm = flexmodel.load(MODEL, tp=tp, pp=pp, dp=dp)
-    if mode == "compare":
-        got = job(fm)
+    fm = flexmodel.load(MODEL, tp=tp, pp=pp, dp=dp, framework="torch" if mode == "torch" else "numpy")
+    if mode in ("compare", "torch"):
+        got = (job if mode == "compare" else torch_job)(fm)
         if flexmodel.is_main():
-            want = np.load(arg)
-            assert sorted(got) == sorted(want.files), (sorted(got), want.files)
-            for key in want.files:
-                a, b = np.asarray(got[key], np.float64), want[key].astype(np.float64)
-                err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-                assert err <= 1e-5, f"{key}: relative error {err:.2e}"
-            print(f"rank 0 of {flexmodel.world_size()}: {len(want.files)} results equal one process's")
+            compare(got, arg)
     elif mode == "raise":
         def explode(x, ctx):
             raise RuntimeError(f"editing function failed at {ctx.site}")

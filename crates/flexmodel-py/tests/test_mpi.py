@@ -1,6 +1,6 @@
 """Under mpirun, Python hooks run once, on rank 0, on full tensors: tp2 and tp2·pp2·dp2 equal
-one process (captures, an in-place edit, gradients), and an exception in an editing function
-ends the job on every rank, whichever stage its site is in."""
+one process (captures, an in-place edit, gradients, a torch edit's gradients), and an exception
+in an editing function ends the job on every rank, whichever stage its site is in."""
 
 import time
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 
 import flexmodel
 from conftest import mpirun
-from mpi_job import MODEL, job
+from mpi_job import MODEL, job, torch_job
 
 JOB = str(Path(__file__).with_name("mpi_job.py"))
 
@@ -28,6 +28,17 @@ def test_a_layout_with_python_hooks_equals_one_process(layout, expected):
     run = mpirun(tp * pp * dp, JOB, "compare", str(tp), str(pp), str(dp), str(expected))
     assert run.returncode == 0, run.stdout + run.stderr
     assert "results equal one process's" in run.stdout
+
+
+@pytest.mark.parametrize("layout", [(2, 1, 1), (2, 2, 2)], ids=["tp2", "tp2-pp2-dp2"])
+def test_torch_edit_gradients_across_ranks_equal_one_process(layout, tmp_path):
+    pytest.importorskip("torch")
+    expected = tmp_path / "single.npz"
+    np.savez(expected, **torch_job(flexmodel.load(MODEL, framework="torch")))
+    tp, pp, dp = layout
+    run = mpirun(tp * pp * dp, JOB, "torch", str(tp), str(pp), str(dp), str(expected))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "3 results equal one process's" in run.stdout
 
 
 @pytest.mark.parametrize(

@@ -298,11 +298,15 @@ def _steps(steps) -> tuple:
 
 def _torch_vjp(x, y):
     """The backward of a torch edit ``y = f(x)``: given dL/dy, torch autograd accumulates the
-    parameters' ``.grad`` and gives dL/dx (None: y does not depend on x)."""
+    parameters' ``.grad`` and gives dL/dx (None: y does not depend on x). A probe (across
+    ranks, rank 0 first asks what y depends on) gives dL/dx alone and keeps torch's graph."""
     import torch
 
-    def vjp(graw):
+    def vjp(graw, probe):
         g = _from_raw(graw, "torch").to(y.dtype)
+        if probe:
+            (gx,) = torch.autograd.grad(y, x, g, retain_graph=True, allow_unused=True)
+            return None if gx is None else _to_parts(gx)
         torch.autograd.backward(y, g)
         return None if x.grad is None else _to_parts(x.grad)
 
