@@ -109,7 +109,7 @@ impl Op {
                 if r.dims() != x.dims() {
                     return Err(flexmodel::Error::ShapeMismatch {
                         site: site.to_string(),
-                        expected: x.dims().to_vec(),
+                        expected: x.dims().iter().copied().map(Some).collect(),
                         got: r.dims().to_vec(),
                     });
                 }

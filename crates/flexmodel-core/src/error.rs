@@ -25,12 +25,15 @@ pub enum Error {
     },
 
     /// An activation does not have the shape the hook expected.
-    #[error("site `{site}`: expected shape {expected:?}, got {got:?}")]
+    #[error(
+        "site `{site}`: expected shape {}, got {got:?}",
+        shape_pattern(expected)
+    )]
     ShapeMismatch {
         /// The site that fired.
         site: String,
-        /// The shape the hook was registered with.
-        expected: Vec<usize>,
+        /// The shape the hook was registered with (`None`: any size).
+        expected: Vec<Option<usize>>,
         /// The shape of the activation.
         got: Vec<usize>,
     },
@@ -118,6 +121,15 @@ impl Error {
     pub fn msg(message: impl Into<String>) -> Self {
         Self::Msg(message.into())
     }
+}
+
+/// `[1, any, 64]`.
+fn shape_pattern(dims: &[Option<usize>]) -> String {
+    let dims: Vec<String> = dims
+        .iter()
+        .map(|d| d.map_or_else(|| "any".to_string(), |n| n.to_string()))
+        .collect();
+    format!("[{}]", dims.join(", "))
 }
 
 fn did_you_mean(suggestions: &[String]) -> String {

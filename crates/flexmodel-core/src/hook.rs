@@ -151,7 +151,7 @@ impl HookCtx<'_> {
 pub struct HookFunction {
     pub(crate) pattern: String,
     pub(crate) point: Point,
-    pub(crate) expected_shape: Option<Vec<usize>>,
+    pub(crate) expected_shape: Option<Vec<Option<usize>>>,
     pub(crate) edit: Option<Box<dyn Edit>>,
     pub(crate) capture: bool,
     pub(crate) groups: Vec<String>,
@@ -194,6 +194,14 @@ impl HookFunction {
 
     /// Fails the pass with both shapes if the tensor has another shape.
     pub fn expected_shape(mut self, shape: &[usize]) -> Self {
+        self.expected_shape = Some(shape.iter().copied().map(Some).collect());
+        self
+    }
+
+    /// Fails the pass if the tensor has another number of dimensions, or another size where
+    /// `shape` gives one (`None` matches any size, as FlexModel's `expected_shape=(None, None,
+    /// 64)`).
+    pub fn expected_dims(mut self, shape: &[Option<usize>]) -> Self {
         self.expected_shape = Some(shape.to_vec());
         self
     }

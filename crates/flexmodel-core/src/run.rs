@@ -52,7 +52,7 @@ impl Groups {
 struct Entry {
     handle: HookHandle,
     point: Point,
-    expected_shape: Option<Vec<usize>>,
+    expected_shape: Option<Vec<Option<usize>>>,
     capture: bool,
     steps: Steps,
     in_place: bool,
@@ -464,7 +464,12 @@ impl Hooks {
                 continue;
             }
             if let Some(expected) = &entry.expected_shape {
-                if x.dims() != expected.as_slice() {
+                let fits = expected.len() == x.rank()
+                    && expected
+                        .iter()
+                        .zip(x.dims())
+                        .all(|(e, d)| e.is_none_or(|e| e == *d));
+                if !fits {
                     return Err(Error::ShapeMismatch {
                         site: format!("{}{site}", point.key_prefix()),
                         expected: expected.clone(),

@@ -209,7 +209,7 @@ impl PyModel {
         &self,
         pattern: &str,
         point: &str,
-        expected_shape: Option<Vec<usize>>,
+        expected_shape: Option<Vec<Option<usize>>>,
         edit: Option<Py<PyAny>>,
         capture: bool,
         groups: Vec<String>,
@@ -231,7 +231,7 @@ impl PyModel {
             .capture(capture)
             .steps(steps(steps_kind, steps_start, steps_end)?);
         if let Some(shape) = expected_shape {
-            hook = hook.expected_shape(&shape);
+            hook = hook.expected_dims(&shape);
         }
         if let Some(call) = edit {
             let failures = self.failures.clone();

@@ -166,6 +166,16 @@ def test_unknown_sites_are_key_errors_with_the_nearest_names():
         fm.parameter("model.layers.0.mlp.up_proj.weights")
 
 
+def test_flexmodel_style_expected_shapes_with_any_size():
+    fm = flexmodel.load(TINY)
+    # FlexModel's HookFunction takes None for a dimension of any size.
+    fm.register_forward_hook(flexmodel.HookFunction("model.layers.0", (None, None, 64)))
+    assert fm(IDS).shape == (1, 6, 512)
+    fm.register_forward_hook(flexmodel.HookFunction("model.layers.1", (None, 5, None)))
+    with pytest.raises(flexmodel.ShapeError, match=r"expected shape \[any, 5, any\], got \[1, 6, 64\]"):
+        fm(IDS)
+
+
 def test_shape_and_dtype_errors_name_both():
     fm = flexmodel.load(TINY)
     fm.register_forward_hook(flexmodel.HookFunction("model.layers.0", expected_shape=(1, 5, 64)))

@@ -78,6 +78,28 @@ fn wrong_expected_shape_names_both_shapes() {
 }
 
 #[test]
+fn expected_dims_match_any_size_where_none_is_given() {
+    let mut fm = llama();
+    fm.register(HookFunction::new("model.layers.0").expected_dims(&[None, None, Some(64)]))
+        .unwrap();
+    fm.forward(&ids()).unwrap();
+    fm.register(HookFunction::new("model.layers.1").expected_dims(&[None, Some(8), Some(64)]))
+        .unwrap();
+    let err = fm.forward(&ids()).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "site `model.layers.1`: expected shape [any, 8, 64], got [2, 16, 64]"
+    );
+    let mut fm = llama();
+    fm.register(HookFunction::new("model.layers.0").expected_dims(&[None, None]))
+        .unwrap();
+    assert!(
+        fm.forward(&ids()).is_err(),
+        "a rank-3 activation against 2 dimensions"
+    );
+}
+
+#[test]
 fn edit_returning_wrong_shape_names_site_and_shapes() {
     let mut fm = llama();
     fm.register(

@@ -216,7 +216,8 @@ class HookFunction:
 
     Args:
         module_name: site name or pattern.
-        expected_shape: the exact shape the activation must have.
+        expected_shape: the shape the activation must have; ``None`` for a dimension matches
+            any size (FlexModel's ``(None, None, 64)``).
         editing_function: ``f(activation, ctx) -> activation``.
         capture: store the activation in the output map.
         hook_type: "forward" (the site's output), "forward_pre" (the module's input) or
@@ -229,7 +230,7 @@ class HookFunction:
     def __init__(
         self,
         module_name: str,
-        expected_shape: Optional[Sequence[int]] = None,
+        expected_shape: Optional[Sequence[Optional[int]]] = None,
         editing_function: Optional[Callable[[Array, HookContext], Optional[Array]]] = None,
         *,
         capture: bool = True,
@@ -243,7 +244,7 @@ class HookFunction:
         if framework not in (None, "numpy", "torch"):
             raise InputError(f"framework {framework!r}: use 'numpy' or 'torch'")
         if expected_shape is not None:
-            expected_shape = [int(d) for d in expected_shape]
+            expected_shape = [None if d is None else int(d) for d in expected_shape]
         self.module_name = module_name
         self.expected_shape = expected_shape
         self.editing_function = editing_function
