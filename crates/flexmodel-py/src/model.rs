@@ -559,7 +559,7 @@ impl PyModel {
 
     /// Harvests sites over a dataset (the CLI's `harvest`); returns the summary as a dict's
     /// items.
-    #[pyo3(signature = (data, text_field, sites, out, seq_len, packing, batch_size, max_tokens, dtype, positions, shard_tokens, stats, raw, top_k, context, covariance, memory_budget, resume))]
+    #[pyo3(signature = (data, text_field, sites, out, seq_len, packing, batch_size, max_tokens, dtype, positions, shard_tokens, stats, raw, top_k, context, covariance, memory_budget, resume, progress))]
     #[allow(clippy::too_many_arguments)]
     fn harvest(
         &self,
@@ -582,6 +582,7 @@ impl PyModel {
         covariance: bool,
         memory_budget: Option<u64>,
         resume: bool,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<Vec<(String, f64)>> {
         let source = DataSource::from_path(&data, text_field).map_err(|e| error::harvest(&e))?;
         let positions = positions.parse().map_err(|e| error::harvest(&e))?;
@@ -618,6 +619,7 @@ impl PyModel {
             stop: Some(Arc::new(AtomicBool::new(false))),
         };
         let stop = options.stop.clone().unwrap_or_default();
+        let stop_reason: Mutex<Option<PyErr>> = Mutex::new(None);
         let tokenizer = Tokenizer::from_dir(&self.dir).ok();
         let dir = self.dir.clone();
         let mut guard = self.model()?;
@@ -625,25 +627,27 @@ impl PyModel {
         self.failures.take();
         let summary = py
             .detach(|| {
-                harvest::run(
-                    fm,
-                    &dir,
-                    tokenizer.as_ref(),
-                    &source,
-                    &out,
-                    &options,
-                    |_| {
-                        // Ctrl-C: the harvest ends after this batch, resumable.
-                        if Python::attach(|py| py.check_signals()).is_err() {
+                harvest::run(fm, &dir, tokenizer.as_ref(), &source, &out, &options, |p| {
+                    Python::attach(|py| {
+                        // Ctrl-C, or an exception in the progress callback: the harvest
+                        // ends after this batch, resumable.
+                        let reported = match &progress {
+                            Some(f) => report_progress(py, f, p),
+                            None => Ok(()),
+                        };
+                        if let Err(e) = reported.and_then(|()| py.check_signals()) {
+                            lock(&stop_reason).get_or_insert(e);
                             stop.store(true, Ordering::Relaxed);
                         }
-                    },
-                )
+                    })
+                })
             })
             .map_err(|e| match e {
-                harvest::Error::Interrupted { .. } => {
-                    PyKeyboardInterrupt::new_err(error::chain(&e))
-                }
+                // A progress callback's exception as itself; Ctrl-C with the harvest's state.
+                harvest::Error::Interrupted { .. } => match lock(&stop_reason).take() {
+                    Some(reason) if !reason.is_instance_of::<PyKeyboardInterrupt>(py) => reason,
+                    _ => PyKeyboardInterrupt::new_err(error::chain(&e)),
+                },
                 // An editing function of the wrapper raised (a Ctrl-C there too).
                 e => self.failures.take().unwrap_or_else(|| error::harvest(&e)),
             })?;
@@ -720,6 +724,18 @@ impl PyModel {
     fn hook_count(&self) -> usize {
         lock(&self.handles).len()
     }
+}
+
+/// Calls a harvest's progress callback with a dict of where it stands.
+fn report_progress(py: Python<'_>, f: &Py<PyAny>, p: &harvest::Progress) -> PyResult<()> {
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("rows", p.rows)?;
+    d.set_item("tokens", p.tokens)?;
+    d.set_item("stored_tokens", p.stored_tokens)?;
+    d.set_item("shards", p.shards)?;
+    d.set_item("seconds", p.seconds)?;
+    d.set_item("fraction", p.fraction)?;
+    f.call1(py, (d,)).map(drop)
 }
 
 /// A model directory's tokenizer (`tokenizer.json`).

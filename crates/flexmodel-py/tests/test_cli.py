@@ -5,6 +5,7 @@ import json
 import subprocess
 
 import numpy as np
+import pytest
 
 import flexmodel
 from conftest import ROOT, TINY, cli
@@ -38,6 +39,15 @@ def test_python_and_rust_edits_give_identical_results(tmp_path):
         np.testing.assert_array_equal(fm.output[site][0], rust[site])
 
 
+def test_an_exception_in_the_progress_callback_ends_the_harvest(tmp_path):
+    def fail(p):
+        raise ValueError(f"stop at {p['rows']} rows")
+
+    with pytest.raises(ValueError, match="stop at 3 rows"):
+        flexmodel.harvest(TINY, ROOT / "data" / "tiny.txt", ["model.layers.1"], tmp_path / "h",
+                          seq_len=12, batch_size=3, progress=fail)
+
+
 def test_a_python_harvest_equals_the_cli_harvest(tmp_path):
     options = dict(seq_len=12, batch_size=3, max_tokens=200, shard_tokens=40)
     subprocess.run(
@@ -46,10 +56,13 @@ def test_a_python_harvest_equals_the_cli_harvest(tmp_path):
          "--seq-len", "12", "--batch-size", "3", "--max-tokens", "200", "--shard-tokens", "40"],
         check=True, capture_output=True,
     )
+    seen = []
     summary = flexmodel.harvest(
         TINY, ROOT / "data" / "tiny.txt", ["model.layers.1", "model.layers.0.mlp"],
-        tmp_path / "py", **options,
+        tmp_path / "py", progress=seen.append, **options,
     )
+    assert [p["fraction"] for p in seen] == sorted(p["fraction"] for p in seen)
+    assert seen[-1]["fraction"] == 1.0 and seen[-1]["stored_tokens"] == summary["stored_tokens"]
     ours, theirs = flexmodel.read_harvest(tmp_path / "py"), flexmodel.read_harvest(tmp_path / "cli")
     assert ours.complete and summary["stored_tokens"] == len(ours["input_ids"]) > 100
     assert ours.names == theirs.names == [

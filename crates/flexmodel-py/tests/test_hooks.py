@@ -105,6 +105,21 @@ def test_groups_select_hooks_per_pass():
         fm(IDS, groups=["nope"])
 
 
+def test_hooks_for_a_with_block():
+    fm = flexmodel.load(TINY)
+    plain = fm(IDS)
+    zero = flexmodel.HookFunction("model.layers.1.mlp", editing_function=lambda x, c: x * 0)
+    grad = flexmodel.HookFunction("model.layers.0", hook_type="backward")
+    with fm.hooks([zero, grad]) as handles:
+        assert len(handles) == 2 and fm._native.hook_count == 2
+        ablated = fm(IDS)
+        fm.lm_backward(IDS)
+    assert fm._native.hook_count == 0
+    assert np.abs(ablated - plain).max() > 1e-3
+    assert "grad.model.layers.0" in fm.output
+    np.testing.assert_array_equal(fm(IDS), plain)
+
+
 def test_capture_stops_after_the_last_needed_layer():
     fm = flexmodel.load(TINY)
     fm.register_forward_hook(flexmodel.HookFunction("model.layers.0.mlp"))

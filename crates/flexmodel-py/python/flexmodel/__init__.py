@@ -16,6 +16,7 @@ editing functions run once, on rank 0, on the full activation, and captures land
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import os
@@ -521,6 +522,21 @@ class FlexModel:
         """Unregisters a hook."""
         handle.remove()
 
+    @contextlib.contextmanager
+    def hooks(self, hooks: Sequence[HookFunction]):
+        """Registers ``hooks`` (each at the point its ``hook_type`` names) for the ``with``
+        block and removes them after, as TransformerLens's ``model.hooks(...)``::
+
+            with fm.hooks([HookFunction("model.layers.1.mlp", editing_function=zero)]):
+                ablated = fm(ids)
+        """
+        handles = [self.register_hook(h) for h in hooks]
+        try:
+            yield handles
+        finally:
+            for h in handles:
+                h.remove()
+
     # groups
 
     def create_group(self, name: str) -> None:
@@ -793,17 +809,21 @@ def harvest(
     covariance: bool = False,
     memory_budget_mb: Optional[int] = None,
     resume: bool = False,
+    progress: Optional[Callable[[dict], None]] = None,
 ) -> dict:
     """Stores the activations of ``sites`` over the documents of ``data`` (.txt: one per line,
     .jsonl: ``text_field`` of each line, .safetensors: integer input_ids) as safetensors shards
     and a manifest in ``out``: the CLI's ``flexmodel harvest``, with the same options, bounded
-    in memory and resumable. Read the result with :func:`read_harvest`. Returns the summary."""
+    in memory and resumable. Read the result with :func:`read_harvest`. Hooks registered on
+    ``model`` apply (a harvest under an ablation). ``progress(p)`` is called after each batch
+    with rows, tokens, stored_tokens, shards, seconds and fraction (0 to 1), on rank 0; Ctrl-C
+    ends the harvest after the batch, resumable. Returns the summary."""
     fm = model if isinstance(model, FlexModel) else load(model)
     budget = None if memory_budget_mb is None else int(memory_budget_mb) * 1_000_000
     summary = fm._native.harvest(
         os.fspath(data), text_field, list(sites), os.fspath(out), seq_len, packing, batch_size,
         max_tokens, dtype, positions, shard_tokens, stats, raw, top_k, context, covariance,
-        budget, resume,
+        budget, resume, progress,
     )
     return {k: (v if k == "seconds" else int(v)) for k, v in summary}
 
