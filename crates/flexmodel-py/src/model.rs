@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use flexmodel::harvest::{self, DataSource, HarvestOptions, Settings, StatsSettings, StoreDType};
 use flexmodel::{
-    Device, FlexModel, GenerateOptions, Groups, HookFunction, HookHandle, Input, LoadOptions,
-    ModelInfo, Parallelism, Sampling, Steps, Tensor, Tokenizer,
+    DType, Device, FlexModel, GenerateOptions, Groups, HookFunction, HookHandle, Input,
+    LoadOptions, ModelInfo, Parallelism, Sampling, Steps, Tensor, Tokenizer,
 };
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -180,7 +180,18 @@ pub(crate) fn load(
     dp: usize,
     requires_grad: bool,
 ) -> PyResult<PyModel> {
-    let dtype = parse_dtype(dtype)?;
+    let dtype = match parse_dtype(dtype)? {
+        d @ (DType::F32 | DType::F16 | DType::BF16) => d,
+        other => {
+            return Err(error::raise(
+                "InputError",
+                format!(
+                    "a model computes in float32, float16 or bfloat16, not {}",
+                    dtype_name(other)
+                ),
+            ));
+        }
+    };
     let spec = match device {
         "cuda" => format!("cuda:{}", flexmodel_dist::local_rank().unwrap_or(0)),
         other => other.to_string(),

@@ -208,6 +208,17 @@ def test_shape_and_dtype_errors_name_both():
         fm(np.zeros((1, 2, 3), dtype=np.int64))
 
 
+def test_load_errors():
+    with pytest.raises(flexmodel.LoadError, match="cannot read .*config.json") as e:
+        flexmodel.load(TINY.parent / "nope")
+    assert str(e.value).count("No such file") == 1
+    with pytest.raises(flexmodel.InputError, match="float32, float16 or bfloat16, not int64"):
+        flexmodel.load(TINY, dtype="int64")
+    # A layout without its ranks, in one process.
+    with pytest.raises(flexmodel.DistributedError, match="needs 2 ranks, the job has 1"):
+        flexmodel.load(TINY, tp=2)
+
+
 def test_an_exception_in_an_editing_function_reaches_the_caller():
     fm = flexmodel.load(TINY)
 

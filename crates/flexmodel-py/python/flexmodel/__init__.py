@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import os
 import sys
@@ -53,6 +54,7 @@ __all__ = [
     "HAS_CUDA",
 ] + _errors.__all__
 
+__version__: str = importlib.metadata.version("flexmodel")
 #: The ``model_type`` values flexmodel loads.
 SUPPORTED: list = list(_native.SUPPORTED)
 #: Whether this build runs under ``mpirun`` (built with ``--features mpi``).
