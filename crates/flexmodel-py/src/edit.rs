@@ -9,7 +9,7 @@ use flexmodel::{Edit, HookCtx, Point};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
-use crate::tensor::{RawTensor, from_bytes};
+use crate::tensor::{RawTensor, from_bytes, host_buffer};
 
 /// What the editing functions of one wrapper share: the first Python exception one raised in
 /// the current pass (re-raised to the caller of the pass, traceback and all), and whether the
@@ -71,8 +71,7 @@ impl PyEdit {
         // The function gets the activation's own memory when it may write there: a host tensor
         // that owns its whole storage, outside a gradient pass (autograd keeps the values it
         // saved). Otherwise a copy of its own.
-        let own_storage = x.device().is_cpu() && x.is_contiguous() && owns_storage(x);
-        let zero_copy = own_storage && !grad;
+        let zero_copy = !grad && x.is_contiguous() && owns_storage(x);
         let given = if zero_copy {
             x.clone()
         } else {
@@ -136,25 +135,10 @@ impl PyEdit {
 /// still read).
 fn owns_storage(x: &Tensor) -> bool {
     let (storage, layout) = x.storage_and_layout();
-    layout.start_offset() == 0 && storage_len(&storage).is_some_and(|n| n == x.elem_count())
-}
-
-fn storage_len(storage: &candle_core::Storage) -> Option<usize> {
-    let candle_core::Storage::Cpu(cpu) = storage else {
-        return None;
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return false;
     };
-    Some(match cpu {
-        CpuStorage::U8(v) => v.len(),
-        CpuStorage::U32(v) => v.len(),
-        CpuStorage::I16(v) => v.len(),
-        CpuStorage::I32(v) => v.len(),
-        CpuStorage::I64(v) => v.len(),
-        CpuStorage::BF16(v) => v.len(),
-        CpuStorage::F16(v) => v.len(),
-        CpuStorage::F32(v) => v.len(),
-        CpuStorage::F64(v) => v.len(),
-        _ => return None,
-    })
+    layout.start_offset() == 0 && host_buffer(cpu).is_some_and(|(_, n, _)| n == x.elem_count())
 }
 
 /// Whether the copy a function was given still equals the activation (it returned it as is).

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
+use candle_core::backprop::GradStore;
 use flexmodel::harvest::{self, DataSource, HarvestOptions, Settings, StatsSettings, StoreDType};
 use flexmodel::{
     DType, Device, FlexModel, GenerateOptions, Groups, HookFunction, HookHandle, Input,
@@ -160,6 +161,22 @@ fn steps(kind: &str, start: usize, end: usize) -> PyResult<Steps> {
             )));
         }
     })
+}
+
+/// The gradients `store` holds of the model's weights, by parameter name (empty unless the
+/// model was loaded with `requires_grad`).
+fn weight_grads(fm: &FlexModel, store: &GradStore) -> Vec<(String, Tensor)> {
+    let params = fm.model().parameters().iter();
+    params
+        .filter_map(|(name, p)| Some((name.to_string(), store.get(p)?.clone())))
+        .collect()
+}
+
+fn raw_grads(grads: &[(String, Tensor)]) -> PyResult<Vec<(String, RawTensor)>> {
+    grads
+        .iter()
+        .map(|(n, g)| Ok((n.clone(), raw(g)?)))
+        .collect()
 }
 
 fn raw(t: &Tensor) -> PyResult<RawTensor> {
@@ -338,18 +355,9 @@ impl PyModel {
             let f32 = flexmodel::DType::F32;
             let surrogate = (logits.to_dtype(f32)? * grad.to_dtype(f32)?)?.sum_all()?;
             let store = fm.backward(&surrogate)?;
-            let mut grads = Vec::new();
-            for (name, p) in fm.model().parameters().iter() {
-                if let Some(g) = store.get(p) {
-                    grads.push((name.to_string(), g.clone()));
-                }
-            }
-            Ok(grads)
+            Ok(weight_grads(fm, &store))
         })?;
-        grads
-            .iter()
-            .map(|(n, g)| Ok((n.clone(), raw(g)?)))
-            .collect()
+        raw_grads(&grads)
     }
 
     /// A pass for the hooks alone; the decoder layer it stopped after.
@@ -432,23 +440,14 @@ impl PyModel {
         let input = input(ids, shape, mask)?;
         let (loss, logits, grads) = self.run(py, |fm| {
             let b = fm.lm_backward(&input)?;
-            let mut grads = Vec::new();
-            for (name, p) in fm.model().parameters().iter() {
-                if let Some(g) = b.grads.get(p) {
-                    grads.push((name.to_string(), g.clone()));
-                }
-            }
+            let grads = weight_grads(fm, &b.grads);
             let loss = b.loss.to_dtype(flexmodel::DType::F32)?.to_scalar::<f32>()?;
             Ok((loss, b.logits, grads))
         })?;
         if self.rank != 0 {
             return Ok((None, None, Vec::new()));
         }
-        let grads = grads
-            .iter()
-            .map(|(n, g)| Ok((n.clone(), raw(g)?)))
-            .collect::<PyResult<_>>()?;
-        Ok((Some(loss), Some(raw(&logits)?), grads))
+        Ok((Some(loss), Some(raw(&logits)?), raw_grads(&grads)?))
     }
 
     /// The full tensor of a parameter (on rank 0; every rank must call it).
@@ -608,6 +607,7 @@ impl PyModel {
                 )));
             }
         };
+        let stop = Arc::new(AtomicBool::new(false));
         let options = HarvestOptions {
             settings: Settings {
                 sites,
@@ -627,9 +627,8 @@ impl PyModel {
             },
             memory_budget,
             resume,
-            stop: Some(Arc::new(AtomicBool::new(false))),
+            stop: Some(stop.clone()),
         };
-        let stop = options.stop.clone().unwrap_or_default();
         let stop_reason: Mutex<Option<PyErr>> = Mutex::new(None);
         let tokenizer = Tokenizer::from_dir(&self.dir).ok();
         let dir = self.dir.clone();

@@ -47,24 +47,11 @@ impl RawTensor {
             let Storage::Cpu(cpu) = &*storage else {
                 return Err(PyValueError::new_err("a device tensor has no host address"));
             };
-            let (base, format) = match cpu {
-                CpuStorage::U8(v) => (v.as_ptr() as usize, c"B"),
-                CpuStorage::U32(v) => (v.as_ptr() as usize, c"I"),
-                CpuStorage::I16(v) => (v.as_ptr() as usize, c"h"),
-                CpuStorage::I32(v) => (v.as_ptr() as usize, c"i"),
-                CpuStorage::I64(v) => (v.as_ptr() as usize, c"q"),
-                // No buffer format for bfloat16: its bits, viewed as ml_dtypes.bfloat16 (or
-                // torch.bfloat16) on the Python side.
-                CpuStorage::BF16(v) => (v.as_ptr() as usize, c"H"),
-                CpuStorage::F16(v) => (v.as_ptr() as usize, c"e"),
-                CpuStorage::F32(v) => (v.as_ptr() as usize, c"f"),
-                CpuStorage::F64(v) => (v.as_ptr() as usize, c"d"),
-                _ => {
-                    return Err(PyValueError::new_err(format!(
-                        "dtype {:?} has no numpy equivalent",
-                        tensor.dtype()
-                    )));
-                }
+            let Some((base, _, format)) = host_buffer(cpu) else {
+                return Err(PyValueError::new_err(format!(
+                    "dtype {:?} has no numpy equivalent",
+                    tensor.dtype()
+                )));
             };
             let size = tensor.dtype().size_in_bytes();
             let shape = tensor.dims().iter().map(|&d| d as isize).collect();
@@ -146,6 +133,28 @@ impl RawTensor {
     #[getter]
     fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, self.tensor.dims())
+    }
+}
+
+/// A host storage's first element's address, its length in elements and its buffer-protocol
+/// format (`None` for the dtypes numpy has no equivalent of).
+pub(crate) fn host_buffer(cpu: &CpuStorage) -> Option<(usize, usize, &'static CStr)> {
+    fn of<T>(v: &[T], format: &'static CStr) -> Option<(usize, usize, &'static CStr)> {
+        Some((v.as_ptr() as usize, v.len(), format))
+    }
+    match cpu {
+        CpuStorage::U8(v) => of(v, c"B"),
+        CpuStorage::U32(v) => of(v, c"I"),
+        CpuStorage::I16(v) => of(v, c"h"),
+        CpuStorage::I32(v) => of(v, c"i"),
+        CpuStorage::I64(v) => of(v, c"q"),
+        // No buffer format for bfloat16: its bits, viewed as ml_dtypes.bfloat16 (or
+        // torch.bfloat16) on the Python side.
+        CpuStorage::BF16(v) => of(v, c"H"),
+        CpuStorage::F16(v) => of(v, c"e"),
+        CpuStorage::F32(v) => of(v, c"f"),
+        CpuStorage::F64(v) => of(v, c"d"),
+        _ => None,
     }
 }
 

@@ -78,6 +78,11 @@ def _bfloat16():
     return ml_dtypes.bfloat16
 
 
+def _check_framework(framework: str) -> None:
+    if framework not in ("numpy", "torch"):
+        raise InputError(f"framework {framework!r}: use 'numpy' or 'torch'")
+
+
 def _from_raw(raw, framework: str) -> Array:
     """The array over a native tensor's memory (no copy)."""
     a = np.asarray(raw)
@@ -244,8 +249,8 @@ class HookFunction:
     ):
         if hook_type not in _HOOK_TYPES:
             raise InputError(f"hook_type {hook_type!r}: use one of {sorted(_HOOK_TYPES)}")
-        if framework not in (None, "numpy", "torch"):
-            raise InputError(f"framework {framework!r}: use 'numpy' or 'torch'")
+        if framework is not None:
+            _check_framework(framework)
         if expected_shape is not None:
             expected_shape = [None if d is None else int(d) for d in expected_shape]
         self.module_name = module_name
@@ -422,8 +427,6 @@ class FlexModel:
     ``restore()``. Made by :func:`load`."""
 
     def __init__(self, native, framework: str = "numpy"):
-        if framework not in ("numpy", "torch"):
-            raise InputError(f"framework {framework!r}: use 'numpy' or 'torch'")
         self._native = native
         #: "numpy" or "torch": what hooks receive and what captures and logits are.
         self.framework = framework
@@ -431,6 +434,7 @@ class FlexModel:
         self.state: dict = {}
         self._tokenizer = None
         self._weight_grads: dict = {}
+        self._sites: Optional[list] = None
 
     # what the model is
 
@@ -479,12 +483,14 @@ class FlexModel:
         ``*`` matches any characters)."""
         import fnmatch
 
-        out = []
-        for s in json.loads(self._native.sites_json()):
-            if pattern is not None and not fnmatch.fnmatchcase(s["name"], pattern):
-                continue
-            out.append(Site(s["name"], s["kind"], tuple(s["shape"]), s["layout"], s["input_layout"]))
-        return out
+        if self._sites is None:
+            self._sites = [
+                Site(s["name"], s["kind"], tuple(s["shape"]), s["layout"], s["input_layout"])
+                for s in json.loads(self._native.sites_json())
+            ]
+        if pattern is None:
+            return list(self._sites)
+        return [s for s in self._sites if fnmatch.fnmatchcase(s.name, pattern)]
 
     # hooks
 
@@ -749,8 +755,7 @@ def load(
         framework: "numpy" or "torch": what editing functions receive and what captures and
             logits are.
     """
-    if framework not in ("numpy", "torch"):
-        raise InputError(f"framework {framework!r}: use 'numpy' or 'torch'")
+    _check_framework(framework)  # before any weight is read
     native = _native.load(os.fspath(dir), dtype, device, tp, pp, dp, requires_grad)
     return FlexModel(native, framework)
 
@@ -908,8 +913,7 @@ def _end_job_on_uncaught(default_hook):
     return hook
 
 
-if _native.has_mpi() and (os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE")
-                          or os.environ.get("PMIX_SIZE") or os.environ.get("SLURM_NTASKS")):
-    if world_size() > 1:
-        sys.excepthook = _end_job_on_uncaught(sys.excepthook)
+# Outside an MPI launcher the world is this process alone (MPI does not start).
+if _native.has_mpi() and world_size() > 1:
+    sys.excepthook = _end_job_on_uncaught(sys.excepthook)
 atexit.register(_native.shutdown)
