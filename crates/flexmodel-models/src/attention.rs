@@ -162,6 +162,8 @@ pub(crate) struct AttnSites {
     v: SiteId,
     probs: SiteId,
     head_out: SiteId,
+    /// Gemma 2's `attn_logit_softcapping`: scores become `cap * tanh(scores / cap)`.
+    softcap: Option<f64>,
 }
 
 impl AttnSites {
@@ -183,7 +185,14 @@ impl AttnSites {
                 },
             )?,
             head_out: vb.internal("hook_head_out", per_head(h.heads), by_head(h.heads))?,
+            softcap: None,
         })
+    }
+
+    /// Scores soft-capped at `cap` before the mask, when it is set.
+    pub(crate) fn with_softcap(mut self, cap: Option<f64>) -> Self {
+        self.softcap = cap;
+        self
     }
 }
 
@@ -244,7 +253,13 @@ pub(crate) fn attend(
                 .narrow(2, start, rows)?
                 .narrow(3, 0, keys)?
                 .contiguous()?;
-            let probs = probabilities(&q, &kt.narrow(2, 0, keys)?, &mask, (heads, rows))?;
+            let probs = probabilities(
+                &q,
+                &kt.narrow(2, 0, keys)?,
+                &mask,
+                (heads, rows),
+                sites.softcap,
+            )?;
             let out = probs
                 .to_dtype(dtype)?
                 .reshape((b, kv_heads, n_rep * rows, keys))?
@@ -253,7 +268,7 @@ pub(crate) fn attend(
         }
         Tensor::cat(&outs, 3)?
     } else {
-        let probs = probabilities(&qg, &kt, mask, (heads, s))?.to_dtype(dtype)?;
+        let probs = probabilities(&qg, &kt, mask, (heads, s), sites.softcap)?.to_dtype(dtype)?;
         let probs = run.site(sites.probs, probs)?;
         probs
             .reshape((b, kv_heads, n_rep * s, kv_len))?
@@ -268,12 +283,14 @@ pub(crate) fn attend(
 const QUERY_CHUNK: usize = 128;
 
 /// `softmax(q k^T + mask)` in f32, `[b, heads, rows, keys]`, for grouped queries `q`
-/// `[b, kv_heads, n_rep * rows, d]` (already scaled) and keys `[b, kv_heads, keys, d]`.
+/// `[b, kv_heads, n_rep * rows, d]` (already scaled) and keys `[b, kv_heads, keys, d]`; with
+/// `softcap`, the scores are `cap * tanh(scores / cap)` before the mask.
 fn probabilities(
     q: &Tensor,
     k: &Tensor,
     mask: &Tensor,
     (heads, rows): (usize, usize),
+    softcap: Option<f64>,
 ) -> FwdResult<Tensor> {
     let (b, _, _, _) = q.dims4()?;
     let keys = k.dim(2)?;
@@ -281,5 +298,9 @@ fn probabilities(
         .matmul(&k.t()?)?
         .reshape((b, heads, rows, keys))?
         .to_dtype(DType::F32)?;
+    let scores = match softcap {
+        Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+        None => scores,
+    };
     Ok(kernels::masked_softmax(&scores, mask)?)
 }

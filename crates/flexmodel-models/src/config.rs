@@ -54,9 +54,34 @@ impl RawConfig {
         self.json.get(key).filter(|v| !v.is_null())
     }
 
-    /// Fails on options of related architectures that change the model and that no family
-    /// here implements, so such a config cannot load as a silently different model.
-    pub(crate) fn reject_foreign_options(&self) -> Result<()> {
+    /// A number field: `default` when absent, `None` when null.
+    pub(crate) fn f64_or(&self, key: &str, default: Option<f64>) -> Result<Option<f64>> {
+        match self.json.get(key) {
+            None => Ok(default),
+            Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.error(format!("`{key}` must be a number, not {v}"))),
+        }
+    }
+
+    /// Fails unless the boolean option `key` is absent, null or false.
+    pub(crate) fn require_false(&self, key: &str) -> Result<()> {
+        match self.get(key) {
+            None | Some(Value::Bool(false)) => Ok(()),
+            Some(v) => Err(Error::unsupported(
+                key,
+                v.to_string(),
+                "flexmodel runs causal (left-to-right) attention only; set it to false",
+            )),
+        }
+    }
+
+    /// Fails on options of related architectures that change the model and that this
+    /// family does not implement (`own`: the ones it does), so such a config cannot load as
+    /// a silently different model.
+    pub(crate) fn reject_foreign_options(&self, own: &[&str]) -> Result<()> {
         const FOREIGN: &[&str] = &[
             "attn_logit_softcapping",
             "final_logit_softcapping",
@@ -68,7 +93,10 @@ impl RawConfig {
             "use_qk_norm",
             "qk_layernorm_per_head",
         ];
-        match FOREIGN.iter().find(|k| self.get(k).is_some()) {
+        let foreign = FOREIGN
+            .iter()
+            .find(|k| !own.contains(k) && self.get(k).is_some());
+        match foreign {
             Some(key) => Err(Error::unsupported(
                 *key,
                 self.json[*key].to_string(),

@@ -4,8 +4,9 @@
 //! [`load`] reads a model directory as `transformers` writes it (`config.json`,
 //! `model.safetensors` or an index with shards, `tokenizer.json`), memory-maps the weights and
 //! returns a [`Model`] whose forward pass matches transformers (checked against reference
-//! activations of every module). Families: Llama, Mistral, Qwen2 and Gemma (`llama.rs`), Phi,
-//! GPT-2, GPT-NeoX, Falcon, OPT.
+//! activations of every module). Families: Llama, Mistral, Qwen2 and Gemma (`llama.rs`), Qwen 3,
+//! Gemma 2, Gemma 3, OLMo 2 and Phi-3 (each a variation of the shared [`decoder`] in a short
+//! file), Phi, GPT-2, GPT-NeoX, Falcon, OPT.
 //!
 //! ```no_run
 //! use flexmodel_core::{FlexModel, HookFunction};
@@ -22,16 +23,22 @@
 mod alloc;
 mod attention;
 mod config;
+mod decoder;
 mod device;
 mod error;
 mod falcon;
+mod gemma2;
+mod gemma3;
 mod gpt2;
 mod gpt_neox;
 mod kernels;
 mod llama;
 mod nn;
+mod olmo2;
 mod opt;
 mod phi;
+mod phi3;
+mod qwen3;
 pub mod random;
 mod rope;
 mod tokenizer;
@@ -56,7 +63,20 @@ pub(crate) type FwdResult<T> = flexmodel_core::Result<T>;
 
 /// The `model_type`s flexmodel loads.
 pub const SUPPORTED: &[&str] = &[
-    "llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "gpt_neox", "falcon", "opt",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "olmo2",
+    "phi",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "falcon",
+    "opt",
 ];
 
 /// How to load a model.
@@ -152,9 +172,23 @@ fn build(cfg: &RawConfig, vb: Vb) -> Result<Box<dyn Model>> {
     if !SUPPORTED.contains(&model_type) {
         return Err(unknown());
     }
-    cfg.reject_foreign_options()?;
+    let gemma2_options: &[&str] = &[
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "query_pre_attn_scalar",
+    ];
+    let own = match model_type {
+        "gemma2" | "gemma3_text" => gemma2_options,
+        _ => &[],
+    };
+    cfg.reject_foreign_options(own)?;
     match model_type {
-        "llama" | "mistral" | "qwen2" | "gemma" => llama::Llama::load(cfg, vb),
+        "llama" | "mistral" | "qwen2" | "gemma" => llama::load(cfg, vb),
+        "qwen3" => qwen3::load(cfg, vb),
+        "gemma2" => gemma2::load(cfg, vb),
+        "gemma3_text" => gemma3::load(cfg, vb),
+        "olmo2" => olmo2::load(cfg, vb),
+        "phi3" => phi3::load(cfg, vb),
         "phi" => phi::Phi::load(cfg, vb),
         "gpt2" => gpt2::Gpt2::load(cfg, vb),
         "gpt_neox" => gpt_neox::GptNeox::load(cfg, vb),
@@ -199,8 +233,8 @@ pub(crate) trait Family: Send + Sync + 'static {
 pub(crate) enum Tables {
     /// No per-pass table (learned positions).
     None,
-    /// Rotary `cos`, `sin`, each `[pos_batch, seq, rot]`.
-    Rotary(Tensor, Tensor),
+    /// Rotary `(cos, sin)`, each `[pos_batch, seq, rot]`: one pair per rope of the model.
+    Rotary(Vec<(Tensor, Tensor)>),
 }
 
 impl Tables {
@@ -208,23 +242,33 @@ impl Tables {
     fn into_parts(self) -> Vec<Tensor> {
         match self {
             Tables::None => Vec::new(),
-            Tables::Rotary(cos, sin) => vec![cos, sin],
+            Tables::Rotary(pairs) => pairs.into_iter().flat_map(|(c, s)| [c, s]).collect(),
         }
     }
 
     /// The tables a stage received.
-    fn from_parts(mut parts: Vec<Tensor>) -> Self {
-        match (parts.pop(), parts.pop()) {
-            (Some(sin), Some(cos)) => Tables::Rotary(cos, sin),
-            _ => Tables::None,
+    fn from_parts(parts: Vec<Tensor>) -> Self {
+        if parts.is_empty() {
+            return Tables::None;
         }
+        let mut parts = parts.into_iter();
+        let mut pairs = Vec::new();
+        while let (Some(cos), Some(sin)) = (parts.next(), parts.next()) {
+            pairs.push((cos, sin));
+        }
+        Tables::Rotary(pairs)
     }
 
-    /// The rotary tables; a family with rotary attention always has them.
+    /// The rotary tables of the model's only (or first) rope.
     pub(crate) fn rotary(&self) -> FwdResult<(&Tensor, &Tensor)> {
+        self.rotary_at(0)
+    }
+
+    /// The rotary tables of rope `i`.
+    pub(crate) fn rotary_at(&self, i: usize) -> FwdResult<(&Tensor, &Tensor)> {
         match self {
-            Tables::Rotary(cos, sin) => Ok((cos, sin)),
-            Tables::None => Err(flexmodel_core::Error::msg("rotary tables missing")),
+            Tables::Rotary(pairs) if i < pairs.len() => Ok((&pairs[i].0, &pairs[i].1)),
+            _ => Err(flexmodel_core::Error::msg("rotary tables missing")),
         }
     }
 }

@@ -346,38 +346,116 @@ impl Embedding {
 /// RMS normalisation, Llama style (`w * x / rms(x)`) or Gemma style (`(1 + w) * ...`),
 /// computed in f32 like transformers.
 pub(crate) struct RmsNorm {
-    /// Effective scale, f32 (`1 + w` for Gemma).
+    /// Effective scale, f32 (`1 + w` for Gemma): this rank's block when the input is split.
     scale: Tensor,
     eps: f64,
+    /// The input's last dimension is split over these ranks (OLMo 2's q/k norm over a whole
+    /// projection): the mean of squares is summed over them, of `.1` features in all.
+    split: Option<(Arc<dyn Comm>, usize)>,
     site: SiteId,
 }
 
+/// Where an [`RmsNorm`]'s weight is applied: `w` or Gemma's `1 + w`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum RmsKind {
+    Plain,
+    Gemma,
+}
+
 impl RmsNorm {
-    pub(crate) fn new(vb: Vb, dim: usize, eps: f64, lead: &[Dim]) -> Result<Self> {
-        let scale = vb.get_f32("weight", dim)?;
-        Self::with_scale(vb, scale, eps, lead)
+    /// A norm over the whole last dimension of a per-token activation.
+    pub(crate) fn of_kind(
+        vb: Vb,
+        kind: RmsKind,
+        dim: usize,
+        eps: f64,
+        lead: &[Dim],
+    ) -> Result<Self> {
+        let scale = Self::scale(kind, vb.get_f32("weight", dim)?)?;
+        let site = vb.site(shape_of(lead, dim), Layout::Replicated)?;
+        Ok(Self {
+            scale,
+            eps,
+            split: None,
+            site,
+        })
     }
 
-    /// Gemma's norm: the stored weight is an offset from 1.
-    pub(crate) fn gemma(vb: Vb, dim: usize, eps: f64, lead: &[Dim]) -> Result<Self> {
-        let scale = (vb.get_f32("weight", dim)? + 1.0)?;
-        Self::with_scale(vb, scale, eps, lead)
+    /// A norm over each head, `[batch, seq, heads, head_dim]` (Qwen 3's q/k norms) or with
+    /// `heads_first` `[batch, heads, seq, head_dim]` (Gemma 3's), split over ranks by head.
+    pub(crate) fn per_head(
+        vb: Vb,
+        kind: RmsKind,
+        heads: usize,
+        head_dim: usize,
+        eps: f64,
+        heads_first: bool,
+    ) -> Result<Self> {
+        let scale = Self::scale(kind, vb.get_f32("weight", head_dim)?)?;
+        let (shape, dim) = if heads_first {
+            (vec![Dim::Batch, Dim::Size(heads), Dim::Seq], 1)
+        } else {
+            (vec![Dim::Batch, Dim::Seq, Dim::Size(heads)], 2)
+        };
+        let layout = Layout::Split { dim, units: heads };
+        let site = vb.site(shape_of(&shape, head_dim), layout.clone())?;
+        vb.set_input_layout(site, layout);
+        Ok(Self {
+            scale,
+            eps,
+            split: None,
+            site,
+        })
     }
 
-    fn with_scale(vb: Vb, scale: Tensor, eps: f64, lead: &[Dim]) -> Result<Self> {
-        let site = vb.site(shape_of(lead, scale.dim(0)?), Layout::Replicated)?;
-        Ok(Self { scale, eps, site })
+    /// A norm over a whole projection `[batch, seq, heads * head_dim]` whose last dimension
+    /// is split over tensor-parallel ranks by head (OLMo 2's q/k norms).
+    pub(crate) fn over_heads(vb: Vb, heads: usize, head_dim: usize, eps: f64) -> Result<Self> {
+        let dim = heads * head_dim;
+        let layout = Layout::split_last(3, heads);
+        let weight = vb.get_split("weight", dim, 0, heads)?;
+        let scale = weight.to_dtype(DType::F32)?;
+        let site = vb.site(shape_of(BS, dim), layout.clone())?;
+        vb.set_input_layout(site, layout);
+        let tp = vb.shard().tp.clone();
+        let split = (tp.size() > 1).then_some((tp, dim));
+        Ok(Self {
+            scale,
+            eps,
+            split,
+            site,
+        })
+    }
+
+    fn scale(kind: RmsKind, weight: Tensor) -> Result<Tensor> {
+        Ok(match kind {
+            RmsKind::Plain => weight,
+            RmsKind::Gemma => (weight + 1.0)?,
+        })
     }
 
     pub(crate) fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
         let x = run.input(self.site, x)?;
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
-        let y = if x32.track_op() || self.scale.track_op() {
-            let rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
-            x32.broadcast_div(&rms)?.broadcast_mul(&self.scale)?
-        } else {
-            candle_nn::ops::rms_norm(&x32.contiguous()?, &self.scale, self.eps as f32)?
+        let y = match &self.split {
+            Some((tp, dim)) => {
+                // Every rank's sum of squares: the sum's gradient reaches every rank's
+                // features (tp_copy), its value is the total (all_reduce).
+                let sum = all_reduce(&x32.sqr()?.sum_keepdim(D::Minus1)?, tp.as_ref())?;
+                let sum = if sum.track_op() {
+                    tp_copy(&sum, tp)?
+                } else {
+                    sum
+                };
+                let rms = ((sum / *dim as f64)? + self.eps)?.sqrt()?;
+                x32.broadcast_div(&rms)?.broadcast_mul(&self.scale)?
+            }
+            None if x32.track_op() || self.scale.track_op() => {
+                let rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
+                x32.broadcast_div(&rms)?.broadcast_mul(&self.scale)?
+            }
+            None => candle_nn::ops::rms_norm(&x32.contiguous()?, &self.scale, self.eps as f32)?,
         };
         run.site(self.site, y.to_dtype(dtype)?)
     }

@@ -303,8 +303,7 @@ impl Family for Phi {
     }
 
     fn tables(&self, x: &Tensor, pass: &Pass, run: &mut Run) -> FwdResult<Tables> {
-        let (cos, sin) = self.rotary.forward(x, pass, run)?;
-        Ok(Tables::Rotary(cos, sin))
+        self.rotary.tables(x, pass, run)
     }
 
     fn layer(

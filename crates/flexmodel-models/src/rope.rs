@@ -1,5 +1,6 @@
 //! Rotary position embeddings as transformers computes them: the `default`, `linear`,
-//! `dynamic`, `llama3` and `yarn` rope types, partial rotary, `rotate_half` pairing.
+//! `dynamic`, `llama3`, `yarn` and `longrope` rope types, partial rotary, `rotate_half`
+//! pairing.
 
 use std::f64::consts::PI;
 
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use flexmodel_core::Comm;
 
+use crate::Tables;
 use crate::attention::Pass;
 use crate::config::RawConfig;
 use crate::error::{Error, Result};
@@ -46,6 +48,14 @@ enum Scaling {
         mscale_all_dim: Option<f64>,
         truncate: bool,
     },
+    /// Phi-3's LongRoPE (`su`): per-frequency divisors, the long set once a pass reaches
+    /// past the pretrained length.
+    LongRope {
+        short: Vec<f64>,
+        long: Vec<f64>,
+        original_max: f64,
+        attention_factor: f64,
+    },
 }
 
 /// Rotary embedding of one model: the rotated width and the frequencies.
@@ -61,7 +71,7 @@ pub(crate) struct Rope {
 }
 
 /// Supported `rope_type` values, for error messages.
-const ROPE_TYPES: &str = "default, linear, dynamic, llama3, yarn";
+const ROPE_TYPES: &str = "default, linear, dynamic, llama3, yarn, longrope";
 
 impl Rope {
     /// Reads the rope settings of `cfg` (5.x `rope_parameters`, or 4.x `rope_theta`,
@@ -76,6 +86,17 @@ impl Rope {
             .or_else(|| cfg.get("rope_scaling"))
             .cloned()
             .unwrap_or(Value::Null);
+        Self::from_params(cfg, &params, head_dim, max_positions)
+    }
+
+    /// The rope of `params` (one set of `rope_parameters`, for models with one rope per layer
+    /// type); what `params` lacks comes from the top level of `cfg`.
+    pub(crate) fn from_params(
+        cfg: &RawConfig,
+        params: &Value,
+        head_dim: usize,
+        max_positions: usize,
+    ) -> Result<Self> {
         if !params.is_null() && !params.is_object() {
             return Err(cfg.error("`rope_parameters` must be an object"));
         }
@@ -108,7 +129,9 @@ impl Rope {
             num("factor")
                 .ok_or_else(|| cfg.error(format!("rope type `{rope_type}` needs a `factor`")))
         };
-        let original_max = num("original_max_position_embeddings").unwrap_or(max_positions as f64);
+        let original_max = num("original_max_position_embeddings")
+            .or_else(|| top("original_max_position_embeddings"))
+            .unwrap_or(max_positions as f64);
         let scaling = match rope_type {
             "default" => Scaling::Default,
             "linear" => Scaling::Linear { factor: factor()? },
@@ -139,6 +162,33 @@ impl Rope {
                     .and_then(Value::as_bool)
                     .unwrap_or(true),
             },
+            "longrope" | "su" => {
+                let factors = |key: &str| -> Result<Vec<f64>> {
+                    let list = params.get(key).and_then(Value::as_array);
+                    let list: Option<Vec<f64>> =
+                        list.map(|l| l.iter().filter_map(Value::as_f64).collect());
+                    match list {
+                        Some(l) if l.len() == dim / 2 => Ok(l),
+                        _ => Err(cfg.error(format!(
+                            "longrope needs `{key}`: a list of {} numbers (rotary width / 2)",
+                            dim / 2
+                        ))),
+                    }
+                };
+                // Phi-3 derives the factor from the extended and the pretrained lengths.
+                let factor = num("factor").unwrap_or(max_positions as f64 / original_max);
+                let attention_factor = num("attention_factor").unwrap_or(if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / original_max.ln()).sqrt()
+                });
+                Scaling::LongRope {
+                    short: factors("short_factor")?,
+                    long: factors("long_factor")?,
+                    original_max,
+                    attention_factor,
+                }
+            }
             other => {
                 return Err(Error::unsupported(
                     "rope_parameters.rope_type",
@@ -170,7 +220,9 @@ impl Rope {
         let dynamic;
         let inv_freq = match self.scaling {
             // Dynamic NTK grows the base once the sequence passes the trained length.
-            Scaling::Dynamic { original_max, .. } if max_pos + 1.0 > original_max => {
+            Scaling::Dynamic { original_max, .. } | Scaling::LongRope { original_max, .. }
+                if max_pos + 1.0 > original_max =>
+            {
                 dynamic = frequencies(self.theta, self.dim, &self.scaling, Some(max_pos + 1.0)).0;
                 &dynamic
             }
@@ -198,9 +250,10 @@ impl Rope {
 }
 
 /// A rotary module (`model.rotary_emb`, ...): computes the tables once per forward pass; its
-/// site fires with the cosine table, element 0 of what transformers' module returns.
+/// site fires with the cosine table, element 0 of what transformers' module returns. A model
+/// with one rope per layer type (Gemma 3) calls it once per rope, in the order given.
 pub(crate) struct RotaryEmb {
-    rope: Rope,
+    ropes: Vec<Rope>,
     site: SiteId,
     /// Under tensor parallelism: every rank's heads read the same tables, so their gradient is
     /// summed over the ranks.
@@ -209,32 +262,37 @@ pub(crate) struct RotaryEmb {
 
 impl RotaryEmb {
     pub(crate) fn new(vb: Vb, rope: Rope) -> Result<Self> {
+        Self::several(vb, vec![rope])
+    }
+
+    /// One module computing several ropes of the same width.
+    pub(crate) fn several(vb: Vb, ropes: Vec<Rope>) -> Result<Self> {
+        let dim = ropes.first().map_or(0, |r| r.dim);
         let site = vb.site(
-            vec![Dim::PosBatch, Dim::Seq, Dim::Size(rope.dim)],
+            vec![Dim::PosBatch, Dim::Seq, Dim::Size(dim)],
             Layout::Replicated,
         )?;
         let tp = vb.shard().tp.clone();
         let tp = (tp.size() > 1).then_some(tp);
-        Ok(Self { rope, site, tp })
+        Ok(Self { ropes, site, tp })
     }
 
-    /// `(cos, sin)`, each `[pos_batch, seq, rot]`, in `x`'s dtype. `x` (the hidden states)
-    /// is the module's input, as in transformers.
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        pass: &Pass,
-        run: &mut Run,
-    ) -> FwdResult<(Tensor, Tensor)> {
-        let x = run.input(self.site, x)?;
-        let (cos, sin) = self.rope.cos_sin(&pass.positions, x.dtype(), x.device())?;
-        let cos = run.site(self.site, cos)?;
-        match &self.tp {
-            Some(tp) if cos.track_op() || sin.track_op() => {
-                Ok((tp_copy(&cos, tp)?, tp_copy(&sin, tp)?))
-            }
-            _ => Ok((cos, sin)),
+    /// `(cos, sin)` of each rope, each `[pos_batch, seq, rot]`, in `x`'s dtype. `x` (the
+    /// hidden states) is the module's input, as in transformers.
+    pub(crate) fn tables(&self, x: &Tensor, pass: &Pass, run: &mut Run) -> FwdResult<Tables> {
+        let mut tables = Vec::with_capacity(self.ropes.len());
+        for rope in &self.ropes {
+            let x = run.input(self.site, x)?;
+            let (cos, sin) = rope.cos_sin(&pass.positions, x.dtype(), x.device())?;
+            let cos = run.site(self.site, cos)?;
+            tables.push(match &self.tp {
+                Some(tp) if cos.track_op() || sin.track_op() => {
+                    (tp_copy(&cos, tp)?, tp_copy(&sin, tp)?)
+                }
+                _ => (cos, sin),
+            });
         }
+        Ok(Tables::Rotary(tables))
     }
 }
 
@@ -369,6 +427,23 @@ fn frequencies(theta: f64, dim: usize, scaling: &Scaling, seq_len: Option<f64>) 
                 })
                 .collect();
             (freqs, attention)
+        }
+        Scaling::LongRope {
+            ref short,
+            ref long,
+            original_max,
+            attention_factor,
+        } => {
+            let factors = match seq_len {
+                Some(len) if len > original_max => long,
+                _ => short,
+            };
+            let freqs = base_freq(theta)
+                .into_iter()
+                .zip(factors)
+                .map(|(f, ext)| f / ext)
+                .collect();
+            (freqs, attention_factor)
         }
     }
 }

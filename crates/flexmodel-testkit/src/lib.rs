@@ -14,6 +14,9 @@ pub const ARCHS: &[&str] = &[
     "llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "gpt_neox", "falcon", "opt",
 ];
 
+/// The later families, each a directory of the repository's `fixtures/families`.
+pub const FAMILIES: &[&str] = &["qwen3", "gemma2", "gemma3_text", "olmo2", "phi3"];
+
 /// The repository's `fixtures/base/models`, or `$FLEXMODEL_FIXTURES`.
 pub fn fixtures() -> PathBuf {
     let dir = match std::env::var_os("FLEXMODEL_FIXTURES") {
@@ -28,17 +31,16 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
-/// The directory of a fixture: a base architecture of [`fixtures`], or a variant (an
-/// architecture with other config options) from this repository's `fixtures/variants`.
+/// The directory of a fixture: a base architecture of [`fixtures`], or one of this
+/// repository's `fixtures/variants` (an architecture with other config options) or
+/// `fixtures/families` (the later families and their variants).
 pub fn model_dir(name: &str) -> PathBuf {
-    let variant = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/variants/models")
-        .join(name);
-    if variant.exists() {
-        variant
-    } else {
-        fixtures().join(name)
-    }
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    ["variants", "families"]
+        .iter()
+        .map(|set| repo.join(set).join("models").join(name))
+        .find(|dir| dir.exists())
+        .unwrap_or_else(|| fixtures().join(name))
 }
 
 /// Every tensor of a safetensors file, on the CPU.

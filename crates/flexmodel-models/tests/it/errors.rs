@@ -223,11 +223,11 @@ fn weight_with_wrong_shape_is_reported() {
 fn unsupported_config_options_fail_at_load() {
     let dir = copy_llama();
     edit_config(dir.path(), |c| {
-        c["rope_parameters"]["rope_type"] = "longrope".into()
+        c["rope_parameters"]["rope_type"] = "mrope".into()
     });
     let err = load_err(dir.path());
     assert!(
-        err.contains("rope_type") && err.contains("longrope") && err.contains("llama3"),
+        err.contains("rope_type") && err.contains("mrope") && err.contains("longrope"),
         "{err}"
     );
 
@@ -256,12 +256,47 @@ fn unsupported_config_options_fail_at_load() {
     );
 }
 
-#[test]
-fn alibi_falcon_is_rejected() {
+/// A copy of a fixture's config and weights, to edit.
+fn copy_fixture(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(model_dir("falcon").join(f), dir.path().join(f)).unwrap();
+        std::fs::copy(model_dir(name).join(f), dir.path().join(f)).unwrap();
     }
+    dir
+}
+
+#[test]
+fn options_of_the_later_families_are_checked() {
+    let dir = copy_fixture("gemma2");
+    edit_config(dir.path(), |c| {
+        c["use_bidirectional_attention"] = true.into()
+    });
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("use_bidirectional_attention") && err.contains("causal"),
+        "{err}"
+    );
+
+    let dir = copy_fixture("phi3_longrope");
+    edit_config(dir.path(), |c| {
+        c["rope_parameters"]["long_factor"] = serde_json::json!([1.0, 2.0]);
+    });
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("long_factor") && err.contains("a list of 4 numbers"),
+        "{err}"
+    );
+
+    // A Gemma 2 option in a family without it is still foreign.
+    let dir = copy_fixture("qwen3");
+    edit_config(dir.path(), |c| c["attn_logit_softcapping"] = 50.0.into());
+    let err = load_err(dir.path());
+    assert!(err.contains("attn_logit_softcapping = 50.0"), "{err}");
+}
+
+#[test]
+fn alibi_falcon_is_rejected() {
+    let dir = copy_fixture("falcon");
     edit_config(dir.path(), |c| c["alibi"] = true.into());
     let err = load_err(dir.path());
     assert!(err.contains("alibi") && err.contains("rotary"), "{err}");

@@ -197,6 +197,17 @@ arch_tests!(
     gpt2_inverse_layer_idx
 );
 
+// The later families (fixtures/families.py says what the variants turn on).
+arch_tests!(
+    qwen3,
+    gemma2,
+    gemma3_text,
+    olmo2,
+    phi3,
+    qwen3_sliding,
+    phi3_longrope
+);
+
 #[test]
 fn fixture_list_is_complete() {
     assert_eq!(ARCHS.len(), 9);
