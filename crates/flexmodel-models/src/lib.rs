@@ -337,7 +337,13 @@ impl<F: Family> Model for Loaded<F> {
     /// stage elsewhere; its layers; the head on the last, else the activations go on to the
     /// next stage and an empty tensor comes back.
     fn forward_with(&self, input: &Input, run: &mut Run<'_>) -> FwdResult<Tensor> {
-        let pass = Pass::new(input, run.past_len(), self.body.window(), &self.device)?;
+        let pass = Pass::new(
+            input,
+            run.past_len(),
+            self.body.window(),
+            self.grid.dp.as_ref(),
+            &self.device,
+        )?;
         let stage = &self.stage;
         // The hidden states and the per-pass tables travel from stage to stage together: later
         // stages see any edit of the tables, and send their gradient back.

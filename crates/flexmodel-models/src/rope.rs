@@ -209,14 +209,15 @@ impl Rope {
 
     /// `(cos, sin)`, each `[pos_batch, seq, dim]`, for integer `positions` `[pos_batch, seq]`,
     /// as Hugging Face's rotary module returns them (`cat(freqs, freqs)`, times the attention
-    /// factor).
+    /// factor); length-dependent ropes pick their frequencies by `max_position`, the batch's.
     fn cos_sin(
         &self,
         positions: &[Vec<u32>],
+        max_position: u32,
         dtype: DType,
         device: &Device,
     ) -> FwdResult<(Tensor, Tensor)> {
-        let max_pos = positions.iter().flatten().copied().max().unwrap_or(0) as f64;
+        let max_pos = max_position as f64;
         let dynamic;
         let inv_freq = match self.scaling {
             // Dynamic NTK grows the base once the sequence passes the trained length.
@@ -283,7 +284,8 @@ impl RotaryEmb {
         let mut tables = Vec::with_capacity(self.ropes.len());
         for rope in &self.ropes {
             let x = run.input(self.site, x)?;
-            let (cos, sin) = rope.cos_sin(&pass.positions, x.dtype(), x.device())?;
+            let (cos, sin) =
+                rope.cos_sin(&pass.positions, pass.max_position, x.dtype(), x.device())?;
             let cos = run.site(self.site, cos)?;
             tables.push(match &self.tp {
                 Some(tp) if cos.track_op() || sin.track_op() => {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
-use crate::{ARCHS, assert_close, flexmodel_ok, load, model_dir, reference_json};
+use crate::{FAMILIES, assert_close, flexmodel_ok, load, model_dir, reference_json};
 
 /// The layouts of the acceptance criteria: (arguments, ranks).
 const LAYOUTS: &[(&[&str], usize)] = &[
@@ -36,10 +36,29 @@ fn path_str(p: &std::path::Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The layouts the later families are checked under: each axis alone and all three.
+const FAMILY_LAYOUTS: &[(&[&str], usize)] = &[
+    (&["--tp", "2"], 2),
+    (&["--pp", "2"], 2),
+    (&["--dp", "2"], 2),
+    (&["--tp", "2", "--pp", "2", "--dp", "2"], 8),
+];
+
 /// Runs `flexmodel args...` under every layout of [`LAYOUTS`]: each writes the tensors of
 /// `want` (the single-process run), equal within 1e-5.
 fn every_layout_equals(arch: &str, args: &[&str], want: &HashMap<String, Tensor>, tmp: &Path) {
-    for (layout, ranks) in LAYOUTS {
+    layouts_equal(arch, args, want, tmp, LAYOUTS);
+}
+
+/// [`every_layout_equals`] for the given layouts.
+fn layouts_equal(
+    arch: &str,
+    args: &[&str],
+    want: &HashMap<String, Tensor>,
+    tmp: &Path,
+    layouts: &[(&[&str], usize)],
+) {
+    for (layout, ranks) in layouts {
         let out = tmp.join("multi.safetensors");
         let (run, _) = mpirun(*ranks, &[args, layout, &["--out", path_str(&out)]].concat());
         assert!(
@@ -55,44 +74,59 @@ fn every_layout_equals(arch: &str, args: &[&str], want: &HashMap<String, Tensor>
     }
 }
 
+/// `flexmodel run` of `arch` with captures of every site, its reference edit and the gradient
+/// at every site, in one process (checked against transformers' edit), then under `layouts`.
+fn run_equals_one_process(arch: &str, tmp: &Path, layouts: &[(&[&str], usize)]) {
+    let dir = model_dir(arch);
+    let ids = dir.join("reference.safetensors");
+    let edit = format!(
+        "{}=scale:0",
+        reference_json(arch)["edit"]["module"].as_str().unwrap()
+    );
+    let single = tmp.join("single.safetensors");
+    // Captures, an edit and the gradient of the loss at every site, in one run.
+    let common = [
+        "run",
+        "--model",
+        path_str(&dir),
+        "--input-ids",
+        path_str(&ids),
+        "--capture",
+        "*",
+        "--edit",
+        &edit,
+        "--grad",
+        "*",
+    ];
+    flexmodel_ok(&[&common[..], &["--out", path_str(&single)]].concat());
+    let want = load(&single);
+    // The edit case, checked against transformers once: the layouts are checked against it.
+    assert_close(
+        &format!("{arch} edit"),
+        &want["logits"],
+        &load(&ids)["edit.mlp_zero.logits"],
+        1e-4,
+    );
+    layouts_equal(arch, &common, &want, tmp, layouts);
+}
+
 #[test]
 fn every_layout_equals_one_process_for_five_archs() {
     let tmp = tempfile::tempdir().unwrap();
-    for arch in ARCHS
-        .iter()
-        .filter(|a| ["llama", "gpt2", "gpt_neox", "falcon", "opt"].contains(a))
-    {
-        let dir = model_dir(arch);
-        let ids = dir.join("reference.safetensors");
-        let edit = format!(
-            "{}=scale:0",
-            reference_json(arch)["edit"]["module"].as_str().unwrap()
-        );
-        let single = tmp.path().join("single.safetensors");
-        // Captures, an edit and the gradient of the loss at every site, in one run.
-        let common = [
-            "run",
-            "--model",
-            path_str(&dir),
-            "--input-ids",
-            path_str(&ids),
-            "--capture",
-            "*",
-            "--edit",
-            &edit,
-            "--grad",
-            "*",
-        ];
-        flexmodel_ok(&[&common[..], &["--out", path_str(&single)]].concat());
-        let want = load(&single);
-        // The edit case, checked against transformers once: the layouts are checked against it.
-        assert_close(
-            &format!("{arch} edit"),
-            &want["logits"],
-            &load(&ids)["edit.mlp_zero.logits"],
-            1e-4,
-        );
-        every_layout_equals(arch, &common, &want, tmp.path());
+    for arch in ["llama", "gpt2", "gpt_neox", "falcon", "opt"] {
+        run_equals_one_process(arch, tmp.path(), LAYOUTS);
+    }
+}
+
+/// The later families (fused projections, q/k norms over heads or whole projections, soft
+/// caps, ropes per layer type) under tp2, pp2, dp2 and tp2·pp2·dp2: captures, the edit,
+/// gradients and greedy generation equal one process.
+#[test]
+fn later_families_equal_one_process_under_every_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in FAMILIES.iter().chain(&["phi3_longrope"]) {
+        run_equals_one_process(arch, tmp.path(), FAMILY_LAYOUTS);
+        generation_equals_one_process(arch, tmp.path(), FAMILY_LAYOUTS);
     }
 }
 
@@ -393,67 +427,68 @@ fn parameters_are_gathered_from_every_layout() {
 fn generation_under_every_layout_gives_the_greedy_tokens() {
     let tmp = tempfile::tempdir().unwrap();
     for arch in ["llama", "gpt2", "falcon"] {
-        let dir = model_dir(arch);
-        let ids = dir.join("reference.safetensors");
-        let refs = load(&ids);
-        let padded = tmp.path().join("padded.safetensors");
-        let tensors = [
-            ("input_ids", "generate.padded.input_ids"),
-            ("attention_mask", "generate.padded.attention_mask"),
-        ]
-        .map(|(name, key)| (name.to_string(), refs[key].clone()));
-        candle_core::safetensors::save(&tensors.into_iter().collect(), &padded).unwrap();
-        for (input, want) in [
-            (&ids, "generate.greedy"),
-            (&padded, "generate.padded.greedy"),
-        ] {
-            let common = [
-                "generate",
-                "--model",
-                path_str(&dir),
-                "--input-ids",
-                path_str(input),
-                "--max-new-tokens",
-                "12",
-                "--ignore-eos",
-                "--capture",
-                "*",
-            ];
-            let single = tmp.path().join("single.safetensors");
-            flexmodel_ok(&[&common[..], &["--out", path_str(&single)]].concat());
-            let single = load(&single);
-            assert_eq!(
-                as_ids(&single["sequences"]),
-                as_ids(&refs[want]),
-                "{arch} one process {want}"
+        generation_equals_one_process(arch, tmp.path(), FAMILY_LAYOUTS);
+    }
+}
+
+/// Greedy generation of `arch`, plain and left-padded, with every site captured at every
+/// step: transformers' tokens in one process, the same tokens and captures under `layouts`.
+fn generation_equals_one_process(arch: &str, tmp: &Path, layouts: &[(&[&str], usize)]) {
+    let dir = model_dir(arch);
+    let ids = dir.join("reference.safetensors");
+    let refs = load(&ids);
+    let padded = tmp.join("padded.safetensors");
+    let tensors = [
+        ("input_ids", "generate.padded.input_ids"),
+        ("attention_mask", "generate.padded.attention_mask"),
+    ]
+    .map(|(name, key)| (name.to_string(), refs[key].clone()));
+    candle_core::safetensors::save(&tensors.into_iter().collect(), &padded).unwrap();
+    for (input, want) in [
+        (&ids, "generate.greedy"),
+        (&padded, "generate.padded.greedy"),
+    ] {
+        let common = [
+            "generate",
+            "--model",
+            path_str(&dir),
+            "--input-ids",
+            path_str(input),
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+            "--capture",
+            "*",
+        ];
+        let single = tmp.join("single.safetensors");
+        flexmodel_ok(&[&common[..], &["--out", path_str(&single)]].concat());
+        let single = load(&single);
+        assert_eq!(
+            as_ids(&single["sequences"]),
+            as_ids(&refs[want]),
+            "{arch} one process {want}"
+        );
+        for (layout, ranks) in layouts {
+            let out = tmp.join("multi.safetensors");
+            let (run, _) = mpirun(
+                *ranks,
+                &[&common[..], layout, &["--out", path_str(&out)]].concat(),
             );
-            for (layout, ranks) in [
-                (&["--tp", "2"][..], 2),
-                (&["--pp", "2"][..], 2),
-                (&["--dp", "2"][..], 2),
-                (&["--tp", "2", "--pp", "2", "--dp", "2"][..], 8),
-            ] {
-                let out = tmp.path().join("multi.safetensors");
-                let (run, _) = mpirun(
-                    ranks,
-                    &[&common[..], layout, &["--out", path_str(&out)]].concat(),
-                );
-                assert!(
-                    run.status.success(),
-                    "{arch} {layout:?}: {}",
-                    String::from_utf8_lossy(&run.stderr)
-                );
-                let got = load(&out);
-                assert_eq!(
-                    as_ids(&got["sequences"]),
-                    as_ids(&refs[want]),
-                    "{arch} {layout:?} {want}"
-                );
-                assert_eq!(got.len(), single.len(), "{arch} {layout:?}: same tensors");
-                for (name, t) in &single {
-                    if name != "sequences" {
-                        assert_close(&format!("{arch} {layout:?} {name}"), &got[name], t, 1e-5);
-                    }
+            assert!(
+                run.status.success(),
+                "{arch} {layout:?}: {}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+            let got = load(&out);
+            assert_eq!(
+                as_ids(&got["sequences"]),
+                as_ids(&refs[want]),
+                "{arch} {layout:?} {want}"
+            );
+            assert_eq!(got.len(), single.len(), "{arch} {layout:?}: same tensors");
+            for (name, t) in &single {
+                if name != "sequences" {
+                    assert_close(&format!("{arch} {layout:?} {name}"), &got[name], t, 1e-5);
                 }
             }
         }

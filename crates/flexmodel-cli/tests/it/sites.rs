@@ -1,10 +1,10 @@
 //! `flexmodel sites`: every Hugging Face module plus the attention internals.
 
-use crate::{ARCHS, flexmodel_ok, model_dir, reference_json};
+use crate::{ARCHS, FAMILIES, flexmodel_ok, model_dir, reference_json};
 
 #[test]
 fn text_lists_every_reference_module_name_first() {
-    for arch in ARCHS {
+    for arch in ARCHS.iter().chain(FAMILIES) {
         let dir = model_dir(arch);
         let out = flexmodel_ok(&["sites", "--model", dir.to_str().unwrap()]);
         let names: Vec<&str> = out
