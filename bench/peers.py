@@ -4,7 +4,8 @@
     bench/run.sh [--models llama,gpt2] [--shapes 1x128,4x128,1x512] [--repeats 7] [--smoke]
 
 (`bench/run.sh` makes the Python venv and calls this with it.) The checkpoints are random
-Llama- and GPT-2-shaped models of ~125M parameters, written once by transformers into
+Llama- and GPT-2-shaped models of ~125M parameters (and Qwen 3 and Mixtral ones, with
+`--models qwen3,mixtral`), written once by transformers into
 `bench/.cache/` in the Hugging Face layout, so every peer loads the same weights. Each peer
 runs in its own worker process speaking a line protocol (`bench/peer_worker.py`); a round
 times every (job, peer) pair once, rotating the peer order, so all see the same machine load.
@@ -29,9 +30,11 @@ CACHE = BENCH / ".cache"
 JOBS = ["plain", "layers", "all", "edit"]
 # Which jobs each peer can run: FlexModel 0.1.0 and candle-mi are compared where they offer
 # the same capture; candle-mi has no GPT-2.
+# Qwen 3 and Mixtral (the later families) against transformers only.
+FAMILY_JOBS = {"qwen3": JOBS, "mixtral": JOBS}
 SUPPORTS = {
-    "flexmodel": {"llama": JOBS, "gpt2": JOBS},
-    "hf": {"llama": JOBS, "gpt2": JOBS},
+    "flexmodel": {"llama": JOBS, "gpt2": JOBS, **FAMILY_JOBS},
+    "hf": {"llama": JOBS, "gpt2": JOBS, **FAMILY_JOBS},
     "flex-model": {"llama": ["layers", "edit"], "gpt2": ["layers", "edit"]},
     "flexmodel-py": {"llama": JOBS, "gpt2": JOBS},
     "nnsight": {"llama": ["layers", "edit"], "gpt2": ["layers", "edit"]},
@@ -41,7 +44,8 @@ THREADS = {"RAYON_NUM_THREADS": "2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": 
 
 MAKE_CHECKPOINT = r"""
 import json, sys, torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          MixtralConfig, MixtralForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 name, out = sys.argv[1:3]
 torch.manual_seed(0)
 if name == "llama":
@@ -49,6 +53,17 @@ if name == "llama":
                       num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                       max_position_embeddings=2048, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
+elif name == "qwen3":  # the Llama's shape with Qwen 3's per-head q/k norms
+    cfg = Qwen3Config(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                      num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                      head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(cfg)
+elif name == "mixtral":  # 8 experts, 2 per token: ~139M parameters, ~47M active per token
+    cfg = MixtralConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024,
+                        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                        num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=2048, tie_word_embeddings=False)
+    model = MixtralForCausalLM(cfg)
 else:
     model = GPT2LMHeadModel(GPT2Config())  # GPT-2 small: 12 x 768, 12 heads, vocab 50257
 model.eval().save_pretrained(out)

@@ -211,6 +211,14 @@ fn per_site(
         let Some(info) = sites.iter().find(|s| *s.name == *name) else {
             continue; // gradients and module inputs are not captured here
         };
+        if info.shape.contains(&Dim::Routed) {
+            // Once per expert with tokens, a number that varies from pass to pass: in firing
+            // order (pass by pass, expert by expert).
+            for (i, t) in captures.iter().enumerate() {
+                tensors.push((format!("{name}@{i}"), t.to_dtype(dtype)?));
+            }
+            continue;
+        }
         if steps == 0 || captures.len() % steps != 0 {
             bail!(
                 "site `{name}` fired {} times over {steps} passes",
@@ -225,6 +233,7 @@ fn per_site(
                 format!("{name}#{call}")
             };
             let parts: Vec<&Tensor> = captures.iter().skip(call).step_by(calls).collect();
+            // Keys grow from step to step: one tensor per step.
             if info.shape.contains(&Dim::KeySeq) {
                 for (step, t) in parts.into_iter().enumerate() {
                     tensors.push((format!("{key}@{step}"), t.to_dtype(dtype)?));

@@ -8,7 +8,7 @@
 use std::cell::Cell;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::comm::Grid;
 use crate::hook::Point;
@@ -147,7 +147,7 @@ impl Dist {
         }
         let batch_axis = template
             .iter()
-            .position(|d| matches!(d, Dim::Batch | Dim::Tokens | Dim::PosBatch));
+            .position(|d| matches!(d, Dim::Batch | Dim::Tokens | Dim::PosBatch | Dim::Routed));
         match batch_axis {
             Some(axis) if !self.shared(template) => dp.gather_cat(&tp_full, axis, 0),
             _ => match dp.gather(&tp_full, 0)? {
@@ -171,11 +171,25 @@ impl Dist {
         let missing = || Error::msg("the stage leader has no tensor to split back");
         let tp_full = if tp.rank() == 0 {
             Some(if dp.size() > 1 {
+                // Routed rows: as many as each rank holds, which only that rank knows.
+                let routed = match template.iter().position(|d| *d == Dim::Routed) {
+                    Some(axis) => {
+                        let mine = Tensor::new(&[local.dim(axis)? as u32], &Device::Cpu)?;
+                        let counts = dp.all_gather(&mine)?;
+                        let counts = counts
+                            .iter()
+                            .map(|c| Ok(c.to_vec1::<u32>()?[0] as usize))
+                            .collect::<Result<Vec<_>>>()?;
+                        Some(counts)
+                    }
+                    None => None,
+                };
+                let rows = routed.as_deref().unwrap_or(&self.ranks.dp_rows);
                 let pieces = match full {
                     Some(f) => Some(split_rows(
                         &f,
                         template,
-                        &self.ranks.dp_rows,
+                        rows,
                         self.shared(template),
                         gradient,
                     )?),
@@ -464,7 +478,7 @@ fn split_rows(
     let total: usize = rows.iter().sum();
     let Some(axis) = template
         .iter()
-        .position(|d| matches!(d, Dim::Batch | Dim::Tokens | Dim::PosBatch))
+        .position(|d| matches!(d, Dim::Batch | Dim::Tokens | Dim::PosBatch | Dim::Routed))
     else {
         return Ok(rows.iter().map(|_| full.clone()).collect());
     };

@@ -42,6 +42,10 @@ pub enum Dim {
     Tokens,
     /// Batch of the position ids: 1 when no attention mask is given, else `Batch`.
     PosBatch,
+    /// Tokens routed to one expert of a mixture-of-experts block, in token order: a count
+    /// that varies from pass to pass (and, under data parallelism, from rank to rank, whose
+    /// rows are concatenated in rank order, which is token order).
+    Routed,
     /// A size fixed by the model configuration.
     Size(usize),
 }
@@ -63,6 +67,7 @@ impl fmt::Display for Dim {
             Dim::KeySeq => f.write_str("key_seq"),
             Dim::Tokens => f.write_str("tokens"),
             Dim::PosBatch => f.write_str("pos_batch"),
+            Dim::Routed => f.write_str("routed"),
             Dim::Size(n) => write!(f, "{n}"),
         }
     }

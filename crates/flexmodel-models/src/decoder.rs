@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::{Error, Result};
+use crate::moe::{Moe, MoeSpec};
 use crate::nn::{
     Act, Activation, BS, Embedding, Identity, Linear, Parallel, RmsKind, RmsNorm, head_input,
     shape_of,
@@ -205,6 +206,8 @@ pub(crate) struct Spec {
     /// The ropes, and which one each layer uses (Gemma 3: local and global).
     pub(crate) ropes: Vec<Rope>,
     pub(crate) rope_of_layer: Vec<usize>,
+    /// Mixture-of-experts blocks instead of the MLP, on the layers marked `true`.
+    pub(crate) moe: Option<(MoeSpec, Vec<bool>)>,
 }
 
 impl Spec {
@@ -233,6 +236,7 @@ impl Spec {
             sliding: vec![false; cfg.num_hidden_layers],
             ropes: vec![rope],
             rope_of_layer: vec![0; cfg.num_hidden_layers],
+            moe: None,
         })
     }
 }
@@ -254,7 +258,7 @@ struct Layer {
     self_attn: Attention,
     post_attention_norm: Option<RmsNorm>,
     pre_mlp_norm: Option<RmsNorm>,
-    mlp: Mlp,
+    mlp: Ffn,
     post_mlp_norm: Option<RmsNorm>,
     dropouts: Option<(Identity, Identity)>,
     sliding: bool,
@@ -276,6 +280,12 @@ struct Attention {
     scale: f64,
     sites: AttnSites,
     site: SiteId,
+}
+
+/// A layer's feed-forward block.
+enum Ffn {
+    Dense(Mlp),
+    Sparse(Box<Moe>),
 }
 
 enum GateUpProj {
@@ -323,7 +333,12 @@ impl Decoder {
                     self_attn: Attention::new(vb.pp("self_attn"), h, &spec, eps)?,
                     post_attention_norm: norm_at(&vb, blocks.post_attention)?,
                     pre_mlp_norm: norm_at(&vb, blocks.pre_mlp)?,
-                    mlp: Mlp::new(vb.pp("mlp"), h, cfg.intermediate_size, &spec)?,
+                    mlp: match &spec.moe {
+                        Some((moe, sparse)) if sparse[i] => {
+                            Ffn::Sparse(Box::new(Moe::new(vb.pp("mlp"), &vb, h, spec.act, moe)?))
+                        }
+                        _ => Ffn::Dense(Mlp::new(vb.pp("mlp"), h, cfg.intermediate_size, &spec)?),
+                    },
                     post_mlp_norm: norm_at(&vb, blocks.post_mlp)?,
                     dropouts: blocks
                         .dropouts
@@ -593,7 +608,10 @@ impl Layer {
         }
         let x = (x + h)?;
         let h = maybe(&self.pre_mlp_norm, x.clone(), run)?;
-        let h = self.mlp.forward(&h, run)?;
+        let h = match &self.mlp {
+            Ffn::Dense(mlp) => mlp.forward(&h, run)?,
+            Ffn::Sparse(moe) => moe.forward(&h, run)?,
+        };
         let mut h = maybe(&self.post_mlp_norm, h, run)?;
         if let Some((_, mlp_dropout)) = &self.dropouts {
             h = mlp_dropout.forward(h, run)?;

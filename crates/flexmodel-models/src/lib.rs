@@ -5,7 +5,7 @@
 //! `model.safetensors` or an index with shards, `tokenizer.json`), memory-maps the weights and
 //! returns a [`Model`] whose forward pass matches transformers (checked against reference
 //! activations of every module). Families: Llama, Mistral, Qwen2 and Gemma (`llama.rs`), Qwen 3,
-//! Gemma 2, Gemma 3, OLMo 2 and Phi-3 (each a variation of the shared [`decoder`] in a short
+//! Gemma 2, Gemma 3, OLMo 2, Phi-3, Mixtral and Qwen MoE (each a variation of the shared [`decoder`] in a short
 //! file), Phi, GPT-2, GPT-NeoX, Falcon, OPT.
 //!
 //! ```no_run
@@ -33,11 +33,14 @@ mod gpt2;
 mod gpt_neox;
 mod kernels;
 mod llama;
+mod mixtral;
+mod moe;
 mod nn;
 mod olmo2;
 mod opt;
 mod phi;
 mod phi3;
+mod qwen2_moe;
 mod qwen3;
 pub mod random;
 mod rope;
@@ -73,6 +76,8 @@ pub const SUPPORTED: &[&str] = &[
     "olmo2",
     "phi",
     "phi3",
+    "mixtral",
+    "qwen2_moe",
     "gpt2",
     "gpt_neox",
     "falcon",
@@ -189,6 +194,8 @@ fn build(cfg: &RawConfig, vb: Vb) -> Result<Box<dyn Model>> {
         "gemma3_text" => gemma3::load(cfg, vb),
         "olmo2" => olmo2::load(cfg, vb),
         "phi3" => phi3::load(cfg, vb),
+        "mixtral" => mixtral::load(cfg, vb),
+        "qwen2_moe" => qwen2_moe::load(cfg, vb),
         "phi" => phi::Phi::load(cfg, vb),
         "gpt2" => gpt2::Gpt2::load(cfg, vb),
         "gpt_neox" => gpt_neox::GptNeox::load(cfg, vb),

@@ -16,13 +16,18 @@ import flexmodel
 ROOT = Path(__file__).resolve().parents[3]
 BASE = Path(os.environ.get("FLEXMODEL_FIXTURES", ROOT / "fixtures" / "base" / "models"))
 VARIANTS = ROOT / "fixtures" / "variants" / "models"
+FAMILY_DIR = ROOT / "fixtures" / "families" / "models"
 TINY = ROOT / "models" / "tiny-llama"
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "gpt_neox", "falcon", "opt"]
+# The later families (fixtures/families).
+FAMILIES = ["qwen3", "gemma2", "gemma3_text", "olmo2", "phi3", "mixtral", "qwen2_moe"]
 
 
 def model_dir(name: str) -> Path:
-    variant = VARIANTS / name
-    return variant if variant.exists() else BASE / name
+    for where in (VARIANTS, FAMILY_DIR):
+        if (where / name).exists():
+            return where / name
+    return BASE / name
 
 
 def reference(name: str) -> dict:

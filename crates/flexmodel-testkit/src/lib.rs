@@ -15,7 +15,15 @@ pub const ARCHS: &[&str] = &[
 ];
 
 /// The later families, each a directory of the repository's `fixtures/families`.
-pub const FAMILIES: &[&str] = &["qwen3", "gemma2", "gemma3_text", "olmo2", "phi3"];
+pub const FAMILIES: &[&str] = &[
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "olmo2",
+    "phi3",
+    "mixtral",
+    "qwen2_moe",
+];
 
 /// The repository's `fixtures/base/models`, or `$FLEXMODEL_FIXTURES`.
 pub fn fixtures() -> PathBuf {

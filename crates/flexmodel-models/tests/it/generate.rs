@@ -122,6 +122,10 @@ pub fn check_cache(arch: &str) {
         let (Some(steps), Some(whole)) = (stepwise.get(&info.name), full.get(&info.name)) else {
             continue;
         };
+        if info.shape.contains(&Dim::Routed) {
+            // An expert's rows differ from step to step; the block's output is compared.
+            continue;
+        }
         let per_pass = steps.len() / n; // sites that fire k times per pass
         for (i, t) in steps.iter().enumerate() {
             let (step, call) = (i / per_pass, i % per_pass);

@@ -7,5 +7,6 @@ mod dtype;
 mod errors;
 mod generate;
 mod hooks;
+mod moe;
 mod padding;
 mod reference;

@@ -35,7 +35,7 @@ fn row_view(
                 out.narrow(d, r, 1).unwrap()
             }
             Dim::Seq | Dim::KeySeq => out.narrow(d, start, len).unwrap(),
-            Dim::Size(_) | Dim::Tokens => out,
+            Dim::Size(_) | Dim::Tokens | Dim::Routed => out,
         };
     }
     out
