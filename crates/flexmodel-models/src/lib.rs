@@ -5,7 +5,7 @@
 //! `model.safetensors` or an index with shards, `tokenizer.json`), memory-maps the weights and
 //! returns a [`Model`] whose forward pass matches transformers (checked against reference
 //! activations of every module). Families: Llama, Mistral, Qwen2 and Gemma (`llama.rs`), Qwen 3,
-//! Gemma 2, Gemma 3, OLMo 2, Phi-3, Mixtral and Qwen MoE (each a variation of the shared [`decoder`] in a short
+//! Gemma 2, Gemma 3, OLMo 2, Phi-3, Mixtral, Qwen MoE and Qwen 3 MoE (each a variation of the shared [`decoder`] in a short
 //! file), Phi, GPT-2, GPT-NeoX, Falcon, OPT.
 //!
 //! ```no_run
@@ -42,6 +42,7 @@ mod phi;
 mod phi3;
 mod qwen2_moe;
 mod qwen3;
+mod qwen3_moe;
 pub mod random;
 mod rope;
 mod tokenizer;
@@ -78,6 +79,7 @@ pub const SUPPORTED: &[&str] = &[
     "phi3",
     "mixtral",
     "qwen2_moe",
+    "qwen3_moe",
     "gpt2",
     "gpt_neox",
     "falcon",
@@ -196,6 +198,7 @@ fn build(cfg: &RawConfig, vb: Vb) -> Result<Box<dyn Model>> {
         "phi3" => phi3::load(cfg, vb),
         "mixtral" => mixtral::load(cfg, vb),
         "qwen2_moe" => qwen2_moe::load(cfg, vb),
+        "qwen3_moe" => qwen3_moe::load(cfg, vb),
         "phi" => phi::Phi::load(cfg, vb),
         "gpt2" => gpt2::Gpt2::load(cfg, vb),
         "gpt_neox" => gpt_neox::GptNeox::load(cfg, vb),

@@ -20,7 +20,8 @@ FAMILY_DIR = ROOT / "fixtures" / "families" / "models"
 TINY = ROOT / "models" / "tiny-llama"
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "gpt_neox", "falcon", "opt"]
 # The later families (fixtures/families).
-FAMILIES = ["qwen3", "gemma2", "gemma3_text", "olmo2", "phi3", "mixtral", "qwen2_moe"]
+FAMILIES = ["qwen3", "gemma2", "gemma3_text", "olmo2", "phi3", "mixtral", "qwen2_moe",
+            "qwen3_moe"]
 
 
 def model_dir(name: str) -> Path:

@@ -23,6 +23,7 @@ pub const FAMILIES: &[&str] = &[
     "phi3",
     "mixtral",
     "qwen2_moe",
+    "qwen3_moe",
 ];
 
 /// The repository's `fixtures/base/models`, or `$FLEXMODEL_FIXTURES`.

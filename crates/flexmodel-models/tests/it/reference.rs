@@ -242,6 +242,7 @@ arch_tests!(
     phi3,
     mixtral,
     qwen2_moe,
+    qwen3_moe,
     qwen3_sliding,
     phi3_longrope,
     qwen2_moe_dense_layer
