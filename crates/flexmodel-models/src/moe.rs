@@ -142,17 +142,23 @@ impl Moe {
         let (first, count) = block(n, n, tp.rank(), tp.size())?;
         let ew = weights.pp("experts");
         let [gate_name, up_name, down_name] = spec.names;
-        let experts = (first..first + count)
-            .map(|index| {
-                let e = ew.pp(index);
-                Ok(Expert {
+        // Every expert is a parameter everywhere; only its rank reads it.
+        let mut experts = Vec::with_capacity(count);
+        for index in 0..n {
+            let e = ew.pp(index);
+            let held = (first..first + count).contains(&index);
+            let gate = e.pp(gate_name).get_held("weight", (spec.inter, h), held)?;
+            let up = e.pp(up_name).get_held("weight", (spec.inter, h), held)?;
+            let down = e.pp(down_name).get_held("weight", (h, spec.inter), held)?;
+            if let (Some(gate), Some(up), Some(down)) = (gate, up, down) {
+                experts.push(Expert {
                     index,
-                    gate: e.pp(gate_name).get("weight", (spec.inter, h))?,
-                    up: e.pp(up_name).get("weight", (spec.inter, h))?,
-                    down: e.pp(down_name).get("weight", (h, spec.inter))?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+                    gate,
+                    up,
+                    down,
+                });
+            }
+        }
         let shared = match spec.shared {
             None => None,
             Some(inter) => Some(Shared::new(&vb, h, inter, act)?),

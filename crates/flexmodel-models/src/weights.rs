@@ -422,6 +422,32 @@ impl Vb {
         Ok(t)
     }
 
+    /// Weight `name` of a module that lives whole on one tensor-parallel rank (an expert under
+    /// expert parallelism): read where `held`, else a zero view of its shape (no memory);
+    /// recorded as a partial sum, so that gathering the parameter sums the holder's weight
+    /// with the others' zeros.
+    pub(crate) fn get_held(
+        &self,
+        name: &str,
+        shape: impl Into<Shape>,
+        held: bool,
+    ) -> Result<Option<Tensor>> {
+        let shape = shape.into();
+        if held {
+            let t = self.weights.get(
+                &self.full(name),
+                &shape,
+                self.weights.dtype,
+                None,
+                self.meta,
+            )?;
+            return Ok(Some(self.finish(name, t, Layout::PartialSum)?));
+        }
+        let zero = Tensor::zeros((), self.weights.dtype, &self.weights.device)?;
+        self.record(name, &zero.broadcast_as(shape)?, Layout::PartialSum);
+        Ok(None)
+    }
+
     /// This rank's block of weight `name` along `dim` (made of `units` equal blocks: heads,
     /// columns), in the compute dtype.
     pub(crate) fn get_split(

@@ -347,10 +347,16 @@ fn multi_rank_run_writes_what_one_process_writes() {
 #[test]
 fn parameters_are_gathered_from_every_layout() {
     let tmp = tempfile::tempdir().unwrap();
-    for arch in ["llama", "falcon", "gpt2"] {
+    for arch in ["llama", "falcon", "gpt2", "mixtral"] {
         let dir = model_dir(arch);
         let ids = dir.join("reference.safetensors");
         let names: Vec<String> = match arch {
+            // Experts live whole on one rank each under --tp (expert parallel).
+            "mixtral" => vec![
+                "model.layers.1.mlp.experts.3.w1.weight",
+                "model.layers.1.mlp.experts.0.w2.weight",
+                "model.layers.0.mlp.gate.weight",
+            ],
             "llama" => vec![
                 "model.embed_tokens.weight",
                 "lm_head.weight",
@@ -401,6 +407,7 @@ fn parameters_are_gathered_from_every_layout() {
             &want[&format!("param.{}", names[0])],
             weights
                 .get(&names[0])
+                .or_else(|| weights.get(&names[0].replace(".mlp.", ".block_sparse_moe.")))
                 .unwrap_or_else(|| &weights[names[0].trim_start_matches("transformer.")]),
             0.0,
         );
