@@ -11,7 +11,8 @@ use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::{RawConfig, require};
 use crate::error::{Error, Result};
 use crate::nn::{
-    Act, Activation, BS, Embedding, LayerNorm, Linear, Parallel, head_input, shape_of,
+    Activation, BS, Embedding, LayerNorm, Linear, NEOX_MLP, Parallel, PlainMlp, head_input,
+    shape_of,
 };
 use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
@@ -91,7 +92,7 @@ struct Layer {
     /// `ln_attn` with two norms, else `input_layernorm`.
     ln_attn: LayerNorm,
     self_attention: Attention,
-    mlp: Mlp,
+    mlp: PlainMlp,
     residual: Residual,
     site: SiteId,
 }
@@ -102,13 +103,6 @@ struct Attention {
     packing: Packing,
     heads: Heads,
     sites: AttnSites,
-    site: SiteId,
-}
-
-struct Mlp {
-    dense_h_to_4h: Linear,
-    act: Act,
-    dense_4h_to_h: Linear,
     site: SiteId,
 }
 
@@ -168,7 +162,7 @@ impl Falcon {
                 let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
                 let self_attention =
                     Attention::new(vb.pp("self_attention"), h, heads, packing, cfg.bias)?;
-                let mlp = Mlp::new(vb.pp("mlp"), h, ffn, act, cfg.bias)?;
+                let mlp = PlainMlp::new(vb.pp("mlp"), NEOX_MLP, (h, ffn), cfg.bias, act)?;
                 let norm = |name: &str| LayerNorm::new(vb.pp(name), h, eps, BS);
                 let (ln_attn, residual) = if two_norms {
                     (
@@ -317,33 +311,6 @@ impl Attention {
         let scale = (self.heads.head_dim as f64).powf(-0.5);
         let out = attend(q, k, v, mask, scale, &self.sites, run)?;
         let out = self.dense.forward(&out, run)?;
-        run.site(self.site, out)
-    }
-}
-
-impl Mlp {
-    fn new(vb: Vb, h: usize, ffn: usize, act: Activation, bias: bool) -> Result<Self> {
-        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
-        let column = Parallel::Column(ffn);
-        Ok(Self {
-            dense_h_to_4h: Linear::new(vb.pp("dense_h_to_4h"), (h, ffn), bias, BS, column)?,
-            act: Act::new(vb.pp("act"), act, BS, ffn, Layout::split_last(3, ffn))?,
-            dense_4h_to_h: Linear::new(
-                vb.pp("dense_4h_to_h"),
-                (ffn, h),
-                bias,
-                BS,
-                Parallel::Row(ffn),
-            )?,
-            site,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
-        let x = &run.input(self.site, x)?;
-        let h = self.dense_h_to_4h.forward(x, run)?;
-        let h = self.act.forward(&h, run)?;
-        let out = self.dense_4h_to_h.forward(&h, run)?;
         run.site(self.site, out)
     }
 }

@@ -9,7 +9,8 @@ use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::Result;
 use crate::nn::{
-    Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, Parallel, head_input, shape_of,
+    Activation, BS, Embedding, Identity, LayerNorm, Linear, NEOX_MLP, Parallel, PlainMlp,
+    head_input, shape_of,
 };
 use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
@@ -65,7 +66,7 @@ struct Layer {
     post_attention_dropout: Identity,
     post_mlp_dropout: Identity,
     attention: Attention,
-    mlp: Mlp,
+    mlp: PlainMlp,
     parallel_residual: bool,
     site: SiteId,
 }
@@ -75,13 +76,6 @@ struct Attention {
     dense: Linear,
     heads: Heads,
     sites: AttnSites,
-    site: SiteId,
-}
-
-struct Mlp {
-    dense_h_to_4h: Linear,
-    dense_4h_to_h: Linear,
-    act: Act,
     site: SiteId,
 }
 
@@ -122,7 +116,13 @@ impl GptNeox {
                     post_attention_dropout: Identity::new(vb.pp("post_attention_dropout"), BS, h)?,
                     post_mlp_dropout: Identity::new(vb.pp("post_mlp_dropout"), BS, h)?,
                     attention: Attention::new(vb.pp("attention"), h, heads, cfg.attention_bias)?,
-                    mlp: Mlp::new(vb.pp("mlp"), h, cfg.intermediate_size, act)?,
+                    mlp: PlainMlp::new(
+                        vb.pp("mlp"),
+                        NEOX_MLP,
+                        (h, cfg.intermediate_size),
+                        true,
+                        act,
+                    )?,
                     parallel_residual: cfg.use_parallel_residual,
                 })
             })
@@ -191,33 +191,6 @@ impl Attention {
         let scale = (head_dim as f64).powf(-0.5);
         let out = attend(q, k, part(2)?, mask, scale, &self.sites, run)?;
         let out = self.dense.forward(&out, run)?;
-        run.site(self.site, out)
-    }
-}
-
-impl Mlp {
-    fn new(vb: Vb, h: usize, inter: usize, act: Activation) -> Result<Self> {
-        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
-        let column = Parallel::Column(inter);
-        Ok(Self {
-            dense_h_to_4h: Linear::new(vb.pp("dense_h_to_4h"), (h, inter), true, BS, column)?,
-            dense_4h_to_h: Linear::new(
-                vb.pp("dense_4h_to_h"),
-                (inter, h),
-                true,
-                BS,
-                Parallel::Row(inter),
-            )?,
-            act: Act::new(vb.pp("act"), act, BS, inter, Layout::split_last(3, inter))?,
-            site,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
-        let x = &run.input(self.site, x)?;
-        let h = self.dense_h_to_4h.forward(x, run)?;
-        let h = self.act.forward(&h, run)?;
-        let out = self.dense_4h_to_h.forward(&h, run)?;
         run.site(self.site, out)
     }
 }

@@ -638,6 +638,53 @@ impl Act {
     }
 }
 
+/// GPT-NeoX's and Falcon's MLP module names.
+pub(crate) const NEOX_MLP: [&str; 3] = ["dense_h_to_4h", "act", "dense_4h_to_h"];
+
+/// A two-layer MLP, `down(act(up(x)))`, whose three modules and itself are sites: Phi's
+/// `fc1`, `activation_fn`, `fc2`; GPT-NeoX's and Falcon's `dense_h_to_4h`, `act`,
+/// `dense_4h_to_h`. Tensor parallel: `up` by column, `down` by row.
+pub(crate) struct PlainMlp {
+    up: Linear,
+    act: Act,
+    down: Linear,
+    site: SiteId,
+}
+
+impl PlainMlp {
+    /// The MLP at `vb`, its modules named `names` (up, activation, down).
+    pub(crate) fn new(
+        vb: Vb,
+        names: [&str; 3],
+        (h, inter): (usize, usize),
+        bias: bool,
+        act: Activation,
+    ) -> Result<Self> {
+        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
+        let [up, act_name, down] = names;
+        Ok(Self {
+            up: Linear::new(vb.pp(up), (h, inter), bias, BS, Parallel::Column(inter))?,
+            act: Act::new(
+                vb.pp(act_name),
+                act,
+                BS,
+                inter,
+                Layout::split_last(3, inter),
+            )?,
+            down: Linear::new(vb.pp(down), (inter, h), bias, BS, Parallel::Row(inter))?,
+            site,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+        let x = &run.input(self.site, x)?;
+        let h = self.up.forward(x, run)?;
+        let h = self.act.forward(&h, run)?;
+        let out = self.down.forward(&h, run)?;
+        run.site(self.site, out)
+    }
+}
+
 /// A module that is the identity at inference (`Dropout`), kept as a site because
 /// transformers lists and calls it.
 pub(crate) struct Identity {

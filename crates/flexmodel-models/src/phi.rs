@@ -9,7 +9,8 @@ use crate::attention::{AttnSites, Heads, Pass, attend};
 use crate::config::RawConfig;
 use crate::error::Result;
 use crate::nn::{
-    Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, Parallel, head_input, shape_of,
+    Activation, BS, Embedding, Identity, LayerNorm, Linear, Parallel, PlainMlp, head_input,
+    shape_of,
 };
 use crate::rope::{self, Rope, RotaryEmb};
 use crate::weights::Vb;
@@ -57,7 +58,7 @@ pub(crate) struct Phi {
 
 struct Layer {
     self_attn: Attention,
-    mlp: Mlp,
+    mlp: PlainMlp,
     input_layernorm: LayerNorm,
     /// Called twice: on the attention output, then on the MLP output.
     resid_dropout: Identity,
@@ -72,13 +73,6 @@ struct Attention {
     qk_layernorm: Option<(LayerNorm, LayerNorm)>,
     heads: Heads,
     sites: AttnSites,
-    site: SiteId,
-}
-
-struct Mlp {
-    fc1: Linear,
-    activation_fn: Act,
-    fc2: Linear,
     site: SiteId,
 }
 
@@ -108,7 +102,13 @@ impl Phi {
                 Ok(Layer {
                     site: vb.site(shape_of(BS, h), Layout::Replicated)?,
                     self_attn: Attention::new(vb.pp("self_attn"), h, heads, &cfg)?,
-                    mlp: Mlp::new(vb.pp("mlp"), h, cfg.intermediate_size, act)?,
+                    mlp: PlainMlp::new(
+                        vb.pp("mlp"),
+                        ["fc1", "activation_fn", "fc2"],
+                        (h, cfg.intermediate_size),
+                        true,
+                        act,
+                    )?,
                     input_layernorm: LayerNorm::new(
                         vb.pp("input_layernorm"),
                         h,
@@ -242,33 +242,6 @@ impl Attention {
         let scale = (head_dim as f64).powf(-0.5);
         let out = attend(q, k, v, mask, scale, &self.sites, run)?;
         let out = self.dense.forward(&out, run)?;
-        run.site(self.site, out)
-    }
-}
-
-impl Mlp {
-    fn new(vb: Vb, h: usize, inter: usize, act: Activation) -> Result<Self> {
-        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
-        let column = Parallel::Column(inter);
-        Ok(Self {
-            activation_fn: Act::new(
-                vb.pp("activation_fn"),
-                act,
-                BS,
-                inter,
-                Layout::split_last(3, inter),
-            )?,
-            fc1: Linear::new(vb.pp("fc1"), (h, inter), true, BS, column)?,
-            fc2: Linear::new(vb.pp("fc2"), (inter, h), true, BS, Parallel::Row(inter))?,
-            site,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
-        let x = &run.input(self.site, x)?;
-        let h = self.fc1.forward(x, run)?;
-        let h = self.activation_fn.forward(&h, run)?;
-        let out = self.fc2.forward(&h, run)?;
         run.site(self.site, out)
     }
 }
