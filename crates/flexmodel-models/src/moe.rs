@@ -198,11 +198,8 @@ impl Moe {
         let chosen = run.site(self.topk_experts, chosen)?;
         // An edit may have chosen other experts: they must exist.
         let n = self.spec.experts as u32;
-        let ids = chosen
-            .to_dtype(DType::U32)?
-            .flatten_all()?
-            .to_vec1::<u32>()?;
-        if let Some(bad) = ids.iter().find(|&&e| e >= n) {
+        let ids: Vec<Vec<u32>> = chosen.to_dtype(DType::U32)?.to_vec2()?;
+        if let Some(bad) = ids.iter().flatten().find(|&&e| e >= n) {
             return Err(flexmodel_core::Error::Input(format!(
                 "expert {bad} chosen, the model has {n} (0..{n})"
             )));
@@ -214,7 +211,7 @@ impl Moe {
             weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
         }
         let weights = run.site(self.topk_weights, weights.to_dtype(x.dtype())?)?;
-        let mut out = self.experts(&xt, &chosen, &weights, run)?;
+        let mut out = self.experts(&xt, &ids, &weights, run)?;
         if let (Some(sh), Some(shared)) = (&self.shared, shared) {
             let scale = candle_nn::ops::sigmoid(&sh.expert_gate.forward(&xt, run)?)?;
             out = (out + shared.broadcast_mul(&scale)?)?;
@@ -223,16 +220,16 @@ impl Moe {
     }
 
     /// The routed experts' weighted sum `[tokens, hidden]` (the `experts` module's output).
+    /// `ids` `[tokens][top_k]` are the chosen experts, `weights` `[tokens, top_k]` theirs.
     fn experts(
         &self,
         xt: &Tensor,
-        chosen: &Tensor,
+        ids: &[Vec<u32>],
         weights: &Tensor,
         run: &mut Run,
     ) -> FwdResult<Tensor> {
         let (tokens, h) = xt.dims2()?;
         let k = self.spec.top_k;
-        let ids: Vec<Vec<u32>> = chosen.to_dtype(DType::U32)?.to_vec2()?;
         let dense = run.is_hooked(self.expert_out);
         // Under expert parallelism each rank's experts see the replicated tokens (and, unless
         // the experts' outputs are assembled before weighting, the routing weights): their
