@@ -8,6 +8,8 @@ use flexmodel_core::{Comm, Dim, Input, Layout, Run, SiteId};
 use crate::FwdResult;
 use crate::error::Result;
 use crate::kernels;
+use crate::nn::Linear;
+use crate::rope;
 use crate::weights::Vb;
 
 /// Facts about one forward pass that every layer needs.
@@ -290,6 +292,26 @@ pub(crate) fn attend(
     let out = out.reshape((b, heads, s, d))?.transpose(1, 2)?;
     let out = run.site(sites.head_out, out)?;
     Ok(out.reshape((b, s, heads * d))?)
+}
+
+/// The rest of a rotary attention module once its projections are split into heads: rotary
+/// embeddings on the queries and keys, [`attend`] with its sites, the output projection.
+///
+/// # Shapes
+/// `q`: `[b, s, heads, d]`; `k`, `v`: `[b, s, kv_heads, d]`; returns `[b, s, hidden]`.
+pub(crate) fn rotary_attend(
+    (q, k, v): (Tensor, Tensor, Tensor),
+    (cos, sin): (&Tensor, &Tensor),
+    mask: &Tensor,
+    scale: f64,
+    sites: &AttnSites,
+    out: &Linear,
+    run: &mut Run,
+) -> FwdResult<Tensor> {
+    let q = rope::apply(&q, cos, sin)?;
+    let k = rope::apply(&k, cos, sin)?;
+    let heads = attend(q, k, v, mask, scale, sites, run)?;
+    out.forward(&heads, run)
 }
 
 /// Query positions per chunk of [`attend`] when the probabilities are not hooked.

@@ -9,7 +9,7 @@ use flexmodel_core::layout::Part;
 use flexmodel_core::{Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
-use crate::attention::{AttnSites, Heads, Pass, attend};
+use crate::attention::{AttnSites, Heads, Pass, rotary_attend};
 use crate::config::RawConfig;
 use crate::error::{Error, Result};
 use crate::moe::{Moe, MoeSpec};
@@ -17,7 +17,7 @@ use crate::nn::{
     Act, Activation, BS, Embedding, Identity, Linear, Parallel, RmsKind, RmsNorm, head_input,
     shape_of,
 };
-use crate::rope::{self, Rope, RotaryEmb};
+use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded, Tables, embed_here};
 
@@ -506,10 +506,8 @@ impl Attention {
             }
             _ => {}
         }
-        let q = rope::apply(&q, cos, sin)?;
-        let k = rope::apply(&k, cos, sin)?;
-        let out = attend(q, k, v, mask, self.scale, &self.sites, run)?;
-        let out = self.o_proj.forward(&out, run)?;
+        let (sites, o_proj) = (&self.sites, &self.o_proj);
+        let out = rotary_attend((q, k, v), (cos, sin), mask, self.scale, sites, o_proj, run)?;
         run.site(self.site, out)
     }
 }

@@ -7,14 +7,14 @@ use flexmodel_core::layout::Part;
 use flexmodel_core::{Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
-use crate::attention::{AttnSites, Heads, Pass, attend};
+use crate::attention::{AttnSites, Heads, Pass, rotary_attend};
 use crate::config::{RawConfig, require};
 use crate::error::{Error, Result};
 use crate::nn::{
     Activation, BS, Embedding, LayerNorm, Linear, NEOX_MLP, Parallel, PlainMlp, head_input,
     shape_of,
 };
-use crate::rope::{self, Rope, RotaryEmb};
+use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded, Tables, embed_here};
 
@@ -305,12 +305,16 @@ impl Attention {
     ) -> FwdResult<Tensor> {
         let x = &run.input(self.site, x)?;
         let qkv = self.query_key_value.forward(x, run)?;
-        let (q, k, v) = self.split(&qkv)?;
-        let q = rope::apply(&q, cos, sin)?;
-        let k = rope::apply(&k, cos, sin)?;
         let scale = (self.heads.head_dim as f64).powf(-0.5);
-        let out = attend(q, k, v, mask, scale, &self.sites, run)?;
-        let out = self.dense.forward(&out, run)?;
+        let out = rotary_attend(
+            self.split(&qkv)?,
+            (cos, sin),
+            mask,
+            scale,
+            &self.sites,
+            &self.dense,
+            run,
+        )?;
         run.site(self.site, out)
     }
 }

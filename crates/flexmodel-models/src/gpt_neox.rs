@@ -5,14 +5,14 @@ use candle_core::Tensor;
 use flexmodel_core::{Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
-use crate::attention::{AttnSites, Heads, Pass, attend};
+use crate::attention::{AttnSites, Heads, Pass, rotary_attend};
 use crate::config::RawConfig;
 use crate::error::Result;
 use crate::nn::{
     Activation, BS, Embedding, Identity, LayerNorm, Linear, NEOX_MLP, Parallel, PlainMlp,
     head_input, shape_of,
 };
-use crate::rope::{self, Rope, RotaryEmb};
+use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded, Tables, embed_here};
 
@@ -186,11 +186,9 @@ impl Attention {
             .forward(x, run)?
             .reshape((b, s, heads, 3 * head_dim))?;
         let part = |i: usize| qkv.narrow(3, i * head_dim, head_dim);
-        let q = rope::apply(&part(0)?, cos, sin)?;
-        let k = rope::apply(&part(1)?, cos, sin)?;
+        let qkv = (part(0)?, part(1)?, part(2)?);
         let scale = (head_dim as f64).powf(-0.5);
-        let out = attend(q, k, part(2)?, mask, scale, &self.sites, run)?;
-        let out = self.dense.forward(&out, run)?;
+        let out = rotary_attend(qkv, (cos, sin), mask, scale, &self.sites, &self.dense, run)?;
         run.site(self.site, out)
     }
 }

@@ -5,14 +5,14 @@ use candle_core::Tensor;
 use flexmodel_core::{Dim, Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
-use crate::attention::{AttnSites, Heads, Pass, attend};
+use crate::attention::{AttnSites, Heads, Pass, rotary_attend};
 use crate::config::RawConfig;
 use crate::error::Result;
 use crate::nn::{
     Activation, BS, Embedding, Identity, LayerNorm, Linear, Parallel, PlainMlp, head_input,
     shape_of,
 };
-use crate::rope::{self, Rope, RotaryEmb};
+use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
 use crate::{Family, FwdResult, Loaded, Tables, embed_here};
 
@@ -237,11 +237,16 @@ impl Attention {
             q = q_norm.forward(&q.transpose(1, 2)?, run)?.transpose(1, 2)?;
             k = k_norm.forward(&k.transpose(1, 2)?, run)?.transpose(1, 2)?;
         }
-        let q = rope::apply(&q, cos, sin)?;
-        let k = rope::apply(&k, cos, sin)?;
         let scale = (head_dim as f64).powf(-0.5);
-        let out = attend(q, k, v, mask, scale, &self.sites, run)?;
-        let out = self.dense.forward(&out, run)?;
+        let out = rotary_attend(
+            (q, k, v),
+            (cos, sin),
+            mask,
+            scale,
+            &self.sites,
+            &self.dense,
+            run,
+        )?;
         run.site(self.site, out)
     }
 }
