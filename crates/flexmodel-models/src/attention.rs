@@ -8,7 +8,7 @@ use flexmodel_core::{Comm, Dim, Input, Layout, Run, SiteId};
 use crate::FwdResult;
 use crate::error::Result;
 use crate::kernels;
-use crate::nn::Linear;
+use crate::nn::{self, Linear};
 use crate::rope;
 use crate::weights::Vb;
 
@@ -20,9 +20,6 @@ pub(crate) struct Pass {
     /// `cumsum(attention_mask) - 1` per row (padding gets 0), as transformers computes them
     /// for generation and OPT.
     pub(crate) positions: Vec<Vec<u32>>,
-    /// The largest position of the whole batch, every data-parallel rank's rows included
-    /// (length-dependent ropes pick their frequencies by it, as transformers does per batch).
-    pub(crate) max_position: u32,
     /// Additive mask `[batch|1, 1, seq, seq]` (0 or the f32 minimum): causal and padding.
     causal: Tensor,
     /// The same, also hiding keys `window` or more positions back.
@@ -31,13 +28,11 @@ pub(crate) struct Pass {
 
 impl Pass {
     /// Reads the input once. `past` positions are already in the key/value cache (then the
-    /// mask covers them too); `window` is the model's sliding window, if any layer uses one;
-    /// `dp` holds the batch's other rows.
+    /// mask covers them too); `window` is the model's sliding window, if any layer uses one.
     pub(crate) fn new(
         input: &Input,
         past: usize,
         window: Option<usize>,
-        dp: &dyn Comm,
         device: &Device,
     ) -> FwdResult<Self> {
         let (batch, seq) = input.dims()?;
@@ -77,13 +72,6 @@ impl Pass {
                 })
                 .collect(),
         };
-        let mut max_position = positions.iter().flatten().copied().max().unwrap_or(0);
-        if dp.size() > 1 {
-            let mine = Tensor::new(&[max_position as f32], &Device::Cpu)?;
-            for other in dp.all_gather(&mine)? {
-                max_position = max_position.max(other.to_vec1::<f32>()?[0] as u32);
-            }
-        }
         let causal = additive_mask(valid.as_deref(), batch, (past, seq), None, device)?;
         let sliding = match window {
             Some(w) if w < width => Some(additive_mask(
@@ -99,7 +87,6 @@ impl Pass {
             batch,
             seq,
             positions,
-            max_position,
             causal,
             sliding,
         })
@@ -334,7 +321,7 @@ fn probabilities(
         .reshape((b, heads, rows, keys))?
         .to_dtype(DType::F32)?;
     let scores = match softcap {
-        Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+        Some(cap) => nn::softcap(&scores, cap)?,
         None => scores,
     };
     Ok(kernels::masked_softmax(&scores, mask)?)

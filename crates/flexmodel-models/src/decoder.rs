@@ -6,7 +6,7 @@
 
 use candle_core::{D, Tensor};
 use flexmodel_core::layout::Part;
-use flexmodel_core::{Layout, Model, Run, SiteId};
+use flexmodel_core::{Dim, Layout, Model, Run, SiteId};
 use serde::Deserialize;
 
 use crate::attention::{AttnSites, Heads, Pass, rotary_attend};
@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::moe::{Moe, MoeSpec};
 use crate::nn::{
     Act, Activation, BS, Embedding, Identity, Linear, Parallel, RmsKind, RmsNorm, head_input,
-    shape_of,
+    shape_of, softcap,
 };
 use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
@@ -293,7 +293,8 @@ enum GateUpProj {
     Fused(Linear),
 }
 
-struct Mlp {
+/// A gated MLP, `down(act(gate(x)) * up(x))` (also Qwen MoE's shared expert).
+pub(crate) struct Mlp {
     gate_up: GateUpProj,
     down_proj: Linear,
     act: Act,
@@ -335,9 +336,14 @@ impl Decoder {
                     pre_mlp_norm: norm_at(&vb, blocks.pre_mlp)?,
                     mlp: match &spec.moe {
                         Some((moe, sparse)) if sparse[i] => {
-                            Ffn::Sparse(Box::new(Moe::new(vb.pp("mlp"), &vb, h, spec.act, moe)?))
+                            Ffn::Sparse(Box::new(Moe::new(vb.pp("mlp"), &vb, h, &spec, moe)?))
                         }
-                        _ => Ffn::Dense(Mlp::new(vb.pp("mlp"), h, cfg.intermediate_size, &spec)?),
+                        _ => Ffn::Dense(Mlp::new(
+                            vb.pp("mlp"),
+                            BS,
+                            (h, cfg.intermediate_size),
+                            &spec,
+                        )?),
                     },
                     post_mlp_norm: norm_at(&vb, blocks.post_mlp)?,
                     dropouts: blocks
@@ -513,14 +519,21 @@ impl Attention {
 }
 
 impl Mlp {
-    fn new(vb: Vb, h: usize, inter: usize, spec: &Spec) -> Result<Self> {
-        let site = vb.site(shape_of(BS, h), Layout::Replicated)?;
+    /// The MLP at `vb` on activations with leading dims `lead` (`[batch, seq]`, or flattened
+    /// tokens), with `spec`'s activation, biases and gate/up layout.
+    pub(crate) fn new(
+        vb: Vb,
+        lead: &[Dim],
+        (h, inter): (usize, usize),
+        spec: &Spec,
+    ) -> Result<Self> {
+        let site = vb.site(shape_of(lead, h), Layout::Replicated)?;
         let bias = spec.mlp_bias;
         let column = Parallel::Column(inter);
         let gate_up = match spec.gate_up {
             GateUp::Separate => GateUpProj::Separate {
-                gate: Linear::new(vb.pp("gate_proj"), (h, inter), bias, BS, column.clone())?,
-                up: Linear::new(vb.pp("up_proj"), (h, inter), bias, BS, column)?,
+                gate: Linear::new(vb.pp("gate_proj"), (h, inter), bias, lead, column.clone())?,
+                up: Linear::new(vb.pp("up_proj"), (h, inter), bias, lead, column)?,
             },
             GateUp::Fused => {
                 let half = Part {
@@ -531,7 +544,7 @@ impl Mlp {
                     vb.pp("gate_up_proj"),
                     (h, 2 * inter),
                     bias,
-                    BS,
+                    lead,
                     Parallel::Fused(vec![half.clone(), half]),
                 )?)
             }
@@ -542,21 +555,21 @@ impl Mlp {
                 vb.pp("down_proj"),
                 (inter, h),
                 bias,
-                BS,
+                lead,
                 Parallel::Row(inter),
             )?,
             act: Act::new(
                 vb.pp(spec.act_name),
                 spec.act,
-                BS,
+                lead,
                 inter,
-                Layout::split_last(3, inter),
+                Layout::split_last(lead.len() + 1, inter),
             )?,
             site,
         })
     }
 
-    fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
         let x = &run.input(self.site, x)?;
         let (gate, up) = match &self.gate_up {
             GateUpProj::Separate { gate, up } => {
@@ -652,7 +665,7 @@ impl Family for Decoder {
         let logits = self.lm_head.forward(&head_input(x, run)?, run)?;
         match self.final_softcap {
             // Gemma 2: after the head's site, as transformers caps the logits.
-            Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
+            Some(cap) => Ok(softcap(&logits, cap)?),
             None => Ok(logits),
         }
     }

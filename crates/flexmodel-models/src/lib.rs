@@ -5,8 +5,8 @@
 //! `model.safetensors` or an index with shards, `tokenizer.json`), memory-maps the weights and
 //! returns a [`Model`] whose forward pass matches transformers (checked against reference
 //! activations of every module). Families: Llama, Mistral, Qwen2 and Gemma (`llama.rs`), Qwen 3,
-//! Gemma 2, Gemma 3, OLMo 2, Phi-3, Mixtral, Qwen MoE and Qwen 3 MoE (each a variation of the shared [`decoder`] in a short
-//! file), Phi, GPT-2, GPT-NeoX, Falcon, OPT.
+//! Gemma 2, Gemma 3, OLMo 2, Phi-3, Mixtral, Qwen MoE and Qwen 3 MoE (each a short file of what
+//! it changes in the shared decoder, `decoder.rs`), Phi, GPT-2, GPT-NeoX, Falcon, OPT.
 //!
 //! ```no_run
 //! use flexmodel_core::{FlexModel, HookFunction};
@@ -347,13 +347,7 @@ impl<F: Family> Model for Loaded<F> {
     /// stage elsewhere; its layers; the head on the last, else the activations go on to the
     /// next stage and an empty tensor comes back.
     fn forward_with(&self, input: &Input, run: &mut Run<'_>) -> FwdResult<Tensor> {
-        let pass = Pass::new(
-            input,
-            run.past_len(),
-            self.body.window(),
-            self.grid.dp.as_ref(),
-            &self.device,
-        )?;
+        let pass = Pass::new(input, run.past_len(), self.body.window(), &self.device)?;
         let stage = &self.stage;
         // The hidden states and the per-pass tables travel from stage to stage together: later
         // stages see any edit of the tables, and send their gradient back.

@@ -23,8 +23,9 @@ use flexmodel_core::layout::block;
 use flexmodel_core::{Comm, Dim, Layout, Run, SiteId};
 
 use crate::FwdResult;
+use crate::decoder::{Mlp, Spec};
 use crate::error::{Error, Result};
-use crate::nn::{Act, Activation, Linear, Parallel, TOKENS, all_reduce, shape_of, tp_copy};
+use crate::nn::{Activation, Linear, Parallel, TOKENS, all_reduce, shape_of, tp_copy};
 use crate::weights::Vb;
 
 /// The sizes and options of one model's MoE blocks.
@@ -54,13 +55,9 @@ struct Expert {
     down: Tensor,
 }
 
-/// The shared expert: a gated MLP with its own sites, and the gate that scales it.
+/// Qwen's shared expert (a gated MLP with its own sites) and the gate that scales it.
 struct Shared {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-    act_fn: Act,
-    site: SiteId,
+    mlp: Mlp,
     expert_gate: Linear,
 }
 
@@ -84,14 +81,9 @@ pub(crate) struct Moe {
 }
 
 impl Moe {
-    /// The block at `vb` (`model.layers.<i>.mlp`).
-    pub(crate) fn new(
-        vb: Vb,
-        layer: &Vb,
-        h: usize,
-        act: Activation,
-        spec: &MoeSpec,
-    ) -> Result<Self> {
+    /// The block at `vb` (`model.layers.<i>.mlp`) of a model described by `model` (its
+    /// activation; the shared expert's MLP).
+    pub(crate) fn new(vb: Vb, layer: &Vb, h: usize, model: &Spec, spec: &MoeSpec) -> Result<Self> {
         let n = spec.experts;
         if spec.top_k == 0 || spec.top_k > n {
             return Err(Error::unsupported(
@@ -161,13 +153,22 @@ impl Moe {
         }
         let shared = match spec.shared {
             None => None,
-            Some(inter) => Some(Shared::new(&vb, h, inter, act)?),
+            Some(inter) => Some(Shared {
+                mlp: Mlp::new(vb.pp("shared_expert"), TOKENS, (h, inter), model)?,
+                expert_gate: Linear::new(
+                    vb.pp("shared_expert_gate"),
+                    (h, 1),
+                    false,
+                    TOKENS,
+                    Parallel::Replicated,
+                )?,
+            }),
         };
         Ok(Self {
             router,
             experts,
             shared,
-            act,
+            act: model.act,
             spec: spec.clone(),
             ep: (tp.size() > 1).then_some(tp),
             dp: vb.shard().grid.dp.clone(),
@@ -188,7 +189,7 @@ impl Moe {
         let (b, s, h) = x.dims3()?;
         let xt = x.reshape((b * s, h))?;
         let shared = match &self.shared {
-            Some(sh) => Some(sh.forward(&xt, run)?),
+            Some(sh) => Some(sh.mlp.forward(&xt, run)?),
             None => None,
         };
         let logits = self.router.forward(&xt, run)?;
@@ -248,11 +249,17 @@ impl Moe {
         };
         let act_hooked = run.is_hooked(self.act_site);
         let device = xt.device();
-        // The site fires once per expert that any of the batch's tokens chose, on every rank.
-        let mut hits = vec![0f32; self.spec.experts];
-        for &e in ids.iter().flatten() {
-            hits[e as usize] += 1.0;
+        // Each expert's rows of `[tokens * k]` (token t's j-th choice is row t * k + j) and
+        // tokens, in token order (a token chooses an expert at most once).
+        let mut routed = vec![(Vec::new(), Vec::new()); self.spec.experts];
+        for (t, chosen) in ids.iter().enumerate() {
+            for (j, &e) in chosen.iter().enumerate() {
+                routed[e as usize].0.push((t * k + j) as u32);
+                routed[e as usize].1.push(t as u32);
+            }
         }
+        // The site fires once per expert that any of the batch's tokens chose, on every rank.
+        let mut hits: Vec<f32> = routed.iter().map(|(_, toks)| toks.len() as f32).collect();
         if act_hooked && self.dp.size() > 1 {
             let hits_t = Tensor::new(hits.as_slice(), &Device::Cpu)?;
             hits = self.dp.all_reduce_sum(&hits_t)?.to_vec1()?;
@@ -262,15 +269,12 @@ impl Moe {
         // collectives in the same order.
         let symmetric = self.ep.is_some() && act_hooked && xt.track_op();
         let (inter, dtype) = (self.spec.inter, xt.dtype());
-        // Rows of `[tokens * k]` (token t's j-th choice is row t * k + j) each expert produced.
-        let mut rows_out: Vec<(Tensor, Tensor)> = Vec::new();
-        for e in (0..self.spec.experts).filter(|&e| hits[e] > 0.0) {
-            // In token order (a token chooses an expert at most once).
-            let (slots, toks): (Vec<u32>, Vec<u32>) = (0..tokens)
-                .flat_map(|t| (0..k).map(move |j| (j, t)))
-                .filter(|&(j, t)| ids[t][j] as usize == e)
-                .map(|(j, t)| ((t * k + j) as u32, t as u32))
-                .unzip();
+        // Each chosen expert's output, in its row of `[tokens * k]`.
+        let mut flat = Tensor::zeros((tokens * k, h), dtype, device)?;
+        for (e, (slots, toks)) in routed.into_iter().enumerate() {
+            if hits[e] == 0.0 {
+                continue;
+            }
             // None of this rank's rows may have chosen e where others' did (data parallel):
             // the same ops on no rows keep every rank's passes, forward and back, in step.
             let n = toks.len();
@@ -310,13 +314,7 @@ impl Moe {
                 continue;
             };
             let y = (act * up)?.matmul(&down.t()?)?;
-            let slots = Tensor::from_vec(slots, n, device)?;
-            rows_out.push((slots, y));
-        }
-        let flat = Tensor::zeros((tokens * k, h), xt.dtype(), device);
-        let mut flat = flat?;
-        for (slots, y) in &rows_out {
-            flat = flat.index_add(slots, y, 0)?;
+            flat = flat.index_add(&Tensor::from_vec(slots, n, device)?, &y, 0)?;
         }
         let flat = flat.reshape((tokens, k, h))?;
         let out = if dense {
@@ -350,54 +348,4 @@ fn top_k(probs: &Tensor, k: usize) -> FwdResult<Tensor> {
         chosen.extend_from_slice(&order[..k]);
     }
     Ok(Tensor::from_vec(chosen, (tokens, k), &Device::Cpu)?.to_device(probs.device())?)
-}
-
-impl Shared {
-    /// `mlp.shared_expert` and `mlp.shared_expert_gate` under the block's `moe`.
-    fn new(moe: &Vb, h: usize, inter: usize, act: Activation) -> Result<Self> {
-        let vb = moe.pp("shared_expert");
-        let column = Parallel::Column(inter);
-        let site = vb.site(shape_of(TOKENS, h), Layout::Replicated)?;
-        Ok(Self {
-            gate_proj: Linear::new(
-                vb.pp("gate_proj"),
-                (h, inter),
-                false,
-                TOKENS,
-                column.clone(),
-            )?,
-            up_proj: Linear::new(vb.pp("up_proj"), (h, inter), false, TOKENS, column)?,
-            down_proj: Linear::new(
-                vb.pp("down_proj"),
-                (inter, h),
-                false,
-                TOKENS,
-                Parallel::Row(inter),
-            )?,
-            act_fn: Act::new(
-                vb.pp("act_fn"),
-                act,
-                TOKENS,
-                inter,
-                Layout::split_last(2, inter),
-            )?,
-            site,
-            expert_gate: Linear::new(
-                moe.pp("shared_expert_gate"),
-                (h, 1),
-                false,
-                TOKENS,
-                Parallel::Replicated,
-            )?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
-        let x = &run.input(self.site, x)?;
-        let gate = self.gate_proj.forward(x, run)?;
-        let gate = self.act_fn.forward(&gate, run)?;
-        let up = self.up_proj.forward(x, run)?;
-        let out = self.down_proj.forward(&(gate * up)?, run)?;
-        run.site(self.site, out)
-    }
 }

@@ -439,23 +439,27 @@ impl RmsNorm {
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let y = match &self.split {
-            Some((tp, dim)) => {
-                // Every rank's sum of squares: the sum's gradient reaches every rank's
-                // features (tp_copy), its value is the total (all_reduce).
-                let sum = all_reduce(&x32.sqr()?.sum_keepdim(D::Minus1)?, tp.as_ref())?;
-                let sum = if sum.track_op() {
-                    tp_copy(&sum, tp)?
-                } else {
-                    sum
+            None if !x32.track_op() && !self.scale.track_op() => {
+                candle_nn::ops::rms_norm(&x32.contiguous()?, &self.scale, self.eps as f32)?
+            }
+            split => {
+                let mean_sq = match split {
+                    // Every rank's sum of squares: the sum's gradient reaches every rank's
+                    // features (tp_copy), its value is the total (all_reduce).
+                    Some((tp, dim)) => {
+                        let sum = all_reduce(&x32.sqr()?.sum_keepdim(D::Minus1)?, tp.as_ref())?;
+                        let sum = if sum.track_op() {
+                            tp_copy(&sum, tp)?
+                        } else {
+                            sum
+                        };
+                        (sum / *dim as f64)?
+                    }
+                    None => x32.sqr()?.mean_keepdim(D::Minus1)?,
                 };
-                let rms = ((sum / *dim as f64)? + self.eps)?.sqrt()?;
+                let rms = (mean_sq + self.eps)?.sqrt()?;
                 x32.broadcast_div(&rms)?.broadcast_mul(&self.scale)?
             }
-            None if x32.track_op() || self.scale.track_op() => {
-                let rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
-                x32.broadcast_div(&rms)?.broadcast_mul(&self.scale)?
-            }
-            None => candle_nn::ops::rms_norm(&x32.contiguous()?, &self.scale, self.eps as f32)?,
         };
         run.site(self.site, y.to_dtype(dtype)?)
     }
@@ -557,6 +561,11 @@ pub(crate) fn head_input(x: Tensor, run: &Run) -> CResult<Tensor> {
     } else {
         Ok(x)
     }
+}
+
+/// `cap * tanh(x / cap)`: Gemma 2's soft cap of attention scores and logits.
+pub(crate) fn softcap(x: &Tensor, cap: f64) -> CResult<Tensor> {
+    (x / cap)?.tanh()? * cap
 }
 
 /// Softmax over the last dimension (fused unless gradients are tracked).

@@ -207,6 +207,14 @@ impl Rope {
         })
     }
 
+    /// Whether the frequencies depend on how long the sequence is (dynamic NTK, LongRoPE).
+    fn length_dependent(&self) -> bool {
+        matches!(
+            self.scaling,
+            Scaling::Dynamic { .. } | Scaling::LongRope { .. }
+        )
+    }
+
     /// `(cos, sin)`, each `[pos_batch, seq, dim]`, for integer `positions` `[pos_batch, seq]`,
     /// as Hugging Face's rotary module returns them (`cat(freqs, freqs)`, times the attention
     /// factor); length-dependent ropes pick their frequencies by `max_position`, the batch's.
@@ -259,6 +267,9 @@ pub(crate) struct RotaryEmb {
     /// Under tensor parallelism: every rank's heads read the same tables, so their gradient is
     /// summed over the ranks.
     tp: Option<Arc<dyn Comm>>,
+    /// Under data parallelism, when a rope depends on the sequence's length: the ranks holding
+    /// the batch's other rows, whose longest position counts too.
+    dp: Option<Arc<dyn Comm>>,
 }
 
 impl RotaryEmb {
@@ -275,17 +286,38 @@ impl RotaryEmb {
         )?;
         let tp = vb.shard().tp.clone();
         let tp = (tp.size() > 1).then_some(tp);
-        Ok(Self { ropes, site, tp })
+        let dp = vb.shard().grid.dp.clone();
+        let length_dependent = ropes.iter().any(Rope::length_dependent);
+        let dp = (dp.size() > 1 && length_dependent).then_some(dp);
+        Ok(Self {
+            ropes,
+            site,
+            tp,
+            dp,
+        })
+    }
+
+    /// The longest position of the whole batch (as transformers picks a length-dependent
+    /// rope's frequencies per batch), every data-parallel rank's rows included.
+    fn max_position(&self, pass: &Pass) -> FwdResult<u32> {
+        let mut max = pass.positions.iter().flatten().copied().max().unwrap_or(0);
+        if let Some(dp) = &self.dp {
+            let mine = Tensor::new(&[max as f32], &Device::Cpu)?;
+            for other in dp.all_gather(&mine)? {
+                max = max.max(other.to_vec1::<f32>()?[0] as u32);
+            }
+        }
+        Ok(max)
     }
 
     /// `(cos, sin)` of each rope, each `[pos_batch, seq, rot]`, in `x`'s dtype. `x` (the
     /// hidden states) is the module's input, as in transformers.
     pub(crate) fn tables(&self, x: &Tensor, pass: &Pass, run: &mut Run) -> FwdResult<Tables> {
+        let max_position = self.max_position(pass)?;
         let mut tables = Vec::with_capacity(self.ropes.len());
         for rope in &self.ropes {
             let x = run.input(self.site, x)?;
-            let (cos, sin) =
-                rope.cos_sin(&pass.positions, pass.max_position, x.dtype(), x.device())?;
+            let (cos, sin) = rope.cos_sin(&pass.positions, max_position, x.dtype(), x.device())?;
             let cos = run.site(self.site, cos)?;
             tables.push(match &self.tp {
                 Some(tp) if cos.track_op() || sin.track_op() => {

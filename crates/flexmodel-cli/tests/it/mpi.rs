@@ -44,13 +44,8 @@ const FAMILY_LAYOUTS: &[(&[&str], usize)] = &[
     (&["--tp", "2", "--pp", "2", "--dp", "2"], 8),
 ];
 
-/// Runs `flexmodel args...` under every layout of [`LAYOUTS`]: each writes the tensors of
-/// `want` (the single-process run), equal within 1e-5.
-fn every_layout_equals(arch: &str, args: &[&str], want: &HashMap<String, Tensor>, tmp: &Path) {
-    layouts_equal(arch, args, want, tmp, LAYOUTS);
-}
-
-/// [`every_layout_equals`] for the given layouts.
+/// Runs `flexmodel args...` under each of `layouts`: each writes the tensors of `want` (the
+/// single-process run), equal within 1e-5.
 fn layouts_equal(
     arch: &str,
     args: &[&str],
@@ -168,7 +163,7 @@ fn gradients_flow_through_an_edit_under_every_layout() {
             flexmodel_testkit::rel_err(&want[embed], &load(&plain)[embed]) > 1e-3,
             "{arch}"
         );
-        every_layout_equals(arch, &common, &want, tmp.path());
+        layouts_equal(arch, &common, &want, tmp.path(), LAYOUTS);
     }
 }
 
