@@ -86,6 +86,49 @@ pub struct ModelInfo {
     /// Dtype the model computes in.
     #[serde(serialize_with = "serialize_dtype")]
     pub dtype: DType,
+    /// How the last residual stream becomes logits, for analyses that decode any residual
+    /// (logit lens, direct logit attribution); `None` where the family does not describe it.
+    pub unembed: Option<Unembed>,
+}
+
+/// The model's way from the residual stream to logits: `head(norm(x))`, then a soft cap.
+/// Names are parameter names, so the tensors can be gathered from any layout with
+/// [`FlexModel::parameter`](crate::FlexModel::parameter).
+#[derive(Clone, Debug, Serialize)]
+pub struct Unembed {
+    /// Site of the final norm (its input is the last residual stream).
+    pub norm_site: String,
+    /// The final norm.
+    pub norm: FinalNorm,
+    /// The head's weight, `[vocab, hidden]`.
+    pub head_weight: String,
+    /// The head's bias, `[vocab]`, where it has one.
+    pub head_bias: Option<String>,
+    /// `cap * tanh(logits / cap)` after the head (Gemma 2).
+    pub softcap: Option<f64>,
+}
+
+/// A final norm over the last dimension.
+#[derive(Clone, Debug, Serialize)]
+pub enum FinalNorm {
+    /// `x / sqrt(mean(x²) + eps) * (weight + offset)` (offset 1 in Gemma, else 0).
+    Rms {
+        /// Parameter name of the scale.
+        weight: String,
+        /// Added to the mean square.
+        eps: f64,
+        /// Added to the weight.
+        offset: f64,
+    },
+    /// `(x - mean(x)) / sqrt(var(x) + eps) * weight + bias`.
+    Layer {
+        /// Parameter name of the scale.
+        weight: String,
+        /// Parameter name of the shift, where there is one.
+        bias: Option<String>,
+        /// Added to the variance.
+        eps: f64,
+    },
 }
 
 fn serialize_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {

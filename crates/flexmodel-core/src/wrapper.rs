@@ -588,6 +588,12 @@ impl<M: Model> FlexModel<M> {
         std::mem::take(&mut self.output)
     }
 
+    /// Takes the captures under one key (`site`, `input.<site>`, `grad.<site>`), leaving the
+    /// others.
+    pub fn take_captures(&mut self, key: &str) -> Option<Vec<Tensor>> {
+        self.output.remove(key)
+    }
+
     /// Forgets every capture.
     pub fn clear_output(&mut self) {
         self.output.clear();

@@ -102,6 +102,7 @@ impl SiteLoop {
             hidden_size: 768,
             decoder_layers: Vec::new(),
             dtype: DType::F32,
+            unembed: None,
         };
         Self {
             sites,

@@ -6,7 +6,7 @@
 
 use candle_core::{D, Tensor};
 use flexmodel_core::layout::Part;
-use flexmodel_core::{Dim, Layout, Model, Run, SiteId};
+use flexmodel_core::{Dim, Layout, Model, Run, SiteId, Unembed};
 use serde::Deserialize;
 
 use crate::attention::{AttnSites, Heads, Pass, rotary_attend};
@@ -19,7 +19,7 @@ use crate::nn::{
 };
 use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
-use crate::{Family, FwdResult, Loaded, Tables, embed_here};
+use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables, embed_here};
 
 /// The `config.json` fields these families share (transformers' names and defaults).
 #[derive(Deserialize)]
@@ -364,7 +364,24 @@ impl Decoder {
         let norm = norm(m.pp("norm").last_stage())?;
         let rotary = RotaryEmb::several(m.pp("rotary_emb"), spec.ropes)?;
         let lm_head = Linear::head(vb.pp("lm_head").last_stage(), &embed, spec.tie, false)?;
-        let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
+        let offset = match spec.norm {
+            RmsKind::Plain => 0.0,
+            RmsKind::Gemma => 1.0,
+        };
+        let final_norm = FinalNormKind::Rms { eps, offset };
+        let unembed = Unembed {
+            softcap: spec.final_softcap,
+            ..crate::unembed((&m.pp("norm"), final_norm), &vb.pp("lm_head"), false)
+        };
+        let info = crate::info(
+            raw,
+            &vb,
+            cfg.vocab_size,
+            h,
+            &layers_vb,
+            layers.len(),
+            Some(unembed),
+        )?;
         let window = cfg.sliding_window.filter(|_| spec.sliding.contains(&true));
         let body = Self {
             embed,

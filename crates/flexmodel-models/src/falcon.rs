@@ -16,7 +16,7 @@ use crate::nn::{
 };
 use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
-use crate::{Family, FwdResult, Loaded, Tables, embed_here};
+use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables, embed_here};
 
 #[derive(Deserialize)]
 struct Config {
@@ -202,7 +202,20 @@ impl Falcon {
             cfg.tie_word_embeddings.unwrap_or(true),
             false,
         )?;
-        let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
+        let unembed = crate::unembed(
+            (&t.pp("ln_f"), FinalNormKind::Layer { eps, bias: true }),
+            &vb.pp("lm_head"),
+            false,
+        );
+        let info = crate::info(
+            raw,
+            &vb,
+            cfg.vocab_size,
+            h,
+            &layers_vb,
+            layers.len(),
+            Some(unembed),
+        )?;
         let body = Self {
             word_embeddings,
             layers,

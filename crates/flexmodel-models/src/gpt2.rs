@@ -14,7 +14,7 @@ use crate::nn::{
     Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, Parallel, head_input, shape_of,
 };
 use crate::weights::Vb;
-use crate::{Family, FwdResult, Loaded, Tables, embed_here};
+use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables, embed_here};
 
 #[derive(Deserialize)]
 struct Config {
@@ -136,7 +136,20 @@ impl Gpt2 {
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(t.pp("ln_f").last_stage(), h, cfg.layer_norm_epsilon, BS)?;
         let lm_head = Linear::head(vb.pp("lm_head").last_stage(), &wte, true, false)?;
-        let info = crate::info(raw, &vb, cfg.vocab_size, h, &blocks_vb, blocks.len())?;
+        let final_norm = FinalNormKind::Layer {
+            eps: cfg.layer_norm_epsilon,
+            bias: true,
+        };
+        let unembed = crate::unembed((&t.pp("ln_f"), final_norm), &vb.pp("lm_head"), false);
+        let info = crate::info(
+            raw,
+            &vb,
+            cfg.vocab_size,
+            h,
+            &blocks_vb,
+            blocks.len(),
+            Some(unembed),
+        )?;
         let body = Self {
             wte,
             wpe,

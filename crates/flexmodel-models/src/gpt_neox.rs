@@ -14,7 +14,7 @@ use crate::nn::{
 };
 use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
-use crate::{Family, FwdResult, Loaded, Tables, embed_here};
+use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables, embed_here};
 
 #[derive(Deserialize)]
 struct Config {
@@ -140,7 +140,23 @@ impl GptNeox {
             cfg.tie_word_embeddings,
             false,
         )?;
-        let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
+        let unembed = crate::unembed(
+            (
+                &g.pp("final_layer_norm"),
+                FinalNormKind::Layer { eps, bias: true },
+            ),
+            &vb.pp("lm_head"),
+            false,
+        );
+        let info = crate::info(
+            raw,
+            &vb,
+            cfg.vocab_size,
+            h,
+            &layers_vb,
+            layers.len(),
+            Some(unembed),
+        )?;
         let body = Self {
             embed_in,
             emb_dropout,

@@ -51,7 +51,9 @@ mod weights;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use flexmodel_core::{Grid, Input, Model, ModelInfo, Parameters, Run, SiteId, SiteTable};
+use flexmodel_core::{
+    FinalNorm, Grid, Input, Model, ModelInfo, Parameters, Run, SiteId, SiteTable, Unembed,
+};
 
 use crate::attention::Pass;
 
@@ -408,6 +410,7 @@ pub(crate) fn info(
     hidden: usize,
     layers: &Vb,
     n: usize,
+    unembed: Option<Unembed>,
 ) -> Result<ModelInfo> {
     Ok(ModelInfo {
         model_type: cfg.model_type()?.to_string(),
@@ -415,5 +418,39 @@ pub(crate) fn info(
         hidden_size: hidden,
         decoder_layers: (0..n).map(|i| layers.pp(i).name().to_string()).collect(),
         dtype: vb.dtype(),
+        unembed,
     })
+}
+
+/// The unembedding of a model whose final norm is `norm` (at its `vb`) and whose head is at
+/// `head` (a bias where `head_bias`).
+pub(crate) fn unembed(norm: (&Vb, FinalNormKind), head: &Vb, head_bias: bool) -> Unembed {
+    let (vb, kind) = norm;
+    let weight = format!("{}.weight", vb.name());
+    let norm = match kind {
+        FinalNormKind::Rms { eps, offset } => FinalNorm::Rms {
+            weight,
+            eps,
+            offset,
+        },
+        FinalNormKind::Layer { eps, bias } => FinalNorm::Layer {
+            weight,
+            bias: bias.then(|| format!("{}.bias", vb.name())),
+            eps,
+        },
+    };
+    Unembed {
+        norm_site: vb.name().to_string(),
+        norm,
+        head_weight: format!("{}.weight", head.name()),
+        head_bias: head_bias.then(|| format!("{}.bias", head.name())),
+        softcap: None,
+    }
+}
+
+/// A final norm's kind and constants (its parameters' names come from where it loads).
+#[derive(Clone, Copy)]
+pub(crate) enum FinalNormKind {
+    Rms { eps: f64, offset: f64 },
+    Layer { eps: f64, bias: bool },
 }

@@ -149,7 +149,8 @@ impl Opt {
             cfg.tie_word_embeddings.unwrap_or(true),
             false,
         )?;
-        let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
+        // OPT's optional final norm and projections are not described: no unembedding.
+        let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len(), None)?;
         let body = Self {
             embed_tokens,
             embed_positions,

@@ -14,7 +14,7 @@ use crate::nn::{
 };
 use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
-use crate::{Family, FwdResult, Loaded, Tables, embed_here};
+use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables, embed_here};
 
 #[derive(Deserialize)]
 struct Config {
@@ -133,7 +133,24 @@ impl Phi {
             cfg.tie_word_embeddings,
             true,
         )?;
-        let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
+        let final_norm = FinalNormKind::Layer {
+            eps: cfg.layer_norm_eps,
+            bias: true,
+        };
+        let unembed = crate::unembed(
+            (&m.pp("final_layernorm"), final_norm),
+            &vb.pp("lm_head"),
+            true,
+        );
+        let info = crate::info(
+            raw,
+            &vb,
+            cfg.vocab_size,
+            h,
+            &layers_vb,
+            layers.len(),
+            Some(unembed),
+        )?;
         let body = Self {
             embed,
             embed_dropout,

@@ -27,14 +27,15 @@
 //! Site names are Hugging Face module paths plus attention internals; see
 //! [`flexmodel_core`] for the list and [`Layout`] for how sites are split over ranks.
 
+pub mod analysis;
 pub mod harvest;
 
 pub use candle_core::{D, DType, Device, Tensor};
 pub use flexmodel_core::{
-    Comm, Dim, Edit, Error, FlexModel, GenerateOptions, Generation, Grid, Groups, Guard, HookCtx,
-    HookFunction, HookHandle, Input, KvCache, Layout, Local, Model, ModelInfo, Modules, OutputMap,
-    Parallelism, Parameters, PassInfo, Point, Result, Run, Sampling, SaveContext, SiteId, SiteInfo,
-    SiteKind, SiteTable, Steps, causal_lm_loss, copy_of,
+    Comm, Dim, Edit, Error, FinalNorm, FlexModel, GenerateOptions, Generation, Grid, Groups, Guard,
+    HookCtx, HookFunction, HookHandle, Input, KvCache, Layout, Local, Model, ModelInfo, Modules,
+    OutputMap, Parallelism, Parameters, PassInfo, Point, Result, Run, Sampling, SaveContext,
+    SiteId, SiteInfo, SiteKind, SiteTable, Steps, Unembed, causal_lm_loss, copy_of,
 };
 pub use flexmodel_core::{rng, site};
 pub use flexmodel_models::{

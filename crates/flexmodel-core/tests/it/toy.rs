@@ -33,6 +33,7 @@ impl Toy {
             hidden_size: 1,
             decoder_layers: vec!["double".into(), "square".into()],
             dtype: DType::F32,
+            unembed: None,
         };
         Self {
             sites,
