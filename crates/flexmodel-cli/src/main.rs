@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 error (the message says what and how to fix it), 2 bad usage.
 
+mod analyze;
 mod bench;
 mod check;
 mod edit;
@@ -42,6 +43,17 @@ enum Command {
     Harvest(harvest::Args),
     /// Time a forward pass with the everyday capture jobs on this machine and device.
     Bench(bench::Args),
+    /// Logit lens: every layer's residual stream decoded through the final norm and head.
+    Lens(analyze::LensArgs),
+    /// Direct logit attribution: each head's and MLP's share of the next token's logit.
+    Dla(analyze::DlaArgs),
+    /// Activation patching: patch each layer × position (or head) from a clean prompt into a
+    /// corrupted one and watch a metric recover; exact or by attribution patching.
+    Patch(analyze::PatchArgs),
+    /// Head scores: previous-token, induction and duplicate-token, for every head.
+    Heads(analyze::HeadsArgs),
+    /// Draw one attention head's pattern on a prompt.
+    Pattern(analyze::PatternArgs),
     /// Check this machine's setup: the build, the device against the CPU, and each collective
     /// of the job's communicator (run under mpirun to check a multi-rank job).
     Check(check::Args),
@@ -57,6 +69,11 @@ fn main() -> ExitCode {
         Command::Harvest(args) => harvest::main(args),
         Command::Bench(args) => bench::main(args),
         Command::Check(args) => check::main(args),
+        Command::Lens(args) => analyze::lens(args),
+        Command::Dla(args) => analyze::dla(args),
+        Command::Patch(args) => analyze::patch(args),
+        Command::Heads(args) => analyze::heads(args),
+        Command::Pattern(args) => analyze::pattern(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

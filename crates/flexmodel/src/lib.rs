@@ -29,6 +29,7 @@
 
 pub mod analysis;
 pub mod harvest;
+pub mod plot;
 
 pub use candle_core::{D, DType, Device, Tensor};
 pub use flexmodel_core::{

@@ -9,6 +9,7 @@
 use flexmodel::analysis::{
     self, Direction, LensOptions, Metric, SweepSite, ablate, ablate::Ablation,
 };
+use flexmodel::plot::{Heatmap, Scale};
 use flexmodel::{D, Device, FlexModel, HookCtx, HookFunction, Input, LoadOptions, Tensor, load};
 use flexmodel_testkit::model_dir;
 
@@ -403,4 +404,55 @@ fn ablations_replace_what_they_say() {
         .collect::<Vec<_>>()
         .join(": ");
     assert!(err.contains("resample ablation"), "{err}");
+}
+
+#[test]
+fn heatmaps_decode_at_their_size() {
+    let mut fm = model("llama");
+    let clean = input(&[&[3, 17, 42, 9, 11, 5]]);
+    let corrupted = input(&[&[3, 17, 50, 9, 11, 5]]);
+    let metric = Metric::LogitDiff {
+        right: 9,
+        wrong: 20,
+    };
+    let sweep = analysis::patching_sweep(&mut fm, &clean, &corrupted, metric, SweepSite::Resid, 4)
+        .unwrap()
+        .unwrap();
+    let cols = (0..6).map(|p| format!("{p}:tok")).collect();
+    let map = Heatmap::new(
+        "sweep",
+        &sweep.normalized,
+        sweep.sites.clone(),
+        cols,
+        Scale::Diverging,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sweep.png");
+    map.save_png(&path).unwrap();
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((frame.width, frame.height), map.size());
+    let pixels = &buf[..frame.buffer_size()];
+    let coloured = pixels.chunks(3).filter(|p| p[0] != p[2]).count();
+    assert!(
+        coloured > 6 * 2 * 20,
+        "the cells are drawn in colour ({coloured} pixels)"
+    );
+    let dark = pixels
+        .chunks(3)
+        .filter(|p| p.iter().all(|&c| c < 80))
+        .count();
+    assert!(dark > 50, "the labels are drawn ({dark} dark pixels)");
+    // wrong label counts are an error, and nothing is written
+    let bad = Heatmap::new(
+        "x",
+        &sweep.values,
+        vec!["a".into()],
+        vec![],
+        Scale::Sequential,
+    );
+    assert!(bad.unwrap_err().to_string().contains("labels"));
 }

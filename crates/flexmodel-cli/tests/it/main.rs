@@ -2,6 +2,7 @@
 // Test helpers fail by panicking, like the tests that call them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod analyze;
 mod device;
 mod generate;
 mod harvest;

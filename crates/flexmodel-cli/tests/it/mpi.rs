@@ -600,3 +600,72 @@ fn harvest_under_every_layout_equals_one_process() {
         assert_close(&format!("resumed {name}"), &got[name], t, 1e-5);
     }
 }
+
+/// A patching sweep (built on hooks like every analysis) under tp2·pp2 and dp2 equals one
+/// process; the logit lens and attribution print the same numbers.
+#[test]
+fn analyses_under_layouts_equal_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let llama = model_dir("llama");
+    let m = path_str(&llama);
+    let one = tmp.path().join("one.safetensors");
+    let sweep = [
+        "patch",
+        "--model",
+        m,
+        "--clean",
+        "a = 1; b = a",
+        "--corrupted",
+        "c = 1; b = a",
+        "--right",
+        "#9",
+        "--wrong",
+        "#20",
+        "--site",
+        "heads",
+        "--cells-per-pass",
+        "3",
+    ];
+    crate::flexmodel_ok(&[&sweep[..], &["--out", path_str(&one)]].concat());
+    let want = load(&one);
+    for (layout, ranks) in [
+        (&["--tp", "2", "--pp", "2"][..], 4),
+        (&["--dp", "2"][..], 2),
+    ] {
+        let multi = tmp.path().join("multi.safetensors");
+        let (run, _) = mpirun(
+            ranks,
+            &[&sweep[..], layout, &["--out", path_str(&multi)]].concat(),
+        );
+        assert!(
+            run.status.success(),
+            "{layout:?}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let got = load(&multi);
+        for key in ["values", "normalized"] {
+            assert_close(&format!("{layout:?} {key}"), &got[key], &want[key], 1e-5);
+        }
+    }
+    for analysis in [
+        &["lens", "--model", m, "--prompt", "def f(x):"][..],
+        &[
+            "dla",
+            "--model",
+            m,
+            "--prompt",
+            "def f(x):",
+            "--token",
+            "#9",
+        ][..],
+    ] {
+        let want = crate::flexmodel_ok(analysis);
+        let (run, _) = mpirun(4, &[analysis, &["--tp", "2", "--pp", "2"]].concat());
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&run.stdout), want, "{analysis:?}");
+    }
+}

@@ -2,7 +2,7 @@
 
 use candle_core::{D, Tensor};
 
-use super::{Unembedder, attention_sites, expect, is_root, mlp_sites, run_with};
+use super::{Unembedder, attention_sites, expect, mlp_sites, run_with};
 use crate::{Error, FlexModel, HookFunction, Input, Model, Result};
 
 /// The logit direction to attribute.
@@ -47,16 +47,12 @@ pub fn direct_logit_attribution<M: Model>(
     input: &Input,
     direction: Direction,
 ) -> Result<Option<Attribution>> {
-    let unembed = Unembedder::new(fm)?;
     let tokens: Vec<u32> = match direction {
         Direction::Token(t) => vec![t],
         Direction::Diff(a, b) => vec![a, b],
     };
-    let rows = unembed.directions(&tokens)?;
-    let dir = match direction {
-        Direction::Token(_) => rows.get(0)?,
-        Direction::Diff(..) => (rows.get(0)? - rows.get(1)?)?,
-    };
+    super::check_tokens(fm, &tokens)?;
+    let unembed = Unembedder::new(fm)?;
     let layers = fm.model().info().decoder_layers.clone();
     let attns = attention_sites(fm)?;
     let mlps = mlp_sites(fm)?;
@@ -82,9 +78,14 @@ pub fn direct_logit_attribution<M: Model>(
         ]);
     }
     let (_, captures) = run_with(fm, input, hooks, &keys)?;
-    if !is_root(fm) {
+    let Some(unembed) = unembed else {
         return Ok(None);
-    }
+    };
+    let rows = unembed.directions(&tokens)?;
+    let dir = match direction {
+        Direction::Token(_) => rows.get(0)?,
+        Direction::Diff(..) => (rows.get(0)? - rows.get(1)?)?,
+    };
     // Everything at the last position: [batch, ...].
     let mut at_last = captures
         .into_iter()

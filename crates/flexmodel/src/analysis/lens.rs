@@ -2,7 +2,7 @@
 
 use candle_core::{D, DType, Tensor};
 
-use super::{Unembedder, expect, is_root, run_with};
+use super::{Unembedder, expect, run_with};
 use crate::{FlexModel, HookFunction, Input, Model, Result};
 
 /// What the logit lens reports.
@@ -38,6 +38,9 @@ pub struct LogitLens {
     pub target_probs: Option<Tensor>,
     /// The target's rank (0: the most likely token), `[points, batch, seq]` (u32).
     pub target_ranks: Option<Tensor>,
+    /// The probability of the model's final prediction (the last point's most likely token at
+    /// each position), `[points, batch, seq]`: how early each layer reads the answer.
+    pub final_token_probs: Tensor,
 }
 
 /// Runs `input` once and decodes every layer's residual stream through the final norm and
@@ -60,11 +63,7 @@ pub fn logit_lens<M: Model>(
             options.top_k
         )));
     }
-    if let Some(t) = options.target.filter(|&t| t as usize >= vocab) {
-        return Err(crate::Error::msg(format!(
-            "target token {t} is outside the vocabulary (0..{vocab})"
-        )));
-    }
+    super::check_tokens(fm, options.target.as_slice())?;
     let first = layers
         .first()
         .ok_or_else(|| crate::Error::msg("the model has no decoder layers"))?;
@@ -73,15 +72,26 @@ pub fn logit_lens<M: Model>(
     let mut hooks = vec![HookFunction::pre(first.as_str())];
     hooks.extend(layers.iter().map(|l| HookFunction::new(l.as_str())));
     let (_, captures) = run_with(fm, input, hooks, &keys)?;
-    if !is_root(fm) {
+    let Some(unembed) = unembed else {
         return Ok(None);
-    }
+    };
     let mut points = vec!["embed".to_string()];
     points.extend(layers);
+    let residuals = captures
+        .into_iter()
+        .zip(&keys)
+        .map(|(c, k)| expect(c, k))
+        .collect::<Result<Vec<_>>>()?;
+    let final_ids = match residuals.last() {
+        Some(r) => unembed.logits(r)?.argmax_keepdim(D::Minus1)?, // [batch, seq, 1]
+        None => return Err(crate::Error::msg("no residual captured")),
+    };
     let (mut ids, mut probs, mut t_probs, mut t_ranks) = (vec![], vec![], vec![], vec![]);
-    for (capture, key) in captures.into_iter().zip(&keys) {
-        let logits = unembed.logits(&expect(capture, key)?)?;
+    let mut finals = vec![];
+    for resid in &residuals {
+        let logits = unembed.logits(resid)?;
         let p = candle_nn::ops::softmax_last_dim(&logits)?;
+        finals.push(p.gather(&final_ids, D::Minus1)?.squeeze(D::Minus1)?);
         let order = p
             .arg_sort_last_dim(false)?
             .narrow(D::Minus1, 0, options.top_k)?
@@ -108,5 +118,6 @@ pub fn logit_lens<M: Model>(
         top_probs: Tensor::stack(&probs, 0)?,
         target_probs: stack(t_probs)?,
         target_ranks: stack(t_ranks)?,
+        final_token_probs: Tensor::stack(&finals, 0)?,
     }))
 }

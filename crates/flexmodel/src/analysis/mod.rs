@@ -136,6 +136,17 @@ fn mlp_sites<M: Model>(fm: &FlexModel<M>) -> Result<Vec<String>> {
         .collect()
 }
 
+/// Fails (on every rank alike) on token ids outside the vocabulary.
+fn check_tokens<M: Model>(fm: &FlexModel<M>, tokens: &[u32]) -> Result<()> {
+    let vocab = fm.model().info().vocab_size;
+    match tokens.iter().find(|&&t| t as usize >= vocab) {
+        Some(t) => Err(Error::msg(format!(
+            "token id {t} is outside the vocabulary (0..{vocab})"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Whether this rank holds the results (rank 0 of the job).
 fn is_root<M: Model>(fm: &FlexModel<M>) -> bool {
     fm.model().grid().is_root()

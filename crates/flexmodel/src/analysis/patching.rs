@@ -90,26 +90,25 @@ pub fn patching_sweep<M: Model>(
         .iter()
         .map(|s| HookFunction::new(s.as_str()))
         .collect();
-    let (clean_logits, clean_acts) = run_with(fm, clean, hooks, &sites)?;
-    let (corrupted_logits, _) = run_with(fm, corrupted, vec![], &[])?;
+    let (batch, seq) = corrupted.dims()?;
+    // Every data-parallel rank needs rows: a pass runs at least this many copies of the batch.
+    let min_copies = fm.model().grid().dp.size().div_ceil(batch);
+    // The clean and the corrupted run in one pass: [clean; corrupted] (repeated).
+    let both = repeat_input(&stack_inputs(clean, corrupted)?, min_copies.div_ceil(2))?;
+    let (logits, acts) = run_with(fm, &both, hooks, &sites)?;
     let root = is_root(fm);
-    let (clean_value, corrupted_value) = if root {
-        (
-            mean_metric(metric, &clean_logits, clean, 1)?[0],
-            mean_metric(metric, &corrupted_logits, corrupted, 1)?[0],
-        )
-    } else {
-        (0.0, 0.0)
-    };
-    let clean_acts = match root {
-        true => clean_acts
+    let (clean_value, corrupted_value, clean_acts) = if root {
+        let groups = 2 * min_copies.div_ceil(2);
+        let values = mean_metric(metric, &logits, &both, groups)?;
+        let acts = acts
             .into_iter()
             .zip(&sites)
-            .map(|(c, s)| expect(c, s))
-            .collect::<Result<Vec<_>>>()?,
-        false => vec![],
+            .map(|(c, s)| Ok(expect(c, s)?.narrow(0, 0, batch)?))
+            .collect::<Result<Vec<_>>>()?;
+        (values[0], values[1], acts)
+    } else {
+        (0.0, 0.0, vec![])
     };
-    let (batch, seq) = corrupted.dims()?;
     let cols = match site {
         SweepSite::Heads => heads_of(fm, &sites[0])?,
         _ => seq,
@@ -118,8 +117,9 @@ pub fn patching_sweep<M: Model>(
         .flat_map(|l| (0..cols).map(move |c| (l, c)))
         .collect();
     let mut values = Vec::with_capacity(cells.len());
-    for chunk in cells.chunks(cells_per_pass) {
-        let copies = chunk.len();
+    for chunk in cells.chunks(cells_per_pass.max(min_copies)) {
+        // the last pass may be padded with copies that patch nothing
+        let copies = chunk.len().max(min_copies);
         let input = repeat_input(corrupted, copies)?;
         let mut hooks = Vec::new();
         for (l, name) in sites.iter().enumerate() {
@@ -149,7 +149,8 @@ pub fn patching_sweep<M: Model>(
         }
         let (logits, _) = run_with(fm, &input, hooks, &[])?;
         if root {
-            values.extend(mean_metric(metric, &logits, &input, copies)?);
+            let groups = mean_metric(metric, &logits, &input, copies)?;
+            values.extend(&groups[..chunk.len()]);
         }
     }
     if !root {
@@ -285,6 +286,20 @@ impl Patch {
     }
 }
 
+/// `a` and `b` (of the same shape) as one batch, `a`'s rows first.
+fn stack_inputs(a: &Input, b: &Input) -> Result<Input> {
+    let ids = Tensor::cat(&[&a.input_ids, &b.input_ids], 0)?;
+    Ok(match (&a.attention_mask, &b.attention_mask) {
+        (None, None) => Input::new(ids),
+        (ma, mb) => {
+            let ones = |i: &Input| i.input_ids.ones_like();
+            let ma = ma.clone().map_or_else(|| ones(a), Ok)?;
+            let mb = mb.clone().map_or_else(|| ones(b), Ok)?;
+            Input::with_mask(ids, Tensor::cat(&[&ma, &mb.to_dtype(ma.dtype())?], 0)?)
+        }
+    })
+}
+
 /// The corrupted input repeated `copies` times along the batch.
 fn repeat_input(input: &Input, copies: usize) -> Result<Input> {
     let rep = |t: &Tensor| -> Result<Tensor> {
@@ -352,15 +367,10 @@ fn check_pair<M: Model>(
             corrupted.dims()?
         )));
     }
-    let vocab = fm.model().info().vocab_size;
-    if let Metric::LogitDiff { right, wrong } = metric {
-        if let Some(t) = [right, wrong].into_iter().find(|&t| t as usize >= vocab) {
-            return Err(Error::msg(format!(
-                "token id {t} is outside the vocabulary (0..{vocab})"
-            )));
-        }
+    match metric {
+        Metric::LogitDiff { right, wrong } => super::check_tokens(fm, &[right, wrong]),
+        Metric::Loss => Ok(()),
     }
-    Ok(())
 }
 
 /// The number of heads of a `hook_head_out` site (`[batch, seq, heads, head_dim]`).

@@ -27,12 +27,12 @@ enum NormKind {
 }
 
 impl Unembedder {
-    /// Gathers the final norm and head of `fm`'s model. Every rank calls it; rank 0 gets the
-    /// tensors (other ranks get their pieces, which they do not use).
+    /// Gathers the final norm and head of `fm`'s model. Every rank calls it; rank 0 gets them,
+    /// other ranks `None`.
     ///
     /// # Errors
     /// A family that does not describe its unembedding (OPT), a communication error.
-    pub fn new<M: Model>(fm: &FlexModel<M>) -> Result<Self> {
+    pub fn new<M: Model>(fm: &FlexModel<M>) -> Result<Option<Self>> {
         let info = fm.model().info();
         let Some(u) = info.unembed.clone() else {
             return Err(Error::msg(format!(
@@ -62,14 +62,16 @@ impl Unembedder {
                 bias.as_deref().map(param).transpose()?,
             ),
         };
-        Ok(Self {
+        let head = param(&head_weight)?;
+        let head_bias = head_bias.as_deref().map(param).transpose()?;
+        Ok(fm.model().grid().is_root().then_some(Self {
             kind,
             weight,
             norm_bias,
-            head: param(&head_weight)?,
-            head_bias: head_bias.as_deref().map(param).transpose()?,
+            head,
+            head_bias,
             softcap,
-        })
+        }))
     }
 
     /// Logits of a residual stream `[..., hidden]` → `[..., vocab]`, as the model's head
