@@ -1,8 +1,10 @@
 //! `--edit SITE=OP`: the edit operations of the command line.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use flexmodel::analysis::ablate::Ablation;
 use flexmodel::rng::SplitMix64;
 use flexmodel::{HookCtx, HookFunction, Tensor};
 
@@ -27,10 +29,20 @@ pub enum Op {
     /// Add Gaussian noise of this standard deviation, from a seeded generator (the same noise
     /// in every run, and under any parallel layout: edits run once, on rank 0).
     Noise { std: f64, seed: u64 },
+    /// Replace by the site's mean from a harvest's statistics (`<site>.mean` in
+    /// `stats.safetensors`): mean ablation.
+    Mean {
+        means: HashMap<String, Tensor>,
+        file: PathBuf,
+    },
+    /// Replace each row by a row (drawn with a seed) of other prompts' activations: resample
+    /// ablation.
+    Resample(Ablation),
 }
 
-const OPS: &str =
-    "zero, scale:F, add:FILE.safetensors:KEY, replace:FILE.safetensors:KEY, noise:STD[:SEED]";
+const OPS: &str = "zero, scale:F, add:FILE.safetensors:KEY, replace:FILE.safetensors:KEY, \
+                   noise:STD[:SEED], mean:STATS.safetensors (or a harvest directory), \
+                   resample:FILE.safetensors:KEY[:SEED]";
 
 impl EditSpec {
     /// Parses `SITE=OP`, reading any tensor the op names.
@@ -76,6 +88,34 @@ impl Op {
                 Ok(Op::Noise { std, seed })
             }
             ("add", source) => Ok(Op::Add(tensor_arg(source)?)),
+            ("mean", path) if !path.is_empty() => {
+                let mut file = PathBuf::from(path);
+                if file.is_dir() {
+                    file = file.join(flexmodel::harvest::STATS);
+                }
+                let means = safetensors_io::read(&file)?
+                    .into_iter()
+                    .filter(|(k, _)| k.ends_with(".mean"))
+                    .collect::<HashMap<_, _>>();
+                if means.is_empty() {
+                    bail!(
+                        "{} holds no `<site>.mean` tensors; give the stats.safetensors of a \
+                         harvest run with --stats",
+                        file.display()
+                    );
+                }
+                Ok(Op::Mean { means, file })
+            }
+            ("resample", arg) => {
+                let (source, seed) = match arg.rsplit_once(':') {
+                    Some((s, seed)) if seed.parse::<u64>().is_ok() && s.contains(':') => {
+                        (s, seed.parse()?)
+                    }
+                    _ => (arg, 0),
+                };
+                let source = tensor_arg(source)?;
+                Ok(Op::Resample(Ablation::Resample { source, seed }))
+            }
             ("replace", source) => Ok(Op::Replace(tensor_arg(source)?)),
             _ => bail!("unknown edit {op:?}; expected one of {OPS}"),
         }
@@ -105,6 +145,20 @@ impl Op {
                 let noise = Tensor::from_vec(noise, x.dims(), x.device())?.to_dtype(x.dtype())?;
                 (x + noise)?
             }
+            Op::Mean { means, file } => {
+                let key = format!("{site}.mean");
+                let mean = means.get(&key).ok_or_else(|| {
+                    let mut have: Vec<&str> = means.keys().map(String::as_str).collect();
+                    have.sort_unstable();
+                    flexmodel::Error::msg(format!(
+                        "{} has no mean of `{site}` (`{key}`); it has {}",
+                        file.display(),
+                        have.join(", ")
+                    ))
+                })?;
+                Ablation::Mean(mean.clone()).apply(x, site)?
+            }
+            Op::Resample(ablation) => ablation.apply(x, site)?,
             Op::Replace(r) => {
                 if r.dims() != x.dims() {
                     return Err(flexmodel::Error::ShapeMismatch {

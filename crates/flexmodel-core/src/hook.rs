@@ -108,9 +108,18 @@ pub struct HookCtx<'a> {
     pub state: &'a mut SaveContext,
     /// Trainable modules registered on the wrapper.
     pub modules: &'a Modules,
+    /// Tensors the function records, for the output map.
+    pub(crate) records: Vec<(String, Tensor)>,
 }
 
 impl HookCtx<'_> {
+    /// Records `tensor` in the output map under `key` (copied to the host like a capture), as
+    /// if a site named `key` had been captured: how a hook publishes what it computes (an
+    /// SAE's feature activations, a probe's predictions).
+    pub fn record(&mut self, key: impl Into<String>, tensor: &Tensor) {
+        self.records.push((key.into(), tensor.clone()));
+    }
+
     /// Name of the site that fired (useful when a hook was registered with a pattern).
     pub fn site(&self) -> &str {
         self.site

@@ -497,11 +497,15 @@ impl Hooks {
                     pass: *pass,
                     state,
                     modules,
+                    records: Vec::new(),
                 };
                 let y = edit.edit(&x, &mut cx).map_err(|e| Error::Hook {
                     site: format!("{}{site}", point.key_prefix()),
                     source: Box::new(e),
                 })?;
+                for (key, t) in std::mem::take(&mut cx.records) {
+                    deliver(output, in_flight, &key, HostCopy::start(&t)?)?;
+                }
                 if y.dims() != x.dims() || y.dtype() != x.dtype() {
                     return Err(Error::BadEdit {
                         site: format!("{}{site}", point.key_prefix()),

@@ -2,6 +2,7 @@
 //! crate (no model logic here). The package's Python half (`python/flexmodel`) builds the
 //! public API on it: hook functions written in Python, numpy and torch arrays, errors.
 
+mod analysis;
 mod dist;
 mod edit;
 mod error;
@@ -23,6 +24,12 @@ fn _flexmodel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dist::has_mpi, m)?)?;
     m.add_function(wrap_pyfunction!(dist::abort, m)?)?;
     m.add_function(wrap_pyfunction!(dist::shutdown, m)?)?;
+    m.add_function(wrap_pyfunction!(analysis::logit_lens, m)?)?;
+    m.add_function(wrap_pyfunction!(analysis::direct_logit_attribution, m)?)?;
+    m.add_function(wrap_pyfunction!(analysis::patching_sweep, m)?)?;
+    m.add_function(wrap_pyfunction!(analysis::head_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(analysis::attach_sae, m)?)?;
+    m.add_function(wrap_pyfunction!(analysis::sae_encode, m)?)?;
     m.add("SUPPORTED", flexmodel::SUPPORTED.to_vec())?;
     m.add("HAS_CUDA", cfg!(feature = "cuda"))?;
     Ok(())

@@ -27,8 +27,8 @@ pub struct PyModel {
     fm: Arc<Mutex<Option<FlexModel>>>,
     failures: Arc<Failures>,
     /// Our hook ids and the wrapper's handles.
-    handles: Mutex<HashMap<u64, HookHandle>>,
-    next_id: AtomicU64,
+    pub(crate) handles: Mutex<HashMap<u64, HookHandle>>,
+    pub(crate) next_id: AtomicU64,
     /// The logits of the last recorded forward pass, for [`PyModel::backward`].
     recorded: Mutex<Option<Tensor>>,
     dir: PathBuf,
@@ -69,7 +69,7 @@ impl PyModel {
 
     /// The wrapper, for a call outside a pass; a call from inside an editing function (while
     /// the pass holds it) is an error, not a deadlock.
-    fn model(&self) -> PyResult<Guard<'_>> {
+    pub(crate) fn model(&self) -> PyResult<Guard<'_>> {
         let guard = match self.fm.try_lock() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
@@ -90,7 +90,7 @@ impl PyModel {
 
     /// Runs `f` on the wrapper with the GIL released; an exception an editing function raised
     /// comes back as itself, any other failure as flexmodel's exception.
-    fn run<T: Send>(
+    pub(crate) fn run<T: Send>(
         &self,
         py: Python<'_>,
         f: impl FnOnce(&mut FlexModel) -> flexmodel::Result<T> + Send,
@@ -110,22 +110,22 @@ impl PyModel {
     }
 }
 
-struct Guard<'a>(MutexGuard<'a, Option<FlexModel>>);
+pub(crate) struct Guard<'a>(MutexGuard<'a, Option<FlexModel>>);
 
 impl Guard<'_> {
-    fn get(&mut self) -> &mut FlexModel {
+    pub(crate) fn get(&mut self) -> &mut FlexModel {
         self.0
             .as_mut()
             .unwrap_or_else(|| unreachable!("checked in PyModel::model"))
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The model input from the token ids (uint32, C order) and mask Python sent.
-fn input(
+pub(crate) fn input(
     ids: &Bound<'_, PyBytes>,
     shape: (usize, usize),
     mask: Option<&Bound<'_, PyBytes>>,
@@ -179,7 +179,7 @@ fn raw_grads(grads: &[(String, Tensor)]) -> PyResult<Vec<(String, RawTensor)>> {
         .collect()
 }
 
-fn raw(t: &Tensor) -> PyResult<RawTensor> {
+pub(crate) fn raw(t: &Tensor) -> PyResult<RawTensor> {
     RawTensor::read_only(t)
 }
 

@@ -30,6 +30,7 @@
 pub mod analysis;
 pub mod harvest;
 pub mod plot;
+pub mod sae;
 
 pub use candle_core::{D, DType, Device, Tensor};
 pub use flexmodel_core::{

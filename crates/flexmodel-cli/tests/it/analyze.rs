@@ -175,3 +175,98 @@ fn analyses_reject_bad_input() {
     let err = flexmodel_err(&["lens", "--model", path_str(&opt), "--prompt", "x"]);
     assert!(err.contains("opt models do not describe"), "{err}");
 }
+
+/// `mean:` replaces a site by its harvested mean (as zeroing it and adding the mean does), and
+/// `resample:` by another prompt's activation (as `replace:` with that row does).
+#[test]
+fn mean_and_resample_edits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let llama = model_dir("llama");
+    let m = path_str(&llama);
+    let data = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/tiny.txt");
+    let harvest = tmp.path().join("harvest");
+    flexmodel_ok(&[
+        "harvest",
+        "--model",
+        m,
+        "--data",
+        path_str(&data),
+        "--sites",
+        "model.layers.0.mlp",
+        "--out",
+        path_str(&harvest),
+        "--seq-len",
+        "12",
+        "--stats",
+    ]);
+    let stats = harvest.join("stats.safetensors");
+    let mean_key = format!("{}:model.layers.0.mlp.mean", path_str(&stats));
+    let run = |edits: &[String], out: &str| {
+        let out = tmp.path().join(out);
+        let mut args = vec![
+            "run",
+            "--model",
+            m,
+            "--prompt",
+            "def f(x): return x",
+            "--out",
+            path_str(&out),
+        ];
+        for e in edits {
+            args.extend(["--edit", e.as_str()]);
+        }
+        flexmodel_ok(&args);
+        load(&out)
+    };
+    let site = "model.layers.0.mlp";
+    let mean = run(
+        &[format!("{site}=mean:{}", path_str(&harvest))],
+        "mean.safetensors",
+    );
+    let by_hand = run(
+        &[format!("{site}=zero"), format!("{site}=add:{mean_key}")],
+        "hand.safetensors",
+    );
+    super::assert_close("mean ablation", &mean["logits"], &by_hand["logits"], 1e-6);
+    let plain = run(&[], "plain.safetensors");
+    assert!(super::rel_err(&mean["logits"], &plain["logits"]) > 1e-3);
+
+    // another prompt of the same length, captured, then resampled into this one
+    let other = tmp.path().join("other.safetensors");
+    flexmodel_ok(&[
+        "run",
+        "--model",
+        m,
+        "--prompt",
+        "def g(y): return y",
+        "--capture",
+        site,
+        "--out",
+        path_str(&other),
+    ]);
+    let src = format!("{}:{site}", path_str(&other));
+    let resampled = run(
+        &[format!("{site}=resample:{src}:5")],
+        "resample.safetensors",
+    );
+    let replaced = run(&[format!("{site}=replace:{src}")], "replace.safetensors");
+    super::assert_close(
+        "resample ablation",
+        &resampled["logits"],
+        &replaced["logits"],
+        1e-6,
+    );
+
+    let err = flexmodel_err(&[
+        "run",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--out",
+        path_str(&tmp.path().join("x.safetensors")),
+        "--edit",
+        &format!("model.layers.1.mlp=mean:{}", path_str(&stats)),
+    ]);
+    assert!(err.contains("no mean of `model.layers.1.mlp`"), "{err}");
+}

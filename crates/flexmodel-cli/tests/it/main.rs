@@ -13,7 +13,9 @@ mod sites;
 
 use std::process::{Command, Output};
 
-pub use flexmodel_testkit::{ARCHS, FAMILIES, assert_close, load, model_dir, reference_json};
+pub use flexmodel_testkit::{
+    ARCHS, FAMILIES, assert_close, load, model_dir, reference_json, rel_err,
+};
 
 /// Runs `flexmodel` with `args`.
 pub fn flexmodel(args: &[&str]) -> Output {

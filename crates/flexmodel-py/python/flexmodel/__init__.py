@@ -43,6 +43,7 @@ __all__ = [
     "OutputMap",
     "Tokenizer",
     "harvest",
+    "sae_encode",
     "read_harvest",
     "Harvest",
     "read_safetensors",
@@ -725,10 +726,96 @@ class FlexModel:
             self._tokenizer = Tokenizer(self._native.dir)
         return self._tokenizer
 
+    # -- analyses (flexmodel::analysis; every rank calls them, rank 0 gets the result) --------
+
+    def _token(self, token) -> int:
+        """A token id, or the id of a text that is exactly one token."""
+        if isinstance(token, (int, np.integer)):
+            return int(token)
+        ids = self.tokenizer.encode(token)
+        if len(ids) != 1:
+            raise InputError(
+                f"{token!r} is {len(ids)} tokens {ids}, not one (mind the leading space); "
+                "give a single token or its id")
+        return ids[0]
+
+    def _arrays(self, d: Optional[dict]) -> Optional[dict]:
+        if d is None:
+            return None
+        return {k: (_from_raw(v, self.framework) if isinstance(v, _native.RawTensor) else v)
+                for k, v in d.items()}
+
+    def logit_lens(self, input_ids, attention_mask=None, *, top_k: int = 5,
+                   target=None) -> Optional[dict]:
+        """Every layer's residual stream decoded through the final norm and head. Returns
+        ``points`` (``embed``, then each decoder layer), ``top_ids`` / ``top_probs``
+        [points, batch, seq, top_k], ``final_token_probs`` [points, batch, seq] (the probability
+        of the model's final prediction at each layer) and, with ``target`` (an id or a
+        one-token text), ``target_probs`` / ``target_ranks`` [points, batch, seq]."""
+        ids, shape, mask = _input(input_ids, attention_mask)
+        target = None if target is None else self._token(target)
+        return self._arrays(_native.logit_lens(self._native, ids, shape, mask, top_k, target))
+
+    def direct_logit_attribution(self, input_ids, token, *, versus=None,
+                                 attention_mask=None) -> Optional[dict]:
+        """Each head's, MLP's and the embeddings' share of ``token``'s logit (or of
+        ``token - versus``) at each row's last position, through the frozen final norm:
+        ``components`` (names), ``values`` [batch, components], ``bias`` and ``logit`` [batch];
+        values summed plus bias equal the logit."""
+        ids, shape, mask = _input(input_ids, attention_mask)
+        versus = None if versus is None else self._token(versus)
+        return self._arrays(_native.direct_logit_attribution(
+            self._native, ids, shape, mask, self._token(token), versus))
+
+    def patching_sweep(self, clean_ids, corrupted_ids, *, right=None, wrong=None,
+                       site: str = "resid", attribution: bool = False,
+                       cells_per_pass: int = 16) -> Optional[dict]:
+        """Patches each (layer, position) of ``site`` ("resid", "attn", "mlp"; or each head,
+        "heads") from the clean run into the corrupted one and measures the logit difference
+        ``right - wrong`` at the last position (or, without them, the loss). ``attribution``:
+        the gradient approximation (one process). Returns ``sites``, ``values`` and
+        ``normalized`` [layers, positions or heads] (1 = the clean metric restored), ``clean``,
+        ``corrupted``."""
+        clean, shape, _ = _input(clean_ids, None)
+        corrupted, shape2, _ = _input(corrupted_ids, None)
+        if shape != shape2:
+            raise InputError(f"clean ids {shape} and corrupted ids {shape2} differ in shape")
+        right = None if right is None else self._token(right)
+        wrong = None if wrong is None else self._token(wrong)
+        return self._arrays(_native.patching_sweep(
+            self._native, clean, corrupted, shape, right, wrong, site, attribution,
+            cells_per_pass))
+
+    def head_scores(self, *, half: int = 40, batch: int = 8, seed: int = 0) -> Optional[dict]:
+        """Previous-token, induction and duplicate-token scores [layers, heads] of every head,
+        on ``batch`` rows of ``half`` random tokens repeated twice."""
+        return self._arrays(_native.head_scores(self._native, half, batch, seed))
+
+    def attach_sae(self, path, *, site: Optional[str] = None, edits=()) -> HookHandle:
+        """Attaches the SAELens-format SAE in ``path`` at ``site`` (default: its cfg's
+        hook_name). Its features are captured as ``<site>.sae``; ``edits`` are tuples
+        ``("zero", feature)``, ``("clamp", feature, value)``, ``("scale", feature, factor)``;
+        the reconstruction error is added back, so without edits the output is unchanged.
+        ``remove()`` the handle to detach it."""
+        parsed = []
+        for e in edits:
+            op, feature, *rest = e
+            parsed.append((op, int(feature), float(rest[0]) if rest else 0.0))
+        id, site = _native.attach_sae(self._native, os.fspath(path), site, parsed)
+        return HookHandle(self, id, HookFunction(site, capture=False))
+
     def restore(self) -> "FlexModel":
         """The untouched model, in a new wrapper with no hook, group, capture or state; this
         wrapper is empty after (FlexModel's restore)."""
         return FlexModel(self._native.restore(), self.framework)
+
+
+def sae_encode(path, x) -> tuple:
+    """Feature activations and reconstruction of activations ``x`` [..., d_in] under the
+    SAELens-format SAE in ``path`` (numpy float32)."""
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    f, r = _native.sae_encode(os.fspath(path), x.tobytes(), list(x.shape))
+    return np.asarray(f), np.asarray(r)
 
 
 def load(

@@ -29,7 +29,7 @@ pub enum Ablation {
 pub fn site(site: &str, ablation: Ablation) -> HookFunction {
     HookFunction::new(site)
         .capture(false)
-        .edit(move |x: &Tensor, cx: &mut HookCtx| replacement(&ablation, x, cx.site()))
+        .edit(move |x: &Tensor, cx: &mut HookCtx| ablation.apply(x, cx.site()))
 }
 
 /// A hook that ablates only `heads` of a `[batch, seq, heads, head_dim]` site such as
@@ -58,7 +58,7 @@ pub fn heads(site: &str, heads: &[usize], ablation: Ablation) -> HookFunction {
             }
             let mask: Vec<f32> = (0..n).map(|h| f32::from(heads.contains(&h))).collect();
             let mask = Tensor::from_vec(mask, (1, 1, n, 1), x.device())?.to_dtype(x.dtype())?;
-            let new = replacement(&ablation, x, cx.site())?;
+            let new = ablation.apply(x, cx.site())?;
             Ok((x.broadcast_mul(&(1.0 - &mask)?)? + new.broadcast_mul(&mask)?)?)
         })
 }
@@ -110,45 +110,50 @@ pub fn mean_of<M: Model>(
     }
 }
 
-/// What `x` becomes under `ablation`.
-fn replacement(ablation: &Ablation, x: &Tensor, site: &str) -> Result<Tensor> {
-    match ablation {
-        Ablation::Zero => Ok(x.zeros_like()?),
-        Ablation::Mean(mean) => {
-            let mean = mean.to_device(x.device())?.to_dtype(x.dtype())?;
-            x.zeros_like()?.broadcast_add(&mean).map_err(|_| {
-                Error::msg(format!(
-                    "the mean of shape {:?} does not broadcast to `{site}`'s activation {:?}; \
+impl Ablation {
+    /// What the activation `x` of `site` becomes.
+    ///
+    /// # Errors
+    /// A mean that does not broadcast to `x`, other prompts' activations of another shape.
+    pub fn apply(&self, x: &Tensor, site: &str) -> Result<Tensor> {
+        match self {
+            Ablation::Zero => Ok(x.zeros_like()?),
+            Ablation::Mean(mean) => {
+                let mean = mean.to_device(x.device())?.to_dtype(x.dtype())?;
+                x.zeros_like()?.broadcast_add(&mean).map_err(|_| {
+                    Error::msg(format!(
+                        "the mean of shape {:?} does not broadcast to `{site}`'s activation {:?}; \
                      give the site's trailing dimensions {:?}",
-                    mean.dims(),
-                    x.dims(),
-                    &x.dims()[2..]
-                ))
-            })
-        }
-        Ablation::Resample { source, seed } => {
-            let (rows, seq) = (x.dim(0)?, x.dim(1)?);
-            if source.rank() != x.rank() || source.dims()[1..] != x.dims()[1..] {
-                return Err(Error::msg(format!(
-                    "resample ablation of `{site}` needs other prompts' activations of shape \
-                     [rows, {}]; got {:?}",
-                    x.dims()[1..]
-                        .iter()
-                        .map(usize::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    source.dims()
-                )));
+                        mean.dims(),
+                        x.dims(),
+                        &x.dims()[2..]
+                    ))
+                })
             }
-            let _ = seq;
-            let mut rng = SplitMix64::new(*seed);
-            let n = source.dim(0)? as u64;
-            let picks: Vec<u32> = (0..rows).map(|_| (rng.next_u64() % n) as u32).collect();
-            let picks = Tensor::new(picks.as_slice(), source.device())?;
-            Ok(source
-                .index_select(&picks, 0)?
-                .to_device(x.device())?
-                .to_dtype(x.dtype())?)
+            Ablation::Resample { source, seed } => {
+                let (rows, seq) = (x.dim(0)?, x.dim(1)?);
+                if source.rank() != x.rank() || source.dims()[1..] != x.dims()[1..] {
+                    return Err(Error::msg(format!(
+                        "resample ablation of `{site}` needs other prompts' activations of shape \
+                     [rows, {}]; got {:?}",
+                        x.dims()[1..]
+                            .iter()
+                            .map(usize::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        source.dims()
+                    )));
+                }
+                let _ = seq;
+                let mut rng = SplitMix64::new(*seed);
+                let n = source.dim(0)? as u64;
+                let picks: Vec<u32> = (0..rows).map(|_| (rng.next_u64() % n) as u32).collect();
+                let picks = Tensor::new(picks.as_slice(), source.device())?;
+                Ok(source
+                    .index_select(&picks, 0)?
+                    .to_device(x.device())?
+                    .to_dtype(x.dtype())?)
+            }
         }
     }
 }
