@@ -8,7 +8,7 @@ fixtures of flexmodel's SAE tests: the same weights as a JumpReLU and a top-k SA
 architecture the features and reconstruction of a fixed batch of activations, computed here in
 torch with SAELens's formulas.
 
-    python scripts/train_sae.py                     # ~3 min on 2 cores
+    python scripts/train_sae.py                     # ~5 min on 2 cores
 """
 
 import argparse
@@ -59,9 +59,9 @@ def main():
     p.add_argument("--model", default="models/stdlib-llama")
     p.add_argument("--layer", type=int, default=1)
     p.add_argument("--expansion", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=400_000)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--l1", type=float, default=3e-3)
+    p.add_argument("--tokens", type=int, default=200_000)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--l1", type=float, default=0.05)
     p.add_argument("--fixtures", default="fixtures/saes")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -8,6 +8,8 @@ use flexmodel::{
     DType, Device, FlexModel, Grid, HookFunction, Input, LoadOptions, Model, Tokenizer,
 };
 
+use flexmodel::sae::{FeatureEdit, Sae};
+
 use crate::edit::EditSpec;
 use crate::safetensors_io;
 
@@ -15,7 +17,8 @@ use crate::safetensors_io;
 #[derive(clap::Args)]
 pub struct ModelOpts {
     /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
-    /// Default: the tiny Llama bundled in the repository.
+    /// Default: the model bundled in the repository, a small Llama trained on Python's
+    /// standard library (models/stdlib-llama).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
 }
@@ -40,7 +43,7 @@ impl ModelOpts {
 
 /// The model shipped in the repository, found from where the binary was built.
 fn bundled_model() -> Result<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stdlib-llama");
     dir.canonicalize().with_context(|| {
         format!(
             "no --model given and the bundled model is not at {} (it ships with the source \
@@ -200,6 +203,17 @@ pub struct HookOpts {
     /// Captures record the value before edits.
     #[arg(long, value_name = "SITE=OP")]
     pub edit: Vec<String>,
+
+    /// Attach a sparse autoencoder in SAELens's format (a directory with cfg.json and
+    /// sae_weights.safetensors) at the site its cfg names, or at SITE with DIR@SITE: its
+    /// feature activations are written as `<site>.sae`, and the site's value is unchanged
+    /// unless --sae-edit changes features (the reconstruction error is added back).
+    #[arg(long, value_name = "DIR[@SITE]")]
+    pub sae: Option<String>,
+
+    /// Edit a feature of the --sae: zero:F, clamp:F:VALUE, scale:F:FACTOR; repeatable.
+    #[arg(long, value_name = "OP:FEATURE[:VALUE]", requires = "sae")]
+    pub sae_edit: Vec<String>,
 }
 
 impl HookOpts {
@@ -208,15 +222,55 @@ impl HookOpts {
         self.edit.iter().map(|e| EditSpec::parse(e)).collect()
     }
 
-    /// Registers the captures, then `edits`: hooks fire in registration order, so captures see
-    /// the value before the edits.
+    /// Registers the captures, then the SAE, then `edits`: hooks fire in registration order,
+    /// so captures see the value before the SAE and the edits.
     pub fn register(&self, fm: &mut FlexModel, edits: Vec<EditSpec>) -> Result<()> {
         for pattern in &self.capture {
             fm.register(HookFunction::new(pattern.as_str()))?;
+        }
+        if let Some(arg) = &self.sae {
+            let (dir, site) = match arg.rsplit_once('@') {
+                Some((dir, site)) => (dir, Some(site.to_string())),
+                None => (arg.as_str(), None),
+            };
+            let sae = Sae::load(dir).with_context(|| format!("--sae {arg}"))?;
+            let Some(site) = site.or_else(|| sae.hook_name().map(str::to_string)) else {
+                bail!("--sae {arg}: its cfg.json names no hook_name; give the site as DIR@SITE");
+            };
+            let feature_edits = self
+                .sae_edit
+                .iter()
+                .map(|e| parse_feature_edit(e))
+                .collect::<Result<Vec<_>>>()?;
+            flexmodel::sae::attach(fm, &site, sae, feature_edits)?;
         }
         for edit in edits {
             fm.register(edit.hook())?;
         }
         Ok(())
     }
+}
+
+/// `zero:F`, `clamp:F:VALUE` or `scale:F:FACTOR`.
+fn parse_feature_edit(arg: &str) -> Result<FeatureEdit> {
+    let parts: Vec<&str> = arg.split(':').collect();
+    let usage = || {
+        anyhow::anyhow!(
+            "--sae-edit {arg:?}: expected zero:FEATURE, clamp:FEATURE:VALUE or scale:FEATURE:FACTOR"
+        )
+    };
+    let feature = |s: &str| s.parse::<usize>().map_err(|_| usage());
+    let value = |s: &str| s.parse::<f32>().map_err(|_| usage());
+    Ok(match parts.as_slice() {
+        ["zero", f] => FeatureEdit::Zero(feature(f)?),
+        ["clamp", f, v] => FeatureEdit::Clamp {
+            feature: feature(f)?,
+            value: value(v)?,
+        },
+        ["scale", f, v] => FeatureEdit::Scale {
+            feature: feature(f)?,
+            factor: value(v)?,
+        },
+        _ => return Err(usage()),
+    })
 }

@@ -3,7 +3,7 @@
 //! against the same patches run one by one, head scores against the captured patterns read
 //! position by position, ablations against hand-written edits. On fixture families with an RMS
 //! norm (llama), a layer norm and a transposed output projection (gpt2) and parallel residuals
-//! (gpt_neox). The known results on the trained model are in `known_results.rs`.
+//! (gpt_neox), and on the bundled trained model. Its known results are in `known_results.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use flexmodel::analysis::{
@@ -14,7 +14,14 @@ use flexmodel::{D, Device, FlexModel, HookCtx, HookFunction, Input, LoadOptions,
 use flexmodel_testkit::model_dir;
 
 fn model(arch: &str) -> FlexModel {
-    FlexModel::new(load(model_dir(arch), &LoadOptions::default()).unwrap())
+    let dir = match arch {
+        // the bundled trained model
+        "stdlib-llama" => {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stdlib-llama")
+        }
+        _ => model_dir(arch),
+    };
+    FlexModel::new(load(dir, &LoadOptions::default()).unwrap())
 }
 
 fn input(rows: &[&[u32]]) -> Input {
@@ -33,7 +40,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-const ARCHS: [&str; 3] = ["llama", "gpt2", "gpt_neox"];
+const ARCHS: [&str; 4] = ["llama", "gpt2", "gpt_neox", "stdlib-llama"];
 
 #[test]
 fn lens_of_the_last_layer_is_the_models_distribution() {

@@ -62,10 +62,10 @@ fn bench_counts_what_each_job_captures() {
 #[test]
 fn check_passes_every_collective_here() {
     let stdout = flexmodel_ok(&["check"]);
-    // The bundled Llama's 41 sites, the logits, the loss and one gradient, device against CPU
+    // The bundled model's 77 sites, the logits, the loss and one gradient, device against CPU
     // (both the CPU here).
     assert!(
-        stdout.contains("44 tensors (logits, loss, every site, a gradient)"),
+        stdout.contains("80 tensors (logits, loss, every site, a gradient)"),
         "{stdout}"
     );
     for op in [

@@ -153,7 +153,7 @@ fn single_prompt_streams_its_continuation() {
     let sequences = ids(&load(&out)["sequences"]);
     let tok = flexmodel::Tokenizer::from_dir(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../models/tiny-llama"
+        "/../../models/stdlib-llama"
     ))
     .unwrap();
     let prompt_len = tok.encode("Hello").unwrap().len();

@@ -233,7 +233,7 @@ fn bundled_model_runs_without_arguments_beyond_a_prompt() {
         "{stdout}"
     );
     let layer0 = &load(&out)["model.layers.0"];
-    assert_eq!((layer0.dim(0).unwrap(), layer0.dim(2).unwrap()), (1, 64));
+    assert_eq!((layer0.dim(0).unwrap(), layer0.dim(2).unwrap()), (1, 128));
 }
 
 #[test]

@@ -38,7 +38,7 @@ fn json_adds_shape_template_and_layout() {
             .clone()
     };
     let q = find("model.layers.0.self_attn.q_proj");
-    assert_eq!(q["shape"], serde_json::json!(["batch", "seq", 64]));
+    assert_eq!(q["shape"], serde_json::json!(["batch", "seq", 128]));
     assert_eq!(
         q["layout"],
         serde_json::json!({"kind": "split", "dim": 2, "units": 4})
