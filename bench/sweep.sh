@@ -15,7 +15,7 @@ cells=${2:-16}
     "import sys; sys.path.insert(0, 'bench'); import peers; peers.checkpoint('$python', 'llama')"
 cargo build --quiet --release -p flexmodel --benches
 export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
-for model in models/stdlib-llama bench/.cache/llama; do
+for model in "$PWD/models/stdlib-llama" "$PWD/bench/.cache/llama"; do
     cargo bench --quiet -p flexmodel --bench sweep -- "$model" "$tokens" "$cells"
     "$python" bench/sweep.py "$model" "$tokens" "$cells"
 done
