@@ -373,15 +373,8 @@ impl Decoder {
             softcap: spec.final_softcap,
             ..crate::unembed((&m.pp("norm"), final_norm), &vb.pp("lm_head"), false)
         };
-        let info = crate::info(
-            raw,
-            &vb,
-            cfg.vocab_size,
-            h,
-            &layers_vb,
-            layers.len(),
-            Some(unembed),
-        )?;
+        let mut info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
+        info.unembed = Some(unembed);
         let window = cfg.sliding_window.filter(|_| spec.sliding.contains(&true));
         let body = Self {
             embed,

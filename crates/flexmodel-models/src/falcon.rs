@@ -207,15 +207,8 @@ impl Falcon {
             &vb.pp("lm_head"),
             false,
         );
-        let info = crate::info(
-            raw,
-            &vb,
-            cfg.vocab_size,
-            h,
-            &layers_vb,
-            layers.len(),
-            Some(unembed),
-        )?;
+        let mut info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
+        info.unembed = Some(unembed);
         let body = Self {
             word_embeddings,
             layers,

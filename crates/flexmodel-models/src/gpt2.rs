@@ -141,15 +141,8 @@ impl Gpt2 {
             bias: true,
         };
         let unembed = crate::unembed((&t.pp("ln_f"), final_norm), &vb.pp("lm_head"), false);
-        let info = crate::info(
-            raw,
-            &vb,
-            cfg.vocab_size,
-            h,
-            &blocks_vb,
-            blocks.len(),
-            Some(unembed),
-        )?;
+        let mut info = crate::info(raw, &vb, cfg.vocab_size, h, &blocks_vb, blocks.len())?;
+        info.unembed = Some(unembed);
         let body = Self {
             wte,
             wpe,

@@ -402,7 +402,7 @@ pub(crate) fn embed_here(vb: &Vb, tied: bool) -> bool {
     shard.first || (shard.last && tied)
 }
 
-/// Facts every family reports.
+/// Facts every family reports (a family that describes its unembedding sets it after).
 pub(crate) fn info(
     cfg: &RawConfig,
     vb: &Vb,
@@ -410,7 +410,6 @@ pub(crate) fn info(
     hidden: usize,
     layers: &Vb,
     n: usize,
-    unembed: Option<Unembed>,
 ) -> Result<ModelInfo> {
     Ok(ModelInfo {
         model_type: cfg.model_type()?.to_string(),
@@ -418,7 +417,7 @@ pub(crate) fn info(
         hidden_size: hidden,
         decoder_layers: (0..n).map(|i| layers.pp(i).name().to_string()).collect(),
         dtype: vb.dtype(),
-        unembed,
+        unembed: None,
     })
 }
 

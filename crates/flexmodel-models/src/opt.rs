@@ -150,7 +150,7 @@ impl Opt {
             false,
         )?;
         // OPT's optional final norm and projections are not described: no unembedding.
-        let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len(), None)?;
+        let info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
         let body = Self {
             embed_tokens,
             embed_positions,

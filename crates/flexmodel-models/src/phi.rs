@@ -142,15 +142,8 @@ impl Phi {
             &vb.pp("lm_head"),
             true,
         );
-        let info = crate::info(
-            raw,
-            &vb,
-            cfg.vocab_size,
-            h,
-            &layers_vb,
-            layers.len(),
-            Some(unembed),
-        )?;
+        let mut info = crate::info(raw, &vb, cfg.vocab_size, h, &layers_vb, layers.len())?;
+        info.unembed = Some(unembed);
         let body = Self {
             embed,
             embed_dropout,

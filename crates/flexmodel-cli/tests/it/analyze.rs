@@ -171,6 +171,17 @@ fn analyses_reject_bad_input() {
     ]);
     assert!(err.contains("does not exist"), "{err}");
     assert!(!missing.exists());
+    let gemma2 = model_dir("gemma2");
+    let err = flexmodel_err(&[
+        "dla",
+        "--model",
+        path_str(&gemma2),
+        "--prompt",
+        "x",
+        "--token",
+        "#9",
+    ]);
+    assert!(err.contains("gemma2 layers are not a plain sum"), "{err}");
     let opt = model_dir("opt");
     let err = flexmodel_err(&["lens", "--model", path_str(&opt), "--prompt", "x"]);
     assert!(err.contains("opt models do not describe"), "{err}");

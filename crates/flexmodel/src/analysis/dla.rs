@@ -54,6 +54,7 @@ pub fn direct_logit_attribution<M: Model>(
     super::check_tokens(fm, &tokens)?;
     let unembed = Unembedder::new(fm)?;
     let layers = fm.model().info().decoder_layers.clone();
+    let family = fm.model().info().model_type.clone();
     let attns = attention_sites(fm)?;
     let mlps = mlp_sites(fm)?;
     let w_o = attns
@@ -130,7 +131,12 @@ pub fn direct_logit_attribution<M: Model>(
         if let Some(b) = b {
             from_heads = from_heads.broadcast_add(b)?;
         }
-        check_close(&from_heads, &attn_out, &format!("the heads of {attn}"))?;
+        check_close(
+            &from_heads,
+            &attn_out,
+            &format!("the heads of {attn}"),
+            &family,
+        )?;
         values.push(direction_of(&per_head)?);
         components.extend((0..heads).map(|h| format!("{attn}.head.{h}")));
         if let Some(b) = b {
@@ -146,6 +152,7 @@ pub fn direct_logit_attribution<M: Model>(
         &sum,
         &resid,
         "the embeddings and every attention and MLP output",
+        &family,
     )?;
     let bias = unembed.bias()?;
     let bias = match direction {
@@ -191,14 +198,14 @@ fn output_projection<M: Model>(fm: &FlexModel<M>, attn: &str) -> Result<(Tensor,
 
 /// Fails unless `parts` sums to `whole` (relative to its size): the decomposition the
 /// attribution rests on.
-fn check_close(parts: &Tensor, whole: &Tensor, what: &str) -> Result<()> {
+fn check_close(parts: &Tensor, whole: &Tensor, what: &str, family: &str) -> Result<()> {
     let err = (parts - whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
     let size = whole.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
     if err > 1e-3 * size {
         return Err(Error::msg(format!(
-            "{what} do not add up to the residual stream (off by {err:.3e}): this model's layers \
-             are not a plain sum of attention and MLP outputs (norms after the blocks?), so \
-             direct logit attribution is not defined for it"
+            "{what} do not add up to the residual stream (off by {err:.3e}): {family} layers are \
+             not a plain sum of attention and MLP outputs (norms after the blocks?), so direct \
+             logit attribution is not defined for them"
         )));
     }
     Ok(())
