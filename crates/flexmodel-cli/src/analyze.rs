@@ -571,22 +571,17 @@ pub fn pattern(args: PatternArgs) -> Result<()> {
     args.png.check()?;
     let mut m = args.setup.load()?;
     let (input, labels) = m.prompt(&args.prompt)?;
-    let layers = m.fm.model().info().decoder_layers.clone();
-    let Some(layer) = layers.get(args.layer) else {
+    let layers = m.fm.model().info().decoder_layers.len();
+    if args.layer >= layers {
         bail!(
-            "--layer {}: the model has {} layers (0..{})",
-            args.layer,
-            layers.len(),
-            layers.len()
+            "--layer {}: the model has {layers} layers (0..{layers})",
+            args.layer
         );
-    };
-    let site =
-        m.fm.model()
-            .sites()
-            .iter()
-            .map(|(_, s)| s.name.to_string())
-            .find(|n| n.starts_with(&format!("{layer}.")) && n.ends_with(".hook_attn_probs"))
-            .with_context(|| format!("{layer} has no attention pattern site"))?;
+    }
+    let site = format!(
+        "{}.hook_attn_probs",
+        analysis::attention_sites(&m.fm)?[args.layer]
+    );
     m.fm.register(flexmodel::HookFunction::new(site.as_str()))?;
     m.fm.forward_input(&input)?;
     if !m.grid.is_root() {

@@ -11,7 +11,7 @@ use flexmodel::analysis::{
 };
 use flexmodel::plot::{Heatmap, Scale};
 use flexmodel::{D, Device, FlexModel, HookCtx, HookFunction, Input, LoadOptions, Tensor, load};
-use flexmodel_testkit::model_dir;
+use flexmodel_testkit::{error_chain, max_abs_diff, model_dir};
 
 fn model(arch: &str) -> FlexModel {
     let dir = match arch {
@@ -27,17 +27,6 @@ fn model(arch: &str) -> FlexModel {
 fn input(rows: &[&[u32]]) -> Input {
     let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
     Input::new(Tensor::from_vec(flat, (rows.len(), rows[0].len()), &Device::Cpu).unwrap())
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 const ARCHS: [&str; 4] = ["llama", "gpt2", "gpt_neox", "stdlib-llama"];
@@ -80,7 +69,7 @@ fn lens_of_the_last_layer_is_the_models_distribution() {
             .gather(&want, D::Minus1)
             .unwrap();
         assert!(
-            max_diff(&lens.top_probs.get(last).unwrap(), &want_p) < 1e-5,
+            max_abs_diff(&lens.top_probs.get(last).unwrap(), &want_p) < 1e-5,
             "{arch}"
         );
         let target = probs
@@ -89,7 +78,7 @@ fn lens_of_the_last_layer_is_the_models_distribution() {
             .squeeze(D::Minus1)
             .unwrap();
         let got_t = lens.target_probs.unwrap().get(last).unwrap();
-        assert!(max_diff(&got_t, &target) < 1e-5, "{arch}");
+        assert!(max_abs_diff(&got_t, &target) < 1e-5, "{arch}");
         // rank = number of tokens more likely than the target
         let ranks = lens
             .target_ranks
@@ -107,7 +96,7 @@ fn lens_of_the_last_layer_is_the_models_distribution() {
         }
         // earlier layers decode something else
         assert!(
-            max_diff(&lens.top_probs.get(0).unwrap(), &want_p) > 1e-4,
+            max_abs_diff(&lens.top_probs.get(0).unwrap(), &want_p) > 1e-4,
             "{arch}"
         );
     }
@@ -133,12 +122,12 @@ fn attributions_sum_to_the_models_logit() {
             .squeeze(1)
             .unwrap();
             assert!(
-                max_diff(&dla.logit, &want) < 1e-4,
+                max_abs_diff(&dla.logit, &want) < 1e-4,
                 "{arch} {direction:?}: logit"
             );
             let sum = (dla.values.sum(1).unwrap() + &dla.bias).unwrap();
             assert!(
-                max_diff(&sum, &want) < 1e-4,
+                max_abs_diff(&sum, &want) < 1e-4,
                 "{arch} {direction:?}: sum of parts"
             );
             let layers = fm.model().info().decoder_layers.len();
@@ -341,7 +330,7 @@ fn ablations_replace_what_they_say() {
         .unwrap();
     let got = fm.forward_input(&x).unwrap();
     fm.remove(h).unwrap();
-    assert!(max_diff(&got, &want) < 1e-6);
+    assert!(max_abs_diff(&got, &want) < 1e-6);
 
     // the mean over a dataset, as a mean ablation, equals replacing by that mean
     let mlp = "model.layers.0.mlp";
@@ -351,7 +340,7 @@ fn ablations_replace_what_they_say() {
     fm.register(HookFunction::new(mlp)).unwrap();
     fm.forward_input(&x).unwrap();
     let acts = fm.take_output().last(mlp).unwrap().clone();
-    assert!(max_diff(&mean, &acts.mean(0).unwrap().mean(0).unwrap()) < 1e-5);
+    assert!(max_abs_diff(&mean, &acts.mean(0).unwrap().mean(0).unwrap()) < 1e-5);
     let m = mean.clone();
     let h = fm
         .register(
@@ -365,7 +354,7 @@ fn ablations_replace_what_they_say() {
     let h = fm
         .register(ablate::site(mlp, Ablation::Mean(mean)))
         .unwrap();
-    assert!(max_diff(&fm.forward_input(&x).unwrap(), &want) < 1e-6);
+    assert!(max_abs_diff(&fm.forward_input(&x).unwrap(), &want) < 1e-6);
     fm.remove(h).unwrap();
 
     // resampling from one other row is replacing by it
@@ -396,7 +385,7 @@ fn ablations_replace_what_they_say() {
         .unwrap();
     let want = fm.forward_input(&x).unwrap();
     fm.remove(h).unwrap();
-    assert!(max_diff(&got, &want) < 1e-6);
+    assert!(max_abs_diff(&got, &want) < 1e-6);
     let bad = ablate::site(
         mlp,
         Ablation::Resample {
@@ -406,10 +395,7 @@ fn ablations_replace_what_they_say() {
     );
     fm.register(bad).unwrap();
     let err = fm.forward_input(&x).unwrap_err();
-    let err = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join(": ");
+    let err = error_chain(&err);
     assert!(err.contains("resample ablation"), "{err}");
 }
 

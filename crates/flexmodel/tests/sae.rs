@@ -7,22 +7,12 @@ use std::path::PathBuf;
 
 use flexmodel::sae::{self, Architecture, FeatureEdit, Sae};
 use flexmodel::{Device, FlexModel, HookFunction, Input, LoadOptions, Tensor, Tokenizer, load};
+use flexmodel_testkit::{error_chain, max_abs_diff};
 
 fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .join(path)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]
@@ -40,12 +30,12 @@ fn every_architecture_matches_torch() {
             .unwrap();
         let features = sae.encode(&r["x"]).unwrap();
         assert!(
-            max_diff(&features, &r["features"]) < 1e-4,
+            max_abs_diff(&features, &r["features"]) < 1e-4,
             "{arch} features"
         );
         let recon = sae.decode(&features).unwrap();
         assert!(
-            max_diff(&recon, &r["reconstruction"]) < 1e-4,
+            max_abs_diff(&recon, &r["reconstruction"]) < 1e-4,
             "{arch} reconstruction"
         );
         let active = features
@@ -95,11 +85,11 @@ fn an_attached_sae_changes_nothing_until_a_feature_is_edited() {
     let h = sae::attach(&mut fm, &site, sae.clone(), vec![]).unwrap();
     let logits = fm.forward_input(&input).unwrap();
     fm.remove(h).unwrap();
-    assert!(max_diff(&logits, &plain) < 1e-5);
+    assert!(max_abs_diff(&logits, &plain) < 1e-5);
     let acts = fm.output().last(&site).unwrap().clone();
     let features = fm.output().last(&format!("{site}.sae")).unwrap().clone();
     assert_eq!(features.dims()[2], sae.d_sae());
-    assert!(max_diff(&features, &sae.encode(&acts).unwrap()) < 1e-6);
+    assert!(max_abs_diff(&features, &sae.encode(&acts).unwrap()) < 1e-6);
 
     // the edit path: decode(features) + the reconstruction error is the activation again
     let noop = vec![FeatureEdit::Scale {
@@ -110,9 +100,9 @@ fn an_attached_sae_changes_nothing_until_a_feature_is_edited() {
     let logits = fm.forward_input(&input).unwrap();
     fm.remove(h).unwrap();
     assert!(
-        max_diff(&logits, &plain) < 1e-5,
+        max_abs_diff(&logits, &plain) < 1e-5,
         "{}",
-        max_diff(&logits, &plain)
+        max_abs_diff(&logits, &plain)
     );
 
     // zeroing the most active feature changes the output by its decoder direction
@@ -133,7 +123,7 @@ fn an_attached_sae_changes_nothing_until_a_feature_is_edited() {
     let ablated = fm.forward_input(&input).unwrap();
     fm.remove(h).unwrap();
     assert!(
-        max_diff(&ablated, &plain) > 1e-3,
+        max_abs_diff(&ablated, &plain) > 1e-3,
         "zeroing feature {top} changes the logits"
     );
     // the edited site value is acts - f_top * W_dec[top]
@@ -158,7 +148,7 @@ fn an_attached_sae_changes_nothing_until_a_feature_is_edited() {
         )
         .unwrap();
     let by_hand = check.forward_input(&input).unwrap();
-    assert!(max_diff(&ablated, &by_hand) < 1e-4);
+    assert!(max_abs_diff(&ablated, &by_hand) < 1e-4);
 
     // bad input
     let err = sae::attach(
@@ -172,11 +162,8 @@ fn an_attached_sae_changes_nothing_until_a_feature_is_edited() {
     assert!(err.contains("does not exist"), "{err}");
     let h = sae::attach(&mut fm, "model.layers.1.mlp.act_fn", sae, vec![]).unwrap();
     let err = fm.forward_input(&input).unwrap_err();
-    let chain: Vec<String> =
-        std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
-            .map(|e| e.to_string())
-            .collect();
-    assert!(chain.join(": ").contains("the SAE reads"), "{chain:?}");
+    let chain = error_chain(&err);
+    assert!(chain.contains("the SAE reads"), "{chain}");
     fm.remove(h).unwrap();
 }
 

@@ -131,7 +131,7 @@ impl Ablation {
                 })
             }
             Ablation::Resample { source, seed } => {
-                let (rows, seq) = (x.dim(0)?, x.dim(1)?);
+                let rows = x.dim(0)?;
                 if source.rank() != x.rank() || source.dims()[1..] != x.dims()[1..] {
                     return Err(Error::msg(format!(
                         "resample ablation of `{site}` needs other prompts' activations of shape \
@@ -144,7 +144,6 @@ impl Ablation {
                         source.dims()
                     )));
                 }
-                let _ = seq;
                 let mut rng = SplitMix64::new(*seed);
                 let n = source.dim(0)? as u64;
                 let picks: Vec<u32> = (0..rows).map(|_| (rng.next_u64() % n) as u32).collect();

@@ -82,14 +82,20 @@ pub fn logit_lens<M: Model>(
         .zip(&keys)
         .map(|(c, k)| expect(c, k))
         .collect::<Result<Vec<_>>>()?;
-    let final_ids = match residuals.last() {
-        Some(r) => unembed.logits(r)?.argmax_keepdim(D::Minus1)?, // [batch, seq, 1]
-        None => return Err(crate::Error::msg("no residual captured")),
+    let Some((last, earlier)) = residuals.split_last() else {
+        return Err(crate::Error::msg("no residual captured"));
     };
+    // The last point first, for its predictions; the others decoded one at a time.
+    let final_logits = unembed.logits(last)?;
+    let final_ids = final_logits.argmax_keepdim(D::Minus1)?; // [batch, seq, 1]
+    let all_logits = earlier
+        .iter()
+        .map(|r| unembed.logits(r))
+        .chain(std::iter::once(Ok(final_logits)));
     let (mut ids, mut probs, mut t_probs, mut t_ranks) = (vec![], vec![], vec![], vec![]);
     let mut finals = vec![];
-    for resid in &residuals {
-        let logits = unembed.logits(resid)?;
+    for logits in all_logits {
+        let logits = logits?;
         let p = candle_nn::ops::softmax_last_dim(&logits)?;
         finals.push(p.gather(&final_ids, D::Minus1)?.squeeze(D::Minus1)?);
         let order = p

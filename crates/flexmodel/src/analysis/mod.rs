@@ -95,8 +95,12 @@ fn expect(capture: Option<Tensor>, key: &str) -> Result<Tensor> {
     })
 }
 
-/// The attention module of each decoder layer: the parent of its `hook_head_out` site.
-fn attention_sites<M: Model>(fm: &FlexModel<M>) -> Result<Vec<String>> {
+/// The attention module of each decoder layer: the parent of its `hook_head_out` site (and of
+/// `hook_attn_probs`, `hook_q`, ...).
+///
+/// # Errors
+/// A family whose attention does not expose heads.
+pub fn attention_sites<M: Model>(fm: &FlexModel<M>) -> Result<Vec<String>> {
     let info = fm.model().info();
     let sites = fm.model().sites();
     info.decoder_layers
