@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use flexmodel::{
-    DType, Device, FlexModel, Grid, HookFunction, Input, LoadOptions, Model, Tokenizer,
+    DType, Device, FlexModel, Grid, HookFunction, Input, LoadOptions, Model, Offload, Tokenizer,
 };
 
 use flexmodel::sae::{FeatureEdit, Sae};
@@ -62,6 +62,22 @@ pub struct ComputeOpts {
 
     #[command(flatten)]
     pub device: DeviceOpts,
+
+    /// Keep only the layers being computed in memory, reading each from the checkpoint as the
+    /// pass reaches it: `cpu` leaves the weights in the page cache, `disk` drops them from
+    /// it too (for models larger than memory). Peak memory: about two layers plus the
+    /// embeddings, head and activations.
+    #[arg(long, value_enum, value_name = "WHERE")]
+    pub offload: Option<OffloadTo>,
+}
+
+/// Where offloaded weights wait.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OffloadTo {
+    /// Host memory (the checkpoint's pages in the page cache).
+    Cpu,
+    /// The disk: pages dropped from the page cache once read.
+    Disk,
 }
 
 impl ComputeOpts {
@@ -76,6 +92,11 @@ impl ComputeOpts {
             dtype: self.compute_dtype.into(),
             device,
             grid: grid.clone(),
+            offload: match self.offload {
+                None => Offload::None,
+                Some(OffloadTo::Cpu) => Offload::Cpu,
+                Some(OffloadTo::Disk) => Offload::Disk,
+            },
             ..LoadOptions::default()
         };
         flexmodel::load(dir, &options).with_context(|| format!("loading {}", dir.display()))

@@ -1,4 +1,4 @@
-//! `--tp --pp --dp`: the layout of a multi-process job (`mpirun -n N flexmodel ...`).
+//! `--tp --pp --dp --fsdp`: the layout of a multi-process job (`mpirun -n N flexmodel ...`).
 
 use anyhow::{Context, Result};
 use flexmodel::{Device, Grid, Parallelism};
@@ -14,9 +14,16 @@ pub struct ParallelOpts {
     #[arg(long, default_value_t = 1, value_name = "P")]
     pub pp: usize,
 
-    /// Data-parallel ranks: the batch split by rows.
+    /// Data-parallel ranks: the batch split by rows, every rank holding its stage's weights
+    /// whole (with `--fsdp F`: D replicas of F sharded ranks).
     #[arg(long, default_value_t = 1, value_name = "D")]
     pub dp: usize,
+
+    /// Fully sharded data parallelism (ZeRO-3): the batch split by rows over F ranks that each
+    /// hold 1/F of every weight, each layer's weights all-gathered just before it runs and
+    /// dropped after.
+    #[arg(long, default_value_t = 1, value_name = "F")]
+    pub fsdp: usize,
 }
 
 impl ParallelOpts {
@@ -26,7 +33,8 @@ impl ParallelOpts {
         let degrees = Parallelism {
             tp: self.tp,
             pp: self.pp,
-            dp: self.dp,
+            dp: self.dp * self.fsdp,
+            fsdp: self.fsdp,
         };
         if degrees.world() == 1 && flexmodel_dist::launched_size().is_none_or(|n| n == 1) {
             return Ok(Grid::single());

@@ -158,8 +158,13 @@ pub struct Parallelism {
     pub tp: usize,
     /// Pipeline stages (contiguous layer ranges).
     pub pp: usize,
-    /// Data-parallel ranks (the batch split).
+    /// Data-parallel ranks (the batch split by rows), FSDP ranks included.
     pub dp: usize,
+    /// Fully sharded data parallelism (ZeRO-3): groups of `fsdp` consecutive data-parallel
+    /// ranks each hold `1/fsdp` of every parameter of their stage, gathered layer by layer
+    /// as the pass reaches it. 1 (the default) keeps whole parameters on every data-parallel
+    /// rank; `dp / fsdp` groups are replicas of each other.
+    pub fsdp: usize,
 }
 
 impl Default for Parallelism {
@@ -168,6 +173,7 @@ impl Default for Parallelism {
             tp: 1,
             pp: 1,
             dp: 1,
+            fsdp: 1,
         }
     }
 }
@@ -203,6 +209,9 @@ pub struct Grid {
     pub dp: Arc<dyn Comm>,
     /// The ranks of the other stages (same tensor- and data-parallel index).
     pub pp: Arc<dyn Comm>,
+    /// The data-parallel ranks sharing this rank's parameters under FSDP (its group of
+    /// `degrees.fsdp`; this rank alone without FSDP).
+    pub fsdp: Arc<dyn Comm>,
     /// The degrees.
     pub degrees: Parallelism,
 }
@@ -215,7 +224,8 @@ impl Grid {
             world: local.clone(),
             tp: local.clone(),
             dp: local.clone(),
-            pp: local,
+            pp: local.clone(),
+            fsdp: local,
             degrees: Parallelism::default(),
         }
     }
@@ -223,9 +233,16 @@ impl Grid {
     /// Arranges the ranks of `world`.
     ///
     /// # Errors
-    /// `world` does not have `tp * pp * dp` ranks, or a degree is 0.
+    /// `world` does not have `tp * pp * dp` ranks, a degree is 0, or `fsdp` does not divide
+    /// `dp`.
     pub fn new(world: Arc<dyn Comm>, degrees: Parallelism) -> Result<Self> {
-        let Parallelism { tp, pp, dp } = degrees;
+        let Parallelism { tp, pp, dp, fsdp } = degrees;
+        if fsdp == 0 || dp % fsdp != 0 {
+            return Err(Error::msg(format!(
+                "{fsdp} FSDP ranks do not divide the {dp} data-parallel ranks: the data axis \
+                 is `--dp` replicas of `--fsdp` sharded ranks"
+            )));
+        }
         if tp == 0 || pp == 0 || dp == 0 || world.size() != degrees.world() {
             return Err(Error::msg(format!(
                 "the layout tp {tp} x pp {pp} x dp {dp} needs {} ranks, the job has {}; \
@@ -238,9 +255,11 @@ impl Grid {
         let r = world.rank();
         let (t, d, p) = (r % tp, (r / tp) % dp, r / (tp * dp));
         // Each split is its own collective: colors only need to be unique within it.
+        let dp_comm = world.split(p * tp + t, d)?;
         Ok(Self {
             tp: world.split(p * dp + d, t)?,
-            dp: world.split(p * tp + t, d)?,
+            fsdp: dp_comm.split(d / fsdp, d % fsdp)?,
+            dp: dp_comm,
             pp: world.split(d * tp + t, p)?,
             world,
             degrees,

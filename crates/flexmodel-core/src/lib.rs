@@ -50,7 +50,7 @@ pub use generate::{GenerateOptions, Generation, Sampling};
 pub use hook::{Edit, HookCtx, HookFunction, Modules, PassInfo, Point, SaveContext, Steps};
 pub use layout::Layout;
 pub use loss::causal_lm_loss;
-pub use model::{FinalNorm, Input, Model, ModelInfo, Parameters, Unembed};
+pub use model::{Fetch, FinalNorm, Input, Model, ModelInfo, Parameters, Unembed};
 pub use output::OutputMap;
 pub use run::{Groups, HookHandle, Run, copy_of};
 pub use site::{Dim, SiteId, SiteInfo, SiteKind, SiteTable};

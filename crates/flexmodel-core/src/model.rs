@@ -145,12 +145,29 @@ pub struct Parameters {
     by_name: std::collections::HashMap<String, Param>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Param {
     tensor: Tensor,
     layout: Layout,
     held: bool,
+    /// Reads a streamed parameter's values (see [`Parameters::insert_streamed`]).
+    fetch: Option<Fetch>,
 }
+
+impl std::fmt::Debug for Param {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Param")
+            .field("tensor", &self.tensor)
+            .field("layout", &self.layout)
+            .field("held", &self.held)
+            .field("streamed", &self.fetch.is_some())
+            .finish()
+    }
+}
+
+/// Reads the values of a parameter that is not resident (offloaded, or sharded by FSDP: then
+/// every rank of the FSDP group calls it together).
+pub type Fetch = std::sync::Arc<dyn Fn() -> Result<Tensor> + Send + Sync>;
 
 impl Parameters {
     /// Records `tensor` as parameter `name`, whole on every rank (the first record of a name
@@ -169,23 +186,63 @@ impl Parameters {
         layout: Layout,
         held: bool,
     ) {
-        let name = name.into();
+        self.insert_param(
+            name.into(),
+            Param {
+                tensor,
+                layout,
+                held,
+                fetch: None,
+            },
+        );
+    }
+
+    /// Records a parameter whose values are not resident: `placeholder` has its shape (no
+    /// memory), `fetch` reads this rank's piece when asked for.
+    pub fn insert_streamed(
+        &mut self,
+        name: impl Into<String>,
+        placeholder: Tensor,
+        layout: Layout,
+        fetch: Fetch,
+    ) {
+        self.insert_param(
+            name.into(),
+            Param {
+                tensor: placeholder,
+                layout,
+                held: true,
+                fetch: Some(fetch),
+            },
+        );
+    }
+
+    fn insert_param(&mut self, name: String, param: Param) {
         if !self.by_name.contains_key(&name) {
             self.names.push(name.clone());
-            self.by_name.insert(
-                name,
-                Param {
-                    tensor,
-                    layout,
-                    held,
-                },
-            );
+            self.by_name.insert(name, param);
         }
     }
 
-    /// The parameter `name` (this rank's piece).
+    /// The parameter `name` (this rank's piece; for a streamed parameter, a placeholder of
+    /// its shape: see [`Parameters::fetch`]).
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.by_name.get(name).map(|p| &p.tensor)
+    }
+
+    /// The values of parameter `name` (this rank's piece), read or gathered when it is
+    /// streamed; `None` for an unknown name.
+    ///
+    /// # Errors
+    /// Reading or gathering a streamed parameter failed.
+    pub fn fetch(&self, name: &str) -> Result<Option<Tensor>> {
+        match self.by_name.get(name) {
+            None => Ok(None),
+            Some(Param {
+                fetch: Some(fetch), ..
+            }) => fetch().map(Some),
+            Some(p) => Ok(Some(p.tensor.clone())),
+        }
     }
 
     /// How parameter `name` is split over tensor-parallel ranks, and whether this rank's

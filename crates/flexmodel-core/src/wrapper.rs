@@ -492,12 +492,14 @@ impl<M: Model> FlexModel<M> {
     /// [`Error::UnknownParameter`] with the nearest names; a communication error.
     pub fn parameter(&self, name: &str) -> Result<Tensor> {
         let params = self.model.parameters();
-        let (Some(local), Some((layout, held))) = (params.get(name), params.placement(name)) else {
+        let (Some(local), Some((layout, held))) = (params.fetch(name)?, params.placement(name))
+        else {
             return Err(Error::UnknownParameter {
                 name: name.to_string(),
                 suggestions: crate::site::nearest(name, params.iter().map(|(n, _)| n), 3),
             });
         };
+        let local = &local;
         let grid = self.model.grid();
         if !grid.is_distributed() {
             return Ok(local.clone());

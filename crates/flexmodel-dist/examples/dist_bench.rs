@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tp: flag("--tp", 1),
         pp: flag("--pp", 1),
         dp: flag("--dp", 1),
+        ..Parallelism::default()
     };
     let (batch, seq, repeats) = (flag("--batch", 4), flag("--seq", 128), flag("--repeats", 5));
     // One process runs without MPI, as `flexmodel` does.

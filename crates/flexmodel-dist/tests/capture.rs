@@ -60,6 +60,7 @@ fn check() {
                 tp: 2,
                 pp: 1,
                 dp: 2,
+                ..Parallelism::default()
             },
             "tp2 dp2",
             Some(0),
@@ -69,6 +70,7 @@ fn check() {
                 tp: 1,
                 pp: 2,
                 dp: 2,
+                ..Parallelism::default()
             },
             "pp2 dp2",
             None,

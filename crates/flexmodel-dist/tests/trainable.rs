@@ -47,6 +47,7 @@ fn check() {
         tp: 2,
         pp: 2,
         dp: 2,
+        ..Parallelism::default()
     };
     let grid = Grid::new(world, degrees).unwrap();
     let ids = flexmodel_testkit::reference("llama")["input_ids"].clone();

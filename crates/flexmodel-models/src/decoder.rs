@@ -284,7 +284,7 @@ struct Attention {
 
 /// A layer's feed-forward block.
 enum Ffn {
-    Dense(Mlp),
+    Dense(Box<Mlp>),
     Sparse(Box<Moe>),
 }
 
@@ -338,12 +338,12 @@ impl Decoder {
                         Some((moe, sparse)) if sparse[i] => {
                             Ffn::Sparse(Box::new(Moe::new(vb.pp("mlp"), &vb, h, &spec, moe)?))
                         }
-                        _ => Ffn::Dense(Mlp::new(
+                        _ => Ffn::Dense(Box::new(Mlp::new(
                             vb.pp("mlp"),
                             BS,
                             (h, cfg.intermediate_size),
                             &spec,
-                        )?),
+                        )?)),
                     },
                     post_mlp_norm: norm_at(&vb, blocks.post_mlp)?,
                     dropouts: blocks
@@ -386,7 +386,7 @@ impl Decoder {
             final_softcap: spec.final_softcap,
             window,
         };
-        Ok(Loaded::boxed(body, info, &vb))
+        Loaded::boxed(body, info, &vb)
     }
 }
 

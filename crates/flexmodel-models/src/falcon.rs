@@ -217,7 +217,7 @@ impl Falcon {
             base_site,
             lm_head,
         };
-        Ok(Loaded::boxed(body, info, &vb))
+        Loaded::boxed(body, info, &vb)
     }
 }
 

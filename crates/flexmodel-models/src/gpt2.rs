@@ -152,7 +152,7 @@ impl Gpt2 {
             base_site,
             lm_head,
         };
-        Ok(Loaded::boxed(body, info, &vb))
+        Loaded::boxed(body, info, &vb)
     }
 }
 

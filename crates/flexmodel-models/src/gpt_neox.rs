@@ -159,7 +159,7 @@ impl GptNeox {
             base_site,
             lm_head,
         };
-        Ok(Loaded::boxed(body, info, &vb))
+        Loaded::boxed(body, info, &vb)
     }
 }
 

@@ -45,10 +45,12 @@ mod qwen3;
 mod qwen3_moe;
 pub mod random;
 mod rope;
+mod stream;
 mod tokenizer;
 mod weights;
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 use flexmodel_core::{
@@ -59,9 +61,11 @@ use crate::attention::Pass;
 
 pub use device::device;
 pub use error::{Error, Result};
+pub use stream::Offload;
 pub use tokenizer::{Tokenizer, generation_tokens, pad_left, pad_right};
 
 use crate::config::RawConfig;
+use crate::stream::{Mode, OUTER, Streams, layer_unit};
 use crate::weights::{Shard, Vb, Weights};
 
 /// Result of code on the forward path (hook errors included).
@@ -103,8 +107,12 @@ pub struct LoadOptions {
     /// [`FlexModel::backward`]: flexmodel_core::FlexModel::backward
     pub requires_grad: bool,
     /// The ranks of a multi-process job and their layout; this rank loads only its part of the
-    /// weights (its tensor-parallel slices of its pipeline stage's layers).
+    /// weights (its tensor-parallel slices of its pipeline stage's layers; under FSDP, a
+    /// `1/fsdp` chunk of those).
     pub grid: Grid,
+    /// Keep only the layers being computed resident, reading the rest from the checkpoint as
+    /// the pass reaches them (see [`Offload`]).
+    pub offload: Offload,
 }
 
 impl Default for LoadOptions {
@@ -114,8 +122,34 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             requires_grad: false,
             grid: Grid::single(),
+            offload: Offload::None,
         }
     }
+}
+
+/// How this rank keeps its weights under `options`.
+fn mode(options: &LoadOptions) -> Result<Mode> {
+    let fsdp = options.grid.degrees.fsdp > 1;
+    if (fsdp || options.offload != Offload::None) && options.requires_grad {
+        return Err(Error::unsupported(
+            "requires_grad",
+            "true",
+            "weight gradients are not available with offload or FSDP (their weights are not \
+             resident); backward hooks, activation gradients and lm_backward work without them",
+        ));
+    }
+    Ok(match (fsdp, options.offload) {
+        (false, Offload::None) => Mode::Resident,
+        (false, offload) => Mode::Offload(offload),
+        (true, Offload::None) => Mode::Fsdp(options.grid.fsdp.clone()),
+        (true, offload) => {
+            return Err(Error::unsupported(
+                "offload",
+                format!("{offload:?} with FSDP"),
+                "FSDP already keeps 1/N of every weight per rank: use one of them",
+            ));
+        }
+    })
 }
 
 /// Loads the model in `dir`.
@@ -134,11 +168,12 @@ pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Box<dyn Mode
     let cfg = RawConfig::read(dir)?;
     check_dtype(options.dtype)?;
     alloc::keep_freed_buffers();
+    let mode = mode(options)?;
     let shard = || Shard::of(&cfg, &options.grid);
     // A layout that cannot work fails here, before any weight is read: the model is built
     // once without reading (every split is checked), then for real.
     let meta = Weights::open(dir, options.dtype, &options.device, true, false)?;
-    build(&cfg, Vb::root(meta, shard()?))?;
+    build(&cfg, Vb::root(meta, shard()?, Mode::Resident))?;
     let weights = Weights::open(
         dir,
         options.dtype,
@@ -146,7 +181,7 @@ pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Box<dyn Mode
         false,
         options.requires_grad,
     )?;
-    build(&cfg, Vb::root(weights, shard()?))
+    build(&cfg, Vb::root(weights, shard()?, mode))
 }
 
 /// The sites of the model in `dir`, without reading any weight.
@@ -157,7 +192,8 @@ pub fn sites(dir: impl AsRef<Path>) -> Result<SiteTable> {
     let dir = dir.as_ref();
     let cfg = RawConfig::read(dir)?;
     let weights = Weights::open(dir, DType::F32, &Device::Cpu, true, false)?;
-    let model = build(&cfg, Vb::root(weights, Shard::of(&cfg, &Grid::single())?))?;
+    let shard = Shard::of(&cfg, &Grid::single())?;
+    let model = build(&cfg, Vb::root(weights, shard, Mode::Resident))?;
     Ok(model.sites().clone())
 }
 
@@ -302,13 +338,16 @@ pub(crate) struct Loaded<F> {
     stage: Stage,
     grid: Grid,
     device: Device,
+    /// Weights streamed by unit (offload, FSDP); empty when every weight is resident.
+    streams: Arc<OnceLock<Streams>>,
 }
 
 impl<F: Family> Loaded<F> {
-    /// Finishes loading: takes the sites and parameters `vb` collected.
-    pub(crate) fn boxed(body: F, info: ModelInfo, vb: &Vb) -> Box<dyn Model> {
+    /// Finishes loading: takes the sites, parameters and streamed weights `vb` collected.
+    pub(crate) fn boxed(body: F, info: ModelInfo, vb: &Vb) -> Result<Box<dyn Model>> {
         let shard = vb.shard();
-        Box::new(Self {
+        Ok(Box::new(Self {
+            streams: vb.take_streams()?,
             body,
             info,
             sites: vb.take_sites(),
@@ -320,7 +359,20 @@ impl<F: Family> Loaded<F> {
             },
             grid: shard.grid.clone(),
             device: vb.device().clone(),
-        })
+        }))
+    }
+
+    /// Makes `unit`'s streamed weights resident until the guard drops (asking for `next`'s
+    /// ahead); nothing when every weight is resident.
+    fn resident(
+        &self,
+        unit: usize,
+        next: Option<usize>,
+    ) -> FwdResult<Option<stream::Resident<'_>>> {
+        match self.streams.get() {
+            Some(streams) => streams.resident(unit, next).map(Some),
+            None => Ok(None),
+        }
     }
 }
 
@@ -351,6 +403,10 @@ impl<F: Family> Model for Loaded<F> {
     fn forward_with(&self, input: &Input, run: &mut Run<'_>) -> FwdResult<Tensor> {
         let pass = Pass::new(input, run.past_len(), self.body.window(), &self.device)?;
         let stage = &self.stage;
+        // The embeddings, final norm and head stay resident for the pass, each layer's weights
+        // for the layer (FSDP's root unit and wrapped layers).
+        let first_layer = stage.layers.clone().next().map(layer_unit);
+        let _outer = self.resident(OUTER, first_layer)?;
         // The hidden states and the per-pass tables travel from stage to stage together: later
         // stages see any edit of the tables, and send their gradient back.
         let (mut x, tables) = if stage.first {
@@ -373,6 +429,8 @@ impl<F: Family> Model for Loaded<F> {
             (x, Tables::from_parts(parts.collect()))
         };
         for i in stage.layers.clone() {
+            let next = (i + 1 < stage.layers.end).then(|| layer_unit(i + 1));
+            let _layer = self.resident(layer_unit(i), next)?;
             x = self.body.layer(i, &x, &tables, &pass, run)?;
             if run.stop_after(i) {
                 return Ok(x);

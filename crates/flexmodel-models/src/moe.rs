@@ -26,6 +26,7 @@ use crate::FwdResult;
 use crate::decoder::{Mlp, Spec};
 use crate::error::{Error, Result};
 use crate::nn::{Activation, Linear, Parallel, TOKENS, all_reduce, shape_of, tp_copy};
+use crate::stream::Param;
 use crate::weights::Vb;
 
 /// The sizes and options of one model's MoE blocks.
@@ -50,9 +51,9 @@ pub(crate) struct MoeSpec {
 struct Expert {
     index: usize,
     /// `[inter, hidden]`, `[inter, hidden]`, `[hidden, inter]`.
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: Param,
+    up: Param,
+    down: Param,
 }
 
 /// Qwen's shared expert (a gated MLP with its own sites) and the gate that scales it.
@@ -279,7 +280,7 @@ impl Moe {
             // the same ops on no rows keep every rank's passes, forward and back, in step.
             let n = toks.len();
             let matrices = match self.experts.iter().find(|x| x.index == e) {
-                Some(ex) => Some((ex.gate.clone(), ex.up.clone(), ex.down.clone())),
+                Some(ex) => Some((ex.gate.get()?, ex.up.get()?, ex.down.get()?)),
                 None if symmetric => Some((
                     Tensor::zeros((inter, h), dtype, device)?,
                     Tensor::zeros((inter, h), dtype, device)?,

@@ -13,6 +13,7 @@ use flexmodel_core::{Comm, Dim, Layout, Run, SiteId};
 use crate::FwdResult;
 use crate::error::{Error, Result};
 use crate::kernels;
+use crate::stream::Param;
 use crate::weights::Vb;
 
 /// Leading dims of a per-token activation.
@@ -61,8 +62,8 @@ impl Parallel {
 pub(crate) struct Linear {
     /// The weight as `[in, out]` (this rank's block): a transposed view of a Hugging Face
     /// `Linear` weight, or a GPT-2 `Conv1D` weight as stored.
-    wt: Tensor,
-    bias: Option<Tensor>,
+    wt: Param,
+    bias: Option<Param>,
     /// Row-parallel: the group whose partial sums make the output.
     reduce: Option<Arc<dyn Comm>>,
     /// Column-parallel under gradients: the group that sums the input's gradient.
@@ -112,7 +113,7 @@ impl Linear {
             Parallel::Row(units) => vb.get_split("weight", shape, in_dim, *units)?,
             Parallel::Replicated => vb.get("weight", shape)?,
         };
-        let wt = if in_out { w } else { w.t()? };
+        let wt = if in_out { w } else { w.map(|w| w.t())? };
         let bias = match (bias, &parallel) {
             (false, _) => None,
             (true, Parallel::Column(units)) => Some(vb.get_split("bias", d_out, 0, *units)?),
@@ -137,7 +138,7 @@ impl Linear {
     /// The output head (`lm_head`), split over ranks by vocabulary: the embedding's weight when
     /// `tied` (this rank's rows of it), else its own `[vocab, in]` weight.
     pub(crate) fn head(vb: Vb, embed: &Embedding, tied: bool, bias: bool) -> Result<Self> {
-        let (vocab, d_in) = (embed.vocab, embed.weight.dim(1)?);
+        let (vocab, d_in) = (embed.vocab, embed.weight.stored_dims()[1]);
         if !tied {
             return Self::new(vb, (d_in, vocab), bias, BS, Parallel::Column(vocab));
         }
@@ -155,7 +156,7 @@ impl Linear {
         let copy = (tp.size() > 1).then(|| tp.clone());
         let site = vb.site(shape_of(BS, vocab), Layout::split_last(3, vocab))?;
         Ok(Self {
-            wt: embed.weight.t()?,
+            wt: embed.weight.clone().map(|w| w.t())?,
             bias,
             reduce: None,
             copy,
@@ -171,41 +172,41 @@ impl Linear {
             // The input is replicated: its gradient is the sum of every rank's.
             x = tp_copy(&x, tp)?;
         }
-        let mut y = self.apply(&x)?;
+        let mut y = self.apply(&x, &self.wt.get()?)?;
         if let Some(tp) = &self.reduce {
             y = all_reduce(&y, tp.as_ref())?;
         }
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = y.broadcast_add(&b.get()?)?;
         }
         run.site(self.site, y)
     }
 
     /// Whether the few-rows kernel applies: a decode step's handful of rows on the CPU, f32,
     /// no gradient, and a weight stored `[out, in]`.
-    fn skinny(&self, x: &Tensor) -> bool {
+    fn skinny(x: &Tensor, wt: &Tensor) -> bool {
         x.dim(0).is_ok_and(|rows| rows <= kernels::MAX_ROWS)
             && x.device().is_cpu()
             && x.dtype() == DType::F32
-            && self.wt.dtype() == DType::F32
+            && wt.dtype() == DType::F32
             && !x.track_op()
-            && !self.wt.track_op()
-            && self.wt.t().is_ok_and(|w| w.is_contiguous())
+            && !wt.track_op()
+            && wt.t().is_ok_and(|w| w.is_contiguous())
     }
 
-    /// `x @ W^T` without the bias.
-    fn apply(&self, x: &Tensor) -> CResult<Tensor> {
-        let (d_in, d_out) = self.wt.dims2()?;
+    /// `x @ wt` (the weight as `[in, out]`), without the bias.
+    fn apply(&self, x: &Tensor, wt: &Tensor) -> CResult<Tensor> {
+        let (d_in, d_out) = wt.dims2()?;
         let mut out_dims = x.dims().to_vec();
         let rows = x.elem_count() / d_in;
         if let Some(last) = out_dims.last_mut() {
             *last = d_out;
         }
         let x = x.reshape((rows, d_in))?;
-        let y = if self.skinny(&x) {
-            kernels::skinny_matmul(&x.contiguous()?, &self.wt.t()?)?
+        let y = if Self::skinny(&x, wt) {
+            kernels::skinny_matmul(&x.contiguous()?, &wt.t()?)?
         } else {
-            x.matmul(&self.wt)?
+            x.matmul(wt)?
         };
         y.reshape(out_dims)
     }
@@ -261,7 +262,7 @@ impl CustomOp1 for TpCopy {
 /// a block of the vocabulary's rows and the lookups are summed (vocabulary-parallel).
 pub(crate) struct Embedding {
     /// This rank's rows.
-    weight: Tensor,
+    weight: Param,
     /// Rows of the whole table.
     vocab: usize,
     /// First row this rank holds, when the table is split.
@@ -318,18 +319,19 @@ impl Embedding {
     pub(crate) fn forward(&self, ids: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
         let ids = run.input(self.site, ids)?;
         let (b, s) = ids.dims2()?;
-        let dim = self.weight.dim(1)?;
+        let weight = self.weight.get()?;
+        let dim = weight.dim(1)?;
         let mut x = match &self.split {
-            None => self.weight.index_select(&ids.flatten_all()?, 0)?,
+            None => weight.index_select(&ids.flatten_all()?, 0)?,
             Some((start, tp)) => {
                 // Rows outside this rank's block look up row 0 and are zeroed; the sum over
                 // ranks then holds every row once.
-                let rows = self.weight.dim(0)?;
+                let rows = weight.dim(0)?;
                 let ids = ids.flatten_all()?.to_dtype(DType::I64)?;
                 let local = (ids.affine(1.0, -(*start as f64)))?;
                 let inside = local.ge(0i64)?.mul(&local.lt(rows as i64)?)?;
                 let safe = inside.where_cond(&local, &local.zeros_like()?)?;
-                let rows = self.weight.index_select(&safe, 0)?;
+                let rows = weight.index_select(&safe, 0)?;
                 let keep = inside.to_dtype(rows.dtype())?.unsqueeze(1)?;
                 all_reduce(&rows.broadcast_mul(&keep)?, tp.as_ref())?
             }
@@ -347,7 +349,7 @@ impl Embedding {
 /// computed in f32 like transformers.
 pub(crate) struct RmsNorm {
     /// Effective scale, f32 (`1 + w` for Gemma): this rank's block when the input is split.
-    scale: Tensor,
+    scale: Param,
     eps: f64,
     /// The input's last dimension is split over these ranks (OLMo 2's q/k norm over a whole
     /// projection): the mean of squares is summed over them, of `.1` features in all.
@@ -414,7 +416,7 @@ impl RmsNorm {
         let dim = heads * head_dim;
         let layout = Layout::split_last(3, heads);
         let weight = vb.get_split("weight", dim, 0, heads)?;
-        let scale = weight.to_dtype(DType::F32)?;
+        let scale = weight.map(|w| w.to_dtype(DType::F32))?;
         let site = vb.site(shape_of(BS, dim), layout.clone())?;
         vb.set_input_layout(site, layout);
         let tp = vb.shard().tp.clone();
@@ -427,10 +429,10 @@ impl RmsNorm {
         })
     }
 
-    fn scale(kind: RmsKind, weight: Tensor) -> Result<Tensor> {
+    fn scale(kind: RmsKind, weight: Param) -> Result<Param> {
         Ok(match kind {
             RmsKind::Plain => weight,
-            RmsKind::Gemma => (weight + 1.0)?,
+            RmsKind::Gemma => weight.map(|w| w + 1.0)?,
         })
     }
 
@@ -438,9 +440,10 @@ impl RmsNorm {
         let x = run.input(self.site, x)?;
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
+        let scale = self.scale.get()?;
         let y = match &self.split {
-            None if !x32.track_op() && !self.scale.track_op() => {
-                candle_nn::ops::rms_norm(&x32.contiguous()?, &self.scale, self.eps as f32)?
+            None if !x32.track_op() && !scale.track_op() => {
+                candle_nn::ops::rms_norm(&x32.contiguous()?, &scale, self.eps as f32)?
             }
             split => {
                 let mean_sq = match split {
@@ -458,7 +461,7 @@ impl RmsNorm {
                     None => x32.sqr()?.mean_keepdim(D::Minus1)?,
                 };
                 let rms = (mean_sq + self.eps)?.sqrt()?;
-                x32.broadcast_div(&rms)?.broadcast_mul(&self.scale)?
+                x32.broadcast_div(&rms)?.broadcast_mul(&scale)?
             }
         };
         run.site(self.site, y.to_dtype(dtype)?)
@@ -467,8 +470,8 @@ impl RmsNorm {
 
 /// Layer normalisation, computed in f32, with optional affine parameters.
 pub(crate) struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
+    weight: Param,
+    bias: Param,
     eps: f64,
     site: SiteId,
 }
@@ -515,8 +518,8 @@ impl LayerNorm {
             (vb.get_f32("weight", dim)?, vb.get_f32("bias", dim)?)
         } else {
             (
-                Tensor::ones(dim, DType::F32, &device)?,
-                Tensor::zeros(dim, DType::F32, &device)?,
+                Param::Resident(Tensor::ones(dim, DType::F32, &device)?),
+                Param::Resident(Tensor::zeros(dim, DType::F32, &device)?),
             )
         };
         let site = vb.site(shape_of(lead, dim), layout)?;
@@ -532,21 +535,15 @@ impl LayerNorm {
         let x = run.input(self.site, x)?;
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
-        let y = if x32.track_op() || self.weight.track_op() || self.bias.track_op() {
+        let (weight, bias) = (self.weight.get()?, self.bias.get()?);
+        let y = if x32.track_op() || weight.track_op() || bias.track_op() {
             let mean = x32.mean_keepdim(D::Minus1)?;
             let centered = x32.broadcast_sub(&mean)?;
             let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
             let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-            normed
-                .broadcast_mul(&self.weight)?
-                .broadcast_add(&self.bias)?
+            normed.broadcast_mul(&weight)?.broadcast_add(&bias)?
         } else {
-            candle_nn::ops::layer_norm(
-                &x32.contiguous()?,
-                &self.weight,
-                &self.bias,
-                self.eps as f32,
-            )?
+            candle_nn::ops::layer_norm(&x32.contiguous()?, &weight, &bias, self.eps as f32)?
         };
         run.site(self.site, y.to_dtype(dtype)?)
     }

@@ -161,7 +161,7 @@ impl Opt {
             decoder_site,
             lm_head,
         };
-        Ok(Loaded::boxed(body, info, &vb))
+        Loaded::boxed(body, info, &vb)
     }
 }
 

@@ -153,7 +153,7 @@ impl Phi {
             base_site,
             lm_head,
         };
-        Ok(Loaded::boxed(body, info, &vb))
+        Loaded::boxed(body, info, &vb)
     }
 }
 

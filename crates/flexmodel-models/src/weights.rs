@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use flexmodel_core::comm::even_split;
@@ -14,6 +14,7 @@ use flexmodel_core::layout::{Part, block};
 use flexmodel_core::{Comm, Dim, Grid, Layout, Parameters, SiteId, SiteKind, SiteTable};
 
 use crate::config::RawConfig;
+use crate::stream::{Builder, Mode, OUTER, Param, Streams, layer_unit};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::SafeTensors;
 
@@ -32,6 +33,8 @@ struct Entry {
 /// The tensors of a checkpoint (one file or several shards), memory-mapped.
 pub(crate) struct Weights {
     files: Vec<Mmap>,
+    /// The files, for page-cache hints.
+    fds: Vec<File>,
     entries: HashMap<String, Entry>,
     dtype: DType,
     device: Device,
@@ -63,9 +66,11 @@ impl Weights {
             });
         };
         let mut files = Vec::with_capacity(paths.len());
+        let mut fds = Vec::with_capacity(paths.len());
         let mut entries = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let mmap = map(path)?;
+            let (fd, mmap) = map(path)?;
+            fds.push(fd);
             let bad = |message: String| Error::Safetensors {
                 path: path.clone(),
                 message,
@@ -105,6 +110,7 @@ impl Weights {
         }
         Ok(Self {
             files,
+            fds,
             entries,
             dtype,
             device: device.clone(),
@@ -129,18 +135,18 @@ impl Weights {
         self.find(name).is_some()
     }
 
-    /// Loads `name` (or only the `slice` this rank holds), checks its full shape and converts
-    /// it to `dtype`. With `meta`, returns a zero-stride view of the right shape without
-    /// reading.
-    pub(crate) fn get(
-        &self,
+    /// How to read `name` (its full shape `shape`), or only `select` of it, as `dtype`.
+    ///
+    /// # Errors
+    /// The checkpoint has no `name`, or it has another shape.
+    pub(crate) fn read_of(
+        self: &Arc<Self>,
         name: &str,
         shape: &Shape,
         dtype: DType,
-        slice: Option<Slice>,
-        meta: bool,
-    ) -> Result<Tensor> {
-        let (_, entry) = self.find(name).ok_or_else(|| Error::MissingTensor {
+        select: Option<Selection>,
+    ) -> Result<Read> {
+        let (key, entry) = self.find(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             nearest: self.nearest(name),
         })?;
@@ -151,42 +157,16 @@ impl Weights {
                 got: entry.shape.clone(),
             });
         }
-        let mut dims = entry.shape.clone();
-        if let Some(s) = slice {
-            dims[s.dim] = s.len;
-        }
-        if self.meta || meta {
-            // A zero-stride view: the right shape, no memory, no read.
-            return Ok(Tensor::zeros((), dtype, &self.device)?.broadcast_as(dims)?);
-        }
-        // Byte ranges to read: the whole tensor, or this rank's block (`outer` runs of
-        // `len * inner` bytes).
-        let elem = entry.dtype.size_in_bytes();
-        let runs: Vec<(usize, usize)> = match slice {
-            None => vec![(entry.start, entry.end)],
-            Some(s) => {
-                let inner: usize = entry.shape[s.dim + 1..].iter().product::<usize>() * elem;
-                let outer: usize = entry.shape[..s.dim].iter().product();
-                let run = entry.shape[s.dim] * inner;
-                (0..outer)
-                    .map(|o| entry.start + o * run + s.start * inner)
-                    .map(|at| (at, at + s.len * inner))
-                    .collect()
-            }
-        };
-        let map = &self.files[entry.file];
-        let t = match entry.dtype {
-            DType::F32 => read::<f32>(map, &runs, &dims, &self.device),
-            DType::F16 => read::<half::f16>(map, &runs, &dims, &self.device),
-            DType::BF16 => read::<half::bf16>(map, &runs, &dims, &self.device),
-            DType::F64 => read::<f64>(map, &runs, &dims, &self.device),
-            DType::I64 => read::<i64>(map, &runs, &dims, &self.device),
-            DType::I32 => read::<i32>(map, &runs, &dims, &self.device),
-            DType::U32 => read::<u32>(map, &runs, &dims, &self.device),
-            DType::U8 => read::<u8>(map, &runs, &dims, &self.device),
-            other => unreachable!("`to_dtype` admits no {other:?}"),
-        }?;
-        Ok(t.to_dtype(dtype)?)
+        Ok(Read {
+            weights: self.clone(),
+            key: key.to_string(),
+            dtype,
+            select,
+        })
+    }
+
+    fn entry(&self, key: &str) -> &Entry {
+        &self.entries[key]
     }
 
     fn nearest(&self, name: &str) -> Vec<String> {
@@ -194,7 +174,144 @@ impl Weights {
     }
 }
 
-fn map(path: &Path) -> Result<Mmap> {
+/// The blocks of one dimension a rank reads of a weight: `(start, len)` along `dim`, in the
+/// order they are concatenated (one block for a split weight, one per part of a fused one).
+#[derive(Clone, Debug)]
+pub(crate) struct Selection {
+    pub(crate) dim: usize,
+    pub(crate) blocks: Vec<(usize, usize)>,
+}
+
+/// One weight as a rank reads it from the checkpoint: all of it or a [`Selection`], converted
+/// to a dtype. Reading again reads the file again (streamed weights).
+#[derive(Clone)]
+pub(crate) struct Read {
+    weights: Arc<Weights>,
+    /// The checkpoint's name.
+    key: String,
+    dtype: DType,
+    select: Option<Selection>,
+}
+
+impl Read {
+    /// The weight's name in the checkpoint.
+    pub(crate) fn name(&self) -> &str {
+        &self.key
+    }
+
+    /// The dtype it is read as.
+    pub(crate) fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device it is read to.
+    pub(crate) fn device(&self) -> &Device {
+        &self.weights.device
+    }
+
+    /// The dims of what is read.
+    pub(crate) fn dims(&self) -> Vec<usize> {
+        let mut dims = self.weights.entry(&self.key).shape.clone();
+        if let Some(s) = &self.select {
+            dims[s.dim] = s.blocks.iter().map(|b| b.1).sum();
+        }
+        dims
+    }
+
+    /// A zero-stride view of the right shape: no memory, no read.
+    pub(crate) fn placeholder(&self) -> Result<Tensor> {
+        Ok(Tensor::zeros((), self.dtype, &self.weights.device)?.broadcast_as(self.dims())?)
+    }
+
+    /// Byte ranges of the file to read, in the order of the result's elements.
+    fn runs(&self) -> Vec<(usize, usize)> {
+        let entry = self.weights.entry(&self.key);
+        let Some(s) = &self.select else {
+            return vec![(entry.start, entry.end)];
+        };
+        let elem = entry.dtype.size_in_bytes();
+        let inner: usize = entry.shape[s.dim + 1..].iter().product::<usize>() * elem;
+        let outer: usize = entry.shape[..s.dim].iter().product();
+        let run = entry.shape[s.dim] * inner;
+        let mut runs = Vec::with_capacity(outer * s.blocks.len());
+        for o in 0..outer {
+            for &(start, len) in &s.blocks {
+                let at = entry.start + o * run + start * inner;
+                runs.push((at, at + len * inner));
+            }
+        }
+        runs
+    }
+
+    /// Reads it.
+    pub(crate) fn read(&self) -> Result<Tensor> {
+        self.read_runs(&self.runs(), self.dims())
+    }
+
+    /// Reads elements `range` of it (flattened), as a 1-D tensor: only their bytes.
+    pub(crate) fn read_elements(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
+        let elem = self.weights.entry(&self.key).dtype.size_in_bytes();
+        let (lo, hi) = (range.start * elem, range.end * elem);
+        let mut runs = Vec::new();
+        let mut at = 0;
+        for (a, b) in self.runs() {
+            let (from, to) = (lo.max(at), hi.min(at + b - a));
+            if from < to {
+                runs.push((a + from - at, a + to - at));
+            }
+            at += b - a;
+        }
+        self.read_runs(&runs, vec![range.len()])
+    }
+
+    fn read_runs(&self, runs: &[(usize, usize)], dims: Vec<usize>) -> Result<Tensor> {
+        let w = &self.weights;
+        let entry = w.entry(&self.key);
+        let map = &w.files[entry.file];
+        let t = match entry.dtype {
+            DType::F32 => read::<f32>(map, runs, &dims, &w.device),
+            DType::F16 => read::<half::f16>(map, runs, &dims, &w.device),
+            DType::BF16 => read::<half::bf16>(map, runs, &dims, &w.device),
+            DType::F64 => read::<f64>(map, runs, &dims, &w.device),
+            DType::I64 => read::<i64>(map, runs, &dims, &w.device),
+            DType::I32 => read::<i32>(map, runs, &dims, &w.device),
+            DType::U32 => read::<u32>(map, runs, &dims, &w.device),
+            DType::U8 => read::<u8>(map, runs, &dims, &w.device),
+            other => unreachable!("`to_dtype` admits no {other:?}"),
+        }?;
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// Asks the kernel to read its pages ahead (the next layer's, while this one computes).
+    pub(crate) fn will_need(&self) {
+        let entry = self.weights.entry(&self.key);
+        let map = &self.weights.files[entry.file];
+        let _ = map.advise_range(
+            memmap2::Advice::WillNeed,
+            entry.start,
+            entry.end - entry.start,
+        );
+    }
+
+    /// Drops its pages from the page cache (they were copied out already).
+    pub(crate) fn drop_cached(&self) {
+        use std::os::fd::AsRawFd;
+        let entry = self.weights.entry(&self.key);
+        let fd = self.weights.fds[entry.file].as_raw_fd();
+        // SAFETY: a hint about a file descriptor this struct owns; no memory is involved.
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            libc::posix_fadvise(
+                fd,
+                entry.start as libc::off_t,
+                (entry.end - entry.start) as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+    }
+}
+
+fn map(path: &Path) -> Result<(File, Mmap)> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -204,7 +321,7 @@ fn map(path: &Path) -> Result<Mmap> {
     // assume the file is not modified while the model is loaded.
     #[allow(unsafe_code)]
     let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-    Ok(mmap)
+    Ok((file, mmap))
 }
 
 /// Bytes copied between two releases of the mapping's pages.
@@ -283,14 +400,6 @@ fn to_dtype(dtype: safetensors::Dtype) -> Option<DType> {
     })
 }
 
-/// The block of one dimension that a tensor-parallel rank reads.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Slice {
-    pub(crate) dim: usize,
-    pub(crate) start: usize,
-    pub(crate) len: usize,
-}
-
 /// Which part of the model this rank holds: its tensor-parallel group and its pipeline stage.
 pub(crate) struct Shard {
     /// The job's ranks.
@@ -342,6 +451,10 @@ pub(crate) struct Vb {
     shard: Rc<Shard>,
     /// The module belongs to another pipeline stage: declare its sites, read no weight.
     meta: bool,
+    /// Streamed weights (offload, FSDP), by unit.
+    streams: Rc<RefCell<Builder>>,
+    /// The unit this module's weights stream with (its decoder layer's, or the outer one).
+    unit: usize,
     path: String,
     /// Where this module's weights are stored, when a checkpoint keeps a legacy name
     /// (GPT-NeoX's `embed_out` for `lm_head`); else `path`.
@@ -349,7 +462,7 @@ pub(crate) struct Vb {
 }
 
 impl Vb {
-    pub(crate) fn root(weights: Weights, shard: Shard) -> Self {
+    pub(crate) fn root(weights: Weights, shard: Shard, mode: Mode) -> Self {
         Self {
             weights: Arc::new(weights),
             sites: Rc::new(RefCell::new(SiteTable::new())),
@@ -357,6 +470,8 @@ impl Vb {
             attention_layers: Rc::new(std::cell::Cell::new(0)),
             shard: Rc::new(shard),
             meta: false,
+            streams: Rc::new(RefCell::new(Builder::new(mode))),
+            unit: OUTER,
             path: String::new(),
             weight_path: String::new(),
         }
@@ -371,6 +486,8 @@ impl Vb {
             attention_layers: self.attention_layers.clone(),
             shard: self.shard.clone(),
             meta: self.meta,
+            streams: self.streams.clone(),
+            unit: self.unit,
             path: join(&self.path, &name),
             weight_path: join(&self.weight_path, &name),
         }
@@ -394,32 +511,53 @@ impl Vb {
     }
 
     /// The weight `name` under this path, in the compute dtype.
-    pub(crate) fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
-        self.get_as(name, shape.into(), self.weights.dtype)
+    pub(crate) fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Param> {
+        self.load(
+            name,
+            shape.into(),
+            self.weights.dtype,
+            None,
+            Layout::Replicated,
+        )
     }
 
     /// The weight `name` under this path in f32 (norm weights: normalisation runs in f32).
-    pub(crate) fn get_f32(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
-        self.get_as(name, shape.into(), DType::F32)
+    pub(crate) fn get_f32(&self, name: &str, shape: impl Into<Shape>) -> Result<Param> {
+        self.load(name, shape.into(), DType::F32, None, Layout::Replicated)
     }
 
-    fn get_as(&self, name: &str, shape: Shape, dtype: DType) -> Result<Tensor> {
-        let t = self
+    /// Reads (or registers for streaming) weight `name`, or `select` of it, and records it
+    /// as a parameter laid out over tensor-parallel ranks by `layout`. Elsewhere than on its
+    /// stage, a zero view of its shape.
+    fn load(
+        &self,
+        name: &str,
+        shape: Shape,
+        dtype: DType,
+        select: Option<Selection>,
+        layout: Layout,
+    ) -> Result<Param> {
+        let read = self
             .weights
-            .get(&self.full(name), &shape, dtype, None, self.meta)?;
-        self.finish(name, t, Layout::Replicated)
-    }
-
-    /// A loaded weight as the model keeps it: a variable when gradients reach weights, and
-    /// recorded as a parameter with its layout over tensor-parallel ranks.
-    fn finish(&self, name: &str, t: Tensor, layout: Layout) -> Result<Tensor> {
-        let t = if self.weights.requires_grad && !self.meta {
+            .read_of(&self.full(name), &shape, dtype, select)?;
+        let meta = self.meta || self.weights.meta;
+        if !meta && self.streams.borrow().streams() {
+            let param = self.streams.borrow_mut().add(self.unit, read)?;
+            self.record(name, &param, layout);
+            return Ok(param);
+        }
+        let t = if meta {
+            read.placeholder()?
+        } else {
+            read.read()?
+        };
+        let t = if self.weights.requires_grad && !meta {
             Var::from_tensor(&t)?.as_tensor().clone()
         } else {
             t
         };
-        self.record(name, &t, layout);
-        Ok(t)
+        self.record(name, &Param::Resident(t.clone()), layout);
+        Ok(Param::Resident(t))
     }
 
     /// Weight `name` of a module that lives whole on one tensor-parallel rank (an expert under
@@ -431,20 +569,15 @@ impl Vb {
         name: &str,
         shape: impl Into<Shape>,
         held: bool,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Option<Param>> {
         let shape = shape.into();
         if held {
-            let t = self.weights.get(
-                &self.full(name),
-                &shape,
-                self.weights.dtype,
-                None,
-                self.meta,
-            )?;
-            return Ok(Some(self.finish(name, t, Layout::PartialSum)?));
+            let p = self.load(name, shape, self.weights.dtype, None, Layout::PartialSum)?;
+            return Ok(Some(p));
         }
         let zero = Tensor::zeros((), self.weights.dtype, &self.weights.device)?;
-        self.record(name, &zero.broadcast_as(shape)?, Layout::PartialSum);
+        let zero = Param::Resident(zero.broadcast_as(shape)?);
+        self.record(name, &zero, Layout::PartialSum);
         Ok(None)
     }
 
@@ -456,7 +589,7 @@ impl Vb {
         shape: impl Into<Shape>,
         dim: usize,
         units: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<Param> {
         self.get_parts(
             name,
             shape,
@@ -476,11 +609,11 @@ impl Vb {
         shape: impl Into<Shape>,
         dim: usize,
         parts: &[Part],
-    ) -> Result<Tensor> {
+    ) -> Result<Param> {
         let shape = shape.into();
         let full = shape.dims()[dim];
         let (rank, world) = (self.shard.tp.rank(), self.shard.tp.size());
-        let mut pieces = Vec::with_capacity(parts.len());
+        let mut blocks = Vec::with_capacity(parts.len());
         let mut offset = 0;
         for part in parts {
             let size = if part.size == 0 { full } else { part.size };
@@ -488,26 +621,9 @@ impl Vb {
                 Some(units) => block(size, units, rank, world)?,
                 None => (0, size),
             };
-            let slice = Slice {
-                dim,
-                start: offset + start,
-                len,
-            };
+            blocks.push((offset + start, len));
             offset += size;
-            let t = self.weights.get(
-                &self.full(name),
-                &shape,
-                self.weights.dtype,
-                Some(slice),
-                self.meta,
-            )?;
-            pieces.push(t);
         }
-        let t = if pieces.len() == 1 {
-            pieces.remove(0)
-        } else {
-            Tensor::cat(&pieces, dim)?
-        };
         let layout = match parts {
             [
                 Part {
@@ -520,7 +636,8 @@ impl Vb {
                 parts: parts.to_vec(),
             },
         };
-        self.finish(name, t, layout)
+        let select = Selection { dim, blocks };
+        self.load(name, shape, self.weights.dtype, Some(select), layout)
     }
 
     /// This module on its pipeline stage: `active` says whether this rank's stage computes it;
@@ -532,9 +649,13 @@ impl Vb {
         }
     }
 
-    /// Decoder layer `i` under this path, its weights read only on the stage that runs it.
+    /// Decoder layer `i` under this path, its weights read only on the stage that runs it
+    /// (and streamed with the layer's unit).
     pub(crate) fn layer(&self, i: usize) -> Self {
-        self.pp(i).on_stage(self.shard.layers.contains(&i))
+        Self {
+            unit: layer_unit(i),
+            ..self.pp(i).on_stage(self.shard.layers.contains(&i))
+        }
     }
 
     /// This module, read only on the first stage (embeddings).
@@ -552,15 +673,17 @@ impl Vb {
         &self.shard
     }
 
-    /// Records `t` as parameter `<path>.<name>` (a tied weight under its second name), laid
+    /// Records `p` as parameter `<path>.<name>` (a tied weight under its second name), laid
     /// out over tensor-parallel ranks by `layout`.
-    pub(crate) fn record(&self, name: &str, t: &Tensor, layout: Layout) {
-        self.params.borrow_mut().insert_piece(
-            join(&self.path, &name),
-            t.clone(),
-            layout,
-            !self.meta,
-        );
+    pub(crate) fn record(&self, name: &str, p: &Param, layout: Layout) {
+        let name = join(&self.path, &name);
+        let mut params = self.params.borrow_mut();
+        match p {
+            Param::Resident(t) => params.insert_piece(name, t.clone(), layout, !self.meta),
+            Param::Streamed { slot, .. } => {
+                params.insert_streamed(name, slot.placeholder.clone(), layout, slot.fetch.clone());
+            }
+        }
     }
 
     /// Whether the checkpoint has `name` under this path.
@@ -612,6 +735,13 @@ impl Vb {
     /// The parameters loaded so far (call once construction is complete).
     pub(crate) fn take_parameters(&self) -> Parameters {
         std::mem::take(&mut self.params.borrow_mut())
+    }
+
+    /// The streamed weights (call once construction is complete): under FSDP this reads this
+    /// rank's shards.
+    pub(crate) fn take_streams(&self) -> Result<Arc<OnceLock<Streams>>> {
+        let mode = self.streams.borrow().mode();
+        std::mem::replace(&mut *self.streams.borrow_mut(), Builder::new(mode)).finish()
     }
 }
 

@@ -10,7 +10,7 @@ use candle_core::backprop::GradStore;
 use flexmodel::harvest::{self, DataSource, HarvestOptions, Settings, StatsSettings, StoreDType};
 use flexmodel::{
     DType, Device, FlexModel, GenerateOptions, Groups, HookFunction, HookHandle, Input,
-    LoadOptions, ModelInfo, Parallelism, Sampling, Steps, Tensor, Tokenizer,
+    LoadOptions, ModelInfo, Offload, Parallelism, Sampling, Steps, Tensor, Tokenizer,
 };
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -185,7 +185,7 @@ pub(crate) fn raw(t: &Tensor) -> PyResult<RawTensor> {
 
 /// Loads the Hugging Face model in `dir`; under `mpirun`, this rank's part of it.
 #[pyfunction]
-#[pyo3(signature = (dir, dtype = "float32", device = "cpu", tp = 1, pp = 1, dp = 1, requires_grad = false))]
+#[pyo3(signature = (dir, dtype = "float32", device = "cpu", tp = 1, pp = 1, dp = 1, fsdp = 1, offload = None, requires_grad = false))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn load(
     py: Python<'_>,
@@ -195,8 +195,21 @@ pub(crate) fn load(
     tp: usize,
     pp: usize,
     dp: usize,
+    fsdp: usize,
+    offload: Option<&str>,
     requires_grad: bool,
 ) -> PyResult<PyModel> {
+    let offload = match offload {
+        None => Offload::None,
+        Some("cpu") => Offload::Cpu,
+        Some("disk") => Offload::Disk,
+        Some(other) => {
+            return Err(error::raise(
+                "InputError",
+                format!("offload {other:?}: use None, \"cpu\" or \"disk\""),
+            ));
+        }
+    };
     let dtype = match parse_dtype(dtype)? {
         d @ (DType::F32 | DType::F16 | DType::BF16) => d,
         other => {
@@ -214,13 +227,19 @@ pub(crate) fn load(
         other => other.to_string(),
     };
     let device = flexmodel::device(&spec).map_err(|e| error::load(&e))?;
-    let degrees = Parallelism { tp, pp, dp };
+    let degrees = Parallelism {
+        tp,
+        pp,
+        dp: dp * fsdp,
+        fsdp,
+    };
     let grid = crate::dist::grid(degrees, &device)?;
     let options = LoadOptions {
         dtype,
         device,
         requires_grad,
         grid,
+        offload,
     };
     let model = py
         .detach(|| flexmodel::load(&dir, &options))
@@ -699,10 +718,11 @@ impl PyModel {
         }
     }
 
-    /// (tp, pp, dp).
+    /// (tp, pp, dp, fsdp): `dp` counts every data-parallel rank, FSDP's included.
     #[getter]
-    fn layout(&self) -> (usize, usize, usize) {
-        (self.degrees.tp, self.degrees.pp, self.degrees.dp)
+    fn layout(&self) -> (usize, usize, usize, usize) {
+        let d = &self.degrees;
+        (d.tp, d.pp, d.dp, d.fsdp)
     }
 
     /// This process's rank.

@@ -41,8 +41,8 @@ pub use flexmodel_core::{
 };
 pub use flexmodel_core::{rng, site};
 pub use flexmodel_models::{
-    Error as LoadError, LoadOptions, SUPPORTED, Tokenizer, device, generation_tokens, load,
-    pad_left, pad_right, sites,
+    Error as LoadError, LoadOptions, Offload, SUPPORTED, Tokenizer, device, generation_tokens,
+    load, pad_left, pad_right, sites,
 };
 
 /// The README's Rust examples, compiled as doctests.

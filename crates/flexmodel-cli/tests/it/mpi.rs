@@ -44,6 +44,21 @@ const FAMILY_LAYOUTS: &[(&[&str], usize)] = &[
     (&["--tp", "2", "--pp", "2", "--dp", "2"], 8),
 ];
 
+/// FSDP (sharded parameters, rows split) alone and with each other axis.
+const FSDP_LAYOUTS: &[(&[&str], usize)] = &[
+    (&["--fsdp", "2"], 2),
+    (&["--fsdp", "4"], 4),
+    (&["--fsdp", "2", "--tp", "2"], 4),
+    (&["--fsdp", "2", "--pp", "2"], 4),
+];
+
+/// Layer-streamed offload, alone and on the ranks of other layouts.
+const OFFLOAD_LAYOUTS: &[(&[&str], usize)] = &[
+    (&["--offload", "disk"], 1),
+    (&["--offload", "cpu", "--tp", "2"], 2),
+    (&["--offload", "disk", "--pp", "2", "--dp", "2"], 4),
+];
+
 /// Runs `flexmodel args...` under each of `layouts`: each writes the tensors of `want` (the
 /// single-process run), equal within 1e-5.
 fn layouts_equal(
@@ -123,6 +138,58 @@ fn later_families_equal_one_process_under_every_layout() {
         run_equals_one_process(arch, tmp.path(), FAMILY_LAYOUTS);
         generation_equals_one_process(arch, tmp.path(), FAMILY_LAYOUTS);
     }
+}
+
+/// FSDP and offload on llama, gpt2, falcon and a variant (tied head, biases, one KV head):
+/// captures of every site, an edit and the gradient at every site on a 4-row batch (a row
+/// for each of fsdp4's ranks), and greedy generation with captures, equal one process.
+#[test]
+fn fsdp_and_offload_equal_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ["llama", "gpt2", "falcon", "llama_bias_tied_mqa"] {
+        let dir = model_dir(arch);
+        let refs = load(&dir.join("reference.safetensors"));
+        // Four rows: the reference's two and the same two reversed.
+        let ids = &refs["input_ids"];
+        let reversed = ids.flip(&[1]).unwrap();
+        let four = candle_core::Tensor::cat(&[ids, &reversed], 0).unwrap();
+        let input = tmp.path().join("four.safetensors");
+        candle_core::safetensors::save(&HashMap::from([("input_ids".to_string(), four)]), &input)
+            .unwrap();
+        let edit = format!(
+            "{}=scale:0",
+            reference_json(arch)["edit"]["module"].as_str().unwrap()
+        );
+        let common = [
+            "run",
+            "--model",
+            path_str(&dir),
+            "--input-ids",
+            path_str(&input),
+            "--capture",
+            "*",
+            "--edit",
+            &edit,
+            "--grad",
+            "*",
+        ];
+        let single = tmp.path().join("single.safetensors");
+        flexmodel_ok(&[&common[..], &["--out", path_str(&single)]].concat());
+        let want = load(&single);
+        let layouts = [FSDP_LAYOUTS, OFFLOAD_LAYOUTS].concat();
+        layouts_equal(arch, &common, &want, tmp.path(), &layouts);
+        // Generation: two prompts, so FSDP over at most two ranks.
+        generation_equals_one_process(arch, tmp.path(), &generation_layouts(&layouts));
+    }
+}
+
+/// The layouts of `layouts` that a two-row batch fits (every data-parallel rank needs a row).
+fn generation_layouts<'a>(layouts: &[(&'a [&'a str], usize)]) -> Vec<(&'a [&'a str], usize)> {
+    layouts
+        .iter()
+        .copied()
+        .filter(|(l, _)| !l.windows(2).any(|w| w == ["--fsdp", "4"]))
+        .collect()
 }
 
 /// An edit that scales an MLP's output by 2: in one process the gradient of the loss at every
@@ -420,6 +487,30 @@ fn parameters_are_gathered_from_every_layout() {
             let key = format!("param.{n}");
             assert_close(&format!("{arch} {key}"), &got[&key], &want[&key], 0.0);
         }
+        // Sharded by FSDP (gathered from the flat shards) and streamed from the checkpoint.
+        for (layout, ranks) in [
+            (&["--fsdp", "2", "--tp", "2"][..], 4),
+            (&["--offload", "disk"], 1),
+        ] {
+            let mut margs = with_out(&multi);
+            margs.extend(layout.iter().map(|s| s.to_string()));
+            let (run, _) = mpirun(ranks, &margs.iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(
+                run.status.success(),
+                "{arch} {layout:?}: {}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+            let got = load(&multi);
+            for n in &names {
+                let key = format!("param.{n}");
+                assert_close(
+                    &format!("{arch} {layout:?} {key}"),
+                    &got[&key],
+                    &want[&key],
+                    0.0,
+                );
+            }
+        }
     }
 }
 
@@ -556,6 +647,8 @@ fn harvest_under_every_layout_equals_one_process() {
         (&["--pp", "2"][..], 2),
         (&["--dp", "2"][..], 2),
         (&["--tp", "2", "--pp", "2", "--dp", "2"][..], 8),
+        (&["--fsdp", "2", "--tp", "2"][..], 4),
+        (&["--offload", "disk"][..], 1),
     ] {
         let out = tmp.path().join(format!("multi{ranks}{}", layout[0]));
         let a = args(&out);

@@ -454,9 +454,10 @@ class FlexModel:
 
     @property
     def layout(self) -> dict:
-        """The parallel layout: {"tp": .., "pp": .., "dp": ..}."""
-        tp, pp, dp = self._native.layout
-        return {"tp": tp, "pp": pp, "dp": dp}
+        """The parallel layout: {"tp": .., "pp": .., "dp": .., "fsdp": ..} (``dp`` replicas of
+        ``fsdp`` sharded ranks)."""
+        tp, pp, dp, fsdp = self._native.layout
+        return {"tp": tp, "pp": pp, "dp": dp // fsdp, "fsdp": fsdp}
 
     @property
     def decoder_layers(self) -> list:
@@ -826,6 +827,8 @@ def load(
     tp: int = 1,
     pp: int = 1,
     dp: int = 1,
+    fsdp: int = 1,
+    offload: Optional[str] = None,
     requires_grad: bool = False,
     framework: str = "numpy",
 ) -> FlexModel:
@@ -836,14 +839,24 @@ def load(
         dtype: what it computes in: "float32" (the fast choice on CPUs), "float16", "bfloat16".
         device: "cpu", "cuda", "cuda:N" (a CUDA build).
         tp, pp, dp: tensor-parallel ranks, pipeline stages, data-parallel replicas; their
-            product is the number of processes of the ``mpirun`` job (a build with MPI).
+            product (times ``fsdp``) is the number of processes of the ``mpirun`` job (a build
+            with MPI).
+        fsdp: fully sharded data parallelism (ZeRO-3): the batch is split by rows over
+            ``fsdp`` ranks that each hold 1/fsdp of every weight; each layer's weights are
+            all-gathered just before it runs and dropped after.
+        offload: None, "cpu" or "disk": keep only the layers being computed in memory, each
+            read from the checkpoint as the pass reaches it ("disk" also drops it from the
+            page cache: models larger than memory). Peak memory is about two layers plus the
+            embeddings, head and activations.
         requires_grad: load the weights as variables, so that ``lm_backward`` returns their
             gradients.
         framework: "numpy" or "torch": what editing functions receive and what captures and
             logits are.
     """
     _check_framework(framework)  # before any weight is read
-    native = _native.load(os.fspath(dir), dtype, device, tp, pp, dp, requires_grad)
+    native = _native.load(
+        os.fspath(dir), dtype, device, tp, pp, dp, fsdp, offload, requires_grad
+    )
     return FlexModel(native, framework)
 
 

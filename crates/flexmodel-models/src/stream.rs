@@ -1,0 +1,399 @@
+//! Weights that are not resident between passes: layer-streamed offload and FSDP shards.
+//!
+//! A rank's weights fall into units: the decoder layers, one unit each, and the rest (embeddings,
+//! final norm, head). A module holds its weights as [`Param`]s; a streamed one is a [`Slot`]
+//! that holds values only while its unit is [resident](Streams::resident): the forward pass
+//! makes the model's outer unit resident for the whole pass and each layer's just for the layer.
+//! Where the values come from is the unit's [`Source`]:
+//! - offload: read from the memory-mapped checkpoint (this rank's slices, as at load), the next
+//!   layer's pages asked for ahead (`madvise(WILLNEED)`), and with `Offload::Disk` dropped from
+//!   the page cache after reading, so that neither the process nor the cache holds the model;
+//! - FSDP: every rank of the group keeps one contiguous chunk of the unit's flat parameters
+//!   (FSDP's `FlatParameter`: the unit's parameters of one dtype flattened and concatenated,
+//!   padded to a multiple of the group), read from the checkpoint at load, and an all-gather
+//!   over the group makes the unit whole.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::{DType, Tensor};
+use flexmodel_core::{Comm, Fetch};
+
+use crate::FwdResult;
+use crate::error::{Error, Result};
+use crate::weights::Read;
+
+/// Where a rank keeps the weights it computes with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Offload {
+    /// Every weight of the rank's part resident on its device (the default).
+    #[default]
+    None,
+    /// Weights stay on the host, in the memory-mapped checkpoint (the page cache), and only
+    /// the layers being computed are resident on the compute device.
+    Cpu,
+    /// As `Cpu`, and a layer's file pages are dropped from the page cache once read: for
+    /// models larger than the host's memory (every pass reads the weights from disk).
+    Disk,
+}
+
+/// A weight as a module holds it.
+#[derive(Clone)]
+pub(crate) enum Param {
+    /// Loaded once, kept.
+    Resident(Tensor),
+    /// Values only while its unit is resident, transformed by `post` on the way out (a
+    /// transposed view, Gemma's `1 + w`).
+    Streamed { slot: Arc<Slot>, post: Option<Post> },
+}
+
+/// A transformation applied to a streamed weight each time it is read.
+pub(crate) type Post = Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+impl Param {
+    /// The weight's values.
+    ///
+    /// # Errors
+    /// A streamed weight whose unit is not resident: a bug in the caller.
+    pub(crate) fn get(&self) -> FwdResult<Tensor> {
+        match self {
+            Param::Resident(t) => Ok(t.clone()),
+            Param::Streamed { slot, post } => {
+                let t = slot.current.lock().map_err(|_| poisoned())?.clone();
+                let t = t.ok_or_else(|| {
+                    flexmodel_core::Error::msg(format!(
+                        "weight `{}` used while its layer is not resident",
+                        slot.name
+                    ))
+                })?;
+                Ok(match post {
+                    Some(post) => post(&t)?,
+                    None => t,
+                })
+            }
+        }
+    }
+
+    /// This weight, transformed by `f` (at once when resident, on every read when streamed).
+    pub(crate) fn map(
+        self,
+        f: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+    ) -> Result<Self> {
+        Ok(match self {
+            Param::Resident(t) => Param::Resident(f(&t)?),
+            Param::Streamed { slot, post } => {
+                let post: Post = match post {
+                    Some(first) => Arc::new(move |t| f(&first(t)?)),
+                    None => Arc::new(f),
+                };
+                Param::Streamed {
+                    slot,
+                    post: Some(post),
+                }
+            }
+        })
+    }
+
+    /// The weight's dims (as stored, before any `map`).
+    pub(crate) fn stored_dims(&self) -> &[usize] {
+        match self {
+            Param::Resident(t) => t.dims(),
+            Param::Streamed { slot, .. } => &slot.dims,
+        }
+    }
+}
+
+fn poisoned() -> flexmodel_core::Error {
+    flexmodel_core::Error::msg("a weight's lock was poisoned by a panic")
+}
+
+/// A streamed weight's values while its unit is resident.
+pub(crate) struct Slot {
+    name: String,
+    dims: Vec<usize>,
+    current: Mutex<Option<Tensor>>,
+    /// A zero view of its shape (no memory), for the parameter table.
+    pub(crate) placeholder: Tensor,
+    /// Reads its values on demand (`FlexModel::parameter`).
+    pub(crate) fetch: Fetch,
+}
+
+impl Slot {
+    fn set(&self, t: Option<Tensor>) -> FwdResult<()> {
+        *self.current.lock().map_err(|_| poisoned())? = t;
+        Ok(())
+    }
+}
+
+/// A load-time error on the forward path (a checkpoint read while streaming).
+fn on_forward(e: Error) -> flexmodel_core::Error {
+    match e {
+        Error::Core(e) => e,
+        e => flexmodel_core::Error::msg(e.to_string()),
+    }
+}
+
+/// How a rank's weights are kept, chosen at load.
+#[derive(Clone)]
+pub(crate) enum Mode {
+    Resident,
+    Offload(Offload),
+    /// Sharded over this FSDP group.
+    Fsdp(Arc<dyn Comm>),
+}
+
+/// The outer unit: embeddings, final norm, head.
+pub(crate) const OUTER: usize = 0;
+
+/// The unit of decoder layer `i`.
+pub(crate) fn layer_unit(i: usize) -> usize {
+    i + 1
+}
+
+/// The streamed weights of one unit, as load registers them.
+#[derive(Default)]
+struct Pending {
+    slots: Vec<(Arc<Slot>, Read)>,
+}
+
+/// Collects streamed weights during construction; [`Builder::finish`] reads the FSDP shards.
+pub(crate) struct Builder {
+    mode: Mode,
+    units: Vec<Pending>,
+    /// Where the finished streams go: the parameters' fetch functions read them there.
+    done: Arc<OnceLock<Streams>>,
+}
+
+impl Builder {
+    pub(crate) fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            units: Vec::new(),
+            done: Arc::new(OnceLock::new()),
+        }
+    }
+
+    pub(crate) fn streams(&self) -> bool {
+        !matches!(self.mode, Mode::Resident)
+    }
+
+    /// How this builder keeps weights.
+    pub(crate) fn mode(&self) -> Mode {
+        self.mode.clone()
+    }
+
+    /// Registers a streamed weight of `unit`.
+    pub(crate) fn add(&mut self, unit: usize, read: Read) -> Result<Param> {
+        if self.units.len() <= unit {
+            self.units.resize_with(unit + 1, Pending::default);
+        }
+        let index = self.units[unit].slots.len();
+        // Weak: the streams hold the slot that holds this function.
+        let done = Arc::downgrade(&self.done);
+        let fetch: Fetch = Arc::new(move || {
+            let done = done
+                .upgrade()
+                .ok_or_else(|| flexmodel_core::Error::msg("the model was dropped"))?;
+            let streams = done
+                .get()
+                .ok_or_else(|| flexmodel_core::Error::msg("the model is still loading"))?;
+            streams.units[unit].fetch(index)
+        });
+        let slot = Arc::new(Slot {
+            name: read.name().to_string(),
+            dims: read.dims(),
+            current: Mutex::new(None),
+            placeholder: read.placeholder()?,
+            fetch,
+        });
+        self.units[unit].slots.push((slot.clone(), read));
+        Ok(Param::Streamed { slot, post: None })
+    }
+
+    /// The streams of the loaded model: under FSDP, this rank's chunk of every unit is read
+    /// from the checkpoint here.
+    pub(crate) fn finish(self) -> Result<Arc<OnceLock<Streams>>> {
+        let units = self
+            .units
+            .into_iter()
+            .map(|p| Unit::new(p, &self.mode))
+            .collect::<Result<Vec<_>>>()?;
+        let offload = match self.mode {
+            Mode::Offload(o) => o,
+            _ => Offload::None,
+        };
+        // Set once: `finish` consumes the only builder.
+        let _ = self.done.set(Streams { units, offload });
+        Ok(self.done)
+    }
+}
+
+/// The units of a model with streamed weights.
+pub(crate) struct Streams {
+    units: Vec<Unit>,
+    offload: Offload,
+}
+
+impl Streams {
+    /// Makes `unit` resident until the guard drops; asks for `next`'s pages ahead.
+    ///
+    /// # Errors
+    /// Reading the checkpoint or gathering the shards failed.
+    pub(crate) fn resident(&self, unit: usize, next: Option<usize>) -> FwdResult<Resident<'_>> {
+        let Some(u) = self.units.get(unit) else {
+            return Ok(Resident(None));
+        };
+        u.fill(self.offload)?;
+        if let Some(next) = next.and_then(|n| self.units.get(n)) {
+            next.prefetch();
+        }
+        Ok(Resident(Some(u)))
+    }
+}
+
+/// A unit made resident; dropping it drops the values.
+pub(crate) struct Resident<'a>(Option<&'a Unit>);
+
+impl Drop for Resident<'_> {
+    fn drop(&mut self) {
+        if let Some(u) = self.0 {
+            for slot in &u.slots {
+                // A poisoned lock only keeps the values longer.
+                let _ = slot.set(None);
+            }
+        }
+    }
+}
+
+/// One unit's weights and where their values come from.
+struct Unit {
+    slots: Vec<Arc<Slot>>,
+    source: Source,
+}
+
+enum Source {
+    /// Read from the checkpoint, one read per weight.
+    Map(Vec<Read>),
+    /// This rank's chunk of each flat parameter, one per dtype.
+    Flat {
+        comm: Arc<dyn Comm>,
+        flats: Vec<Flat>,
+    },
+}
+
+/// The unit's weights of one dtype, flattened and concatenated; this rank holds `local`.
+struct Flat {
+    local: Tensor,
+    /// Per weight: its slot index, first element in the flat parameter, element count.
+    members: Vec<(usize, usize, usize)>,
+}
+
+impl Unit {
+    fn new(pending: Pending, mode: &Mode) -> Result<Self> {
+        let (slots, reads): (Vec<_>, Vec<_>) = pending.slots.into_iter().unzip();
+        let source = match mode {
+            Mode::Fsdp(comm) => Source::Flat {
+                flats: flat_shards(&reads, comm.as_ref())?,
+                comm: comm.clone(),
+            },
+            _ => Source::Map(reads),
+        };
+        Ok(Self { slots, source })
+    }
+
+    fn fill(&self, offload: Offload) -> FwdResult<()> {
+        match &self.source {
+            Source::Map(reads) => {
+                for (slot, read) in self.slots.iter().zip(reads) {
+                    slot.set(Some(read.read().map_err(on_forward)?))?;
+                    if offload == Offload::Disk {
+                        read.drop_cached();
+                    }
+                }
+            }
+            Source::Flat { comm, flats } => {
+                for flat in flats {
+                    let whole = gather(comm.as_ref(), &flat.local)?;
+                    for &(i, start, len) in &flat.members {
+                        let slot = &self.slots[i];
+                        slot.set(Some(whole.narrow(0, start, len)?.reshape(&*slot.dims)?))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Weight `index`'s values, without making the unit resident (collective under FSDP).
+    fn fetch(&self, index: usize) -> FwdResult<Tensor> {
+        match &self.source {
+            Source::Map(reads) => reads[index].read().map_err(on_forward),
+            Source::Flat { comm, flats } => {
+                let mut found = None;
+                for flat in flats {
+                    let whole = gather(comm.as_ref(), &flat.local)?;
+                    if let Some(&(_, start, len)) = flat.members.iter().find(|m| m.0 == index) {
+                        let dims = &self.slots[index].dims;
+                        found = Some(whole.narrow(0, start, len)?.reshape(&**dims)?);
+                    }
+                }
+                found.ok_or_else(|| {
+                    flexmodel_core::Error::msg("a streamed weight is in no flat parameter")
+                })
+            }
+        }
+    }
+
+    fn prefetch(&self) {
+        if let Source::Map(reads) = &self.source {
+            reads.iter().for_each(Read::will_need);
+        }
+    }
+}
+
+fn gather(comm: &dyn Comm, local: &Tensor) -> FwdResult<Tensor> {
+    let pieces = comm.all_gather(local)?;
+    Ok(Tensor::cat(&pieces, 0)?.to_device(local.device())?)
+}
+
+/// This rank's chunks of the flat parameters of `reads` (one per dtype, in first-seen order),
+/// reading from the checkpoint only the elements in them.
+fn flat_shards(reads: &[Read], comm: &dyn Comm) -> Result<Vec<Flat>> {
+    let (rank, world) = (comm.rank(), comm.size());
+    let mut dtypes: Vec<DType> = Vec::new();
+    for r in reads {
+        if !dtypes.contains(&r.dtype()) {
+            dtypes.push(r.dtype());
+        }
+    }
+    let mut flats = Vec::with_capacity(dtypes.len());
+    for dtype in dtypes {
+        let mut members = Vec::new();
+        let mut total = 0;
+        for (i, r) in reads.iter().enumerate().filter(|(_, r)| r.dtype() == dtype) {
+            let n: usize = r.dims().iter().product();
+            members.push((i, total, n));
+            total += n;
+        }
+        // Padded so that every rank holds the same number of elements.
+        let chunk = total.div_ceil(world);
+        let (lo, hi) = (rank * chunk, (rank + 1) * chunk);
+        let mut pieces = Vec::new();
+        let mut have = 0;
+        for &(i, start, n) in &members {
+            let (a, b) = (start.max(lo), (start + n).min(hi));
+            if a < b {
+                pieces.push(reads[i].read_elements(a - start..b - start)?);
+                have += b - a;
+            }
+        }
+        if have < chunk {
+            let device = reads[members[0].0].device();
+            pieces.push(Tensor::zeros(chunk - have, dtype, device)?);
+        }
+        flats.push(Flat {
+            local: Tensor::cat(&pieces, 0)?,
+            members,
+        });
+    }
+    Ok(flats)
+}
