@@ -28,6 +28,12 @@ struct Cli {
     /// More logging on stderr (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+
+    /// Fail (exit 1) when this process's peak resident memory (Linux's VmHWM, checked as the
+    /// command finishes; under mpirun each rank checks its own) exceeded MB megabytes: a
+    /// check that a job fits a machine (see --offload, --fsdp).
+    #[arg(long, global = true, value_name = "MB")]
+    memory_budget: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -75,6 +81,7 @@ fn main() -> ExitCode {
         Command::Heads(args) => analyze::heads(args),
         Command::Pattern(args) => analyze::pattern(args),
     };
+    let result = result.and_then(|()| check_memory(cli.memory_budget));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // `flexmodel sites | head`: the reader left, nothing to report.
@@ -84,6 +91,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs this process's peak resident memory, and fails when it exceeded `budget` MB.
+fn check_memory(budget: Option<f64>) -> anyhow::Result<()> {
+    let Some(peak) = peak_resident_mb() else {
+        anyhow::ensure!(
+            budget.is_none(),
+            "--memory-budget needs /proc/self/status (Linux) to read the peak memory"
+        );
+        return Ok(());
+    };
+    tracing::info!("peak resident memory {peak:.1} MB");
+    match budget {
+        Some(budget) if peak > budget => anyhow::bail!(
+            "peak resident memory {peak:.1} MB exceeded --memory-budget {budget} MB: hold fewer \
+             weights per process with --offload disk, --fsdp N or --tp N"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The peak resident memory of this process in MB (`VmHWM`), where Linux reports it.
+fn peak_resident_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0 / 1e6)
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

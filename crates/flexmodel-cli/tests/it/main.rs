@@ -8,6 +8,7 @@ mod generate;
 mod harvest;
 #[cfg(feature = "mpi")]
 mod mpi;
+mod offload;
 mod run;
 mod sites;
 
