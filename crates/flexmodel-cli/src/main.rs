@@ -33,7 +33,7 @@ struct Cli {
     /// command finishes; under mpirun each rank checks its own) exceeded MB megabytes: a
     /// check that a job fits a machine (see --offload, --fsdp).
     #[arg(long, global = true, value_name = "MB")]
-    memory_budget: Option<f64>,
+    max_memory: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         Command::Heads(args) => analyze::heads(args),
         Command::Pattern(args) => analyze::pattern(args),
     };
-    let result = result.and_then(|()| check_memory(cli.memory_budget));
+    let result = result.and_then(|()| check_memory(cli.max_memory));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // `flexmodel sites | head`: the reader left, nothing to report.
@@ -98,14 +98,14 @@ fn check_memory(budget: Option<f64>) -> anyhow::Result<()> {
     let Some(peak) = peak_resident_mb() else {
         anyhow::ensure!(
             budget.is_none(),
-            "--memory-budget needs /proc/self/status (Linux) to read the peak memory"
+            "--max-memory needs /proc/self/status (Linux) to read the peak memory"
         );
         return Ok(());
     };
     tracing::info!("peak resident memory {peak:.1} MB");
     match budget {
         Some(budget) if peak > budget => anyhow::bail!(
-            "peak resident memory {peak:.1} MB exceeded --memory-budget {budget} MB: hold fewer \
+            "peak resident memory {peak:.1} MB exceeded --max-memory {budget} MB: hold fewer \
              weights per process with --offload disk, --fsdp N or --tp N"
         ),
         _ => Ok(()),

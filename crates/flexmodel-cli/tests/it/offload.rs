@@ -47,7 +47,7 @@ fn offload_runs_a_model_larger_than_the_budget_within_it() {
             path_str(&input),
             "--out",
             path_str(out),
-            "--memory-budget",
+            "--max-memory",
             &budget,
         ];
         flexmodel(&[&args[..], extra].concat())
@@ -57,7 +57,7 @@ fn offload_runs_a_model_larger_than_the_budget_within_it() {
     let plain = run(&plain_out, &[]);
     let stderr = String::from_utf8_lossy(&plain.stderr);
     assert!(
-        !plain.status.success() && stderr.contains("exceeded --memory-budget"),
+        !plain.status.success() && stderr.contains("exceeded --max-memory"),
         "{stderr}"
     );
     // ...and offload stays within half of them, with the same logits.
