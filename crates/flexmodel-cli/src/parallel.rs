@@ -1,4 +1,4 @@
-//! `--tp --pp --dp --fsdp`: the layout of a multi-process job (`mpirun -n N flexmodel ...`).
+//! `--tp --pp --dp --fsdp --micro-batches`: the layout of a multi-process job (`mpirun -n N flexmodel ...`).
 
 use anyhow::{Context, Result};
 use flexmodel::{Device, Grid, Parallelism};
@@ -24,6 +24,12 @@ pub struct ParallelOpts {
     /// dropped after.
     #[arg(long, default_value_t = 1, value_name = "F")]
     pub fsdp: usize,
+
+    /// Micro-batches each pipeline splits a batch into (GPipe), so that its stages compute at
+    /// the same time. Default: two per stage (at most one per row). Passes with an enabled
+    /// hook run the whole batch at once, so that every hook sees its site's whole batch.
+    #[arg(long, value_name = "M")]
+    pub micro_batches: Option<usize>,
 }
 
 impl ParallelOpts {
@@ -35,6 +41,7 @@ impl ParallelOpts {
             pp: self.pp,
             dp: self.dp * self.fsdp,
             fsdp: self.fsdp,
+            micro_batches: self.micro_batches.unwrap_or(0),
         };
         if degrees.world() == 1 && flexmodel_dist::launched_size().is_none_or(|n| n == 1) {
             return Ok(Grid::single());

@@ -165,6 +165,10 @@ pub struct Parallelism {
     /// as the pass reaches it. 1 (the default) keeps whole parameters on every data-parallel
     /// rank; `dp / fsdp` groups are replicas of each other.
     pub fsdp: usize,
+    /// Micro-batches each pipeline splits a batch into (GPipe), so that its stages work at
+    /// the same time: 0 (the default) is two per stage, at most one per row. Only passes in
+    /// which no hook is enabled are split, so that every hook sees its site's whole batch.
+    pub micro_batches: usize,
 }
 
 impl Default for Parallelism {
@@ -174,6 +178,7 @@ impl Default for Parallelism {
             pp: 1,
             dp: 1,
             fsdp: 1,
+            micro_batches: 0,
         }
     }
 }
@@ -182,6 +187,18 @@ impl Parallelism {
     /// Ranks the layout needs.
     pub fn world(&self) -> usize {
         self.tp * self.pp * self.dp
+    }
+
+    /// The micro-batches a pipeline splits a batch of `rows` into.
+    pub fn micro_batches_for(&self, rows: usize) -> usize {
+        if self.pp == 1 {
+            return 1;
+        }
+        let m = match self.micro_batches {
+            0 => 2 * self.pp,
+            m => m,
+        };
+        m.clamp(1, rows.max(1))
     }
 }
 
@@ -236,7 +253,9 @@ impl Grid {
     /// `world` does not have `tp * pp * dp` ranks, a degree is 0, or `fsdp` does not divide
     /// `dp`.
     pub fn new(world: Arc<dyn Comm>, degrees: Parallelism) -> Result<Self> {
-        let Parallelism { tp, pp, dp, fsdp } = degrees;
+        let Parallelism {
+            tp, pp, dp, fsdp, ..
+        } = degrees;
         if fsdp == 0 || dp % fsdp != 0 {
             return Err(Error::msg(format!(
                 "{fsdp} FSDP ranks do not divide the {dp} data-parallel ranks: the data axis \

@@ -856,17 +856,43 @@ impl<'a> Run<'a> {
                     .iter()
                     .map(|t| Ok(Var::from_tensor(t)?.as_tensor().clone()))
                     .collect::<Result<Vec<_>>>()?;
-                pipe.inputs = parts.clone();
+                // A micro-batched pass receives several times, in order.
+                pipe.inputs.extend(parts.iter().cloned());
                 Ok(parts)
             }
             _ => Ok(parts),
         }
     }
 
-    /// The tensors a pipeline stage sends on, kept for its backward pass.
+    /// The tensors a pipeline stage sends on, kept for its backward pass (appended: a
+    /// micro-batched pass sends several times).
     pub fn stage_outputs(&mut self, parts: &[Tensor]) {
         if let Some(pipe) = &mut self.pipe {
-            pipe.outputs = parts.to_vec();
+            pipe.outputs.extend_from_slice(parts);
+        }
+    }
+
+    /// The micro-batches a pipelined pass splits its rows into
+    /// ([`Parallelism::micro_batches`](crate::Parallelism::micro_batches)), the same on every
+    /// rank: 1 unless the pass is distributed over pipeline stages, no hook is enabled (each
+    /// would see only its micro-batch's rows), and it is not a generation step (its cache
+    /// holds the whole batch).
+    pub fn micro_batches(&self) -> usize {
+        let Some(h) = &self.hooks else {
+            return 1;
+        };
+        match h.dist {
+            Some(dist)
+                if self.cache.is_none()
+                    && !self.hooks_only
+                    && h.hooks.active.iter().all(|&a| a == 0) =>
+            {
+                let ranks = &dist.ranks;
+                // Every data-parallel rank splits into as many (their collectives pair up).
+                let rows = ranks.dp_rows.iter().copied().min().unwrap_or(1);
+                ranks.grid.degrees.micro_batches_for(rows)
+            }
+            _ => 1,
         }
     }
 

@@ -20,6 +20,9 @@ pub(crate) struct Pass {
     /// `cumsum(attention_mask) - 1` per row (padding gets 0), as transformers computes them
     /// for generation and OPT.
     pub(crate) positions: Vec<Vec<u32>>,
+    /// The longest position of the batch (of the whole batch when this pass is one of its
+    /// micro-batches): what length-dependent ropes pick their frequencies by.
+    pub(crate) longest: u32,
     /// Additive mask `[batch|1, 1, seq, seq]` (0 or the f32 minimum): causal and padding.
     causal: Tensor,
     /// The same, also hiding keys `window` or more positions back.
@@ -86,10 +89,18 @@ impl Pass {
         Ok(Self {
             batch,
             seq,
+            longest: positions.iter().flatten().copied().max().unwrap_or(0),
             positions,
             causal,
             sliding,
         })
+    }
+
+    /// This pass as a micro-batch of `whole`: its ropes pick their frequencies by the whole
+    /// batch's longest position.
+    pub(crate) fn within(mut self, whole: &Pass) -> Self {
+        self.longest = whole.longest;
+        self
     }
 
     /// The mask for a layer with or without sliding-window attention.

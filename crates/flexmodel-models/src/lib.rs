@@ -397,11 +397,41 @@ impl<F: Family> Model for Loaded<F> {
         &self.grid
     }
 
-    /// Runs this rank's stage: the embeddings on the first, the activations of the previous
-    /// stage elsewhere; its layers; the head on the last, else the activations go on to the
-    /// next stage and an empty tensor comes back.
+    /// Runs this rank's stage on the whole batch, or micro-batch after micro-batch (GPipe:
+    /// while this stage computes the next, the following stage computes the last); the last
+    /// stage returns the logits of every row, in order.
     fn forward_with(&self, input: &Input, run: &mut Run<'_>) -> FwdResult<Tensor> {
         let pass = Pass::new(input, run.past_len(), self.body.window(), &self.device)?;
+        let micro = run.micro_batches();
+        if micro <= 1 {
+            return self.forward_stage(input, pass, run);
+        }
+        let (batch, _) = input.dims()?;
+        let mut outputs = Vec::with_capacity(micro);
+        for (start, rows) in flexmodel_core::comm::even_split(batch, micro) {
+            let chunk = Input {
+                input_ids: input.input_ids.narrow(0, start, rows)?,
+                attention_mask: match &input.attention_mask {
+                    Some(m) => Some(m.narrow(0, start, rows)?),
+                    None => None,
+                },
+            };
+            let chunk_pass = Pass::new(&chunk, run.past_len(), self.body.window(), &self.device)?;
+            outputs.push(self.forward_stage(&chunk, chunk_pass.within(&pass), run)?);
+        }
+        if self.stage.last {
+            Ok(Tensor::cat(&outputs, 0)?)
+        } else {
+            Ok(outputs.swap_remove(0))
+        }
+    }
+}
+
+impl<F: Family> Loaded<F> {
+    /// Runs this rank's stage: the embeddings on the first stage, the activations of the
+    /// previous stage elsewhere; its layers; the head on the last, else the activations go on
+    /// to the next stage and an empty tensor comes back.
+    fn forward_stage(&self, input: &Input, pass: Pass, run: &mut Run<'_>) -> FwdResult<Tensor> {
         let stage = &self.stage;
         // The embeddings, final norm and head stay resident for the pass, each layer's weights
         // for the layer (FSDP's root unit and wrapped layers).

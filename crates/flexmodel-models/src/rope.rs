@@ -300,7 +300,7 @@ impl RotaryEmb {
     /// The longest position of the whole batch (as transformers picks a length-dependent
     /// rope's frequencies per batch), every data-parallel rank's rows included.
     fn max_position(&self, pass: &Pass) -> FwdResult<u32> {
-        let mut max = pass.positions.iter().flatten().copied().max().unwrap_or(0);
+        let mut max = pass.longest;
         if let Some(dp) = &self.dp {
             let mine = Tensor::new(&[max as f32], &Device::Cpu)?;
             for other in dp.all_gather(&mine)? {

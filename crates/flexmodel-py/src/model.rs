@@ -185,7 +185,7 @@ pub(crate) fn raw(t: &Tensor) -> PyResult<RawTensor> {
 
 /// Loads the Hugging Face model in `dir`; under `mpirun`, this rank's part of it.
 #[pyfunction]
-#[pyo3(signature = (dir, dtype = "float32", device = "cpu", tp = 1, pp = 1, dp = 1, fsdp = 1, offload = None, requires_grad = false))]
+#[pyo3(signature = (dir, dtype = "float32", device = "cpu", tp = 1, pp = 1, dp = 1, fsdp = 1, offload = None, micro_batches = 0, requires_grad = false))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn load(
     py: Python<'_>,
@@ -197,6 +197,7 @@ pub(crate) fn load(
     dp: usize,
     fsdp: usize,
     offload: Option<&str>,
+    micro_batches: usize,
     requires_grad: bool,
 ) -> PyResult<PyModel> {
     let offload = match offload {
@@ -206,7 +207,7 @@ pub(crate) fn load(
         Some(other) => {
             return Err(error::raise(
                 "InputError",
-                format!("offload {other:?}: use None, \"cpu\" or \"disk\""),
+                format!("offload '{other}': use None, 'cpu' or 'disk'"),
             ));
         }
     };
@@ -232,6 +233,7 @@ pub(crate) fn load(
         pp,
         dp: dp * fsdp,
         fsdp,
+        micro_batches,
     };
     let grid = crate::dist::grid(degrees, &device)?;
     let options = LoadOptions {

@@ -1,7 +1,9 @@
 """A script the MPI tests run on every rank (``mpirun -n N python mpi_job.py ...``).
 
-    mpi_job.py compare TP PP DP EXPECTED.npz   captures, an edit and gradients of a layout,
-                                               compared on rank 0 with a single process's
+    mpi_job.py compare TP PP DP EXPECTED.npz [K=V,...]
+                                               captures, an edit and gradients of a layout,
+                                               compared on rank 0 with a single process's;
+                                               K=V: more load options (fsdp=2, offload=disk)
     mpi_job.py torch TP PP DP EXPECTED.npz     a torch edit's gradients (a steering vector's
                                                .grad, a backward hook's capture), likewise
     mpi_job.py raise TP PP DP SITE             an editing function that raises at SITE
@@ -75,7 +77,11 @@ def compare(got, path):
 
 def main():
     mode, tp, pp, dp, arg = sys.argv[1], *map(int, sys.argv[2:5]), sys.argv[5]
-    fm = flexmodel.load(MODEL, tp=tp, pp=pp, dp=dp, framework="torch" if mode == "torch" else "numpy")
+    extra = dict(kv.split("=") for kv in sys.argv[6].split(",")) if len(sys.argv) > 6 else {}
+    if "fsdp" in extra:
+        extra["fsdp"] = int(extra["fsdp"])
+    fm = flexmodel.load(MODEL, tp=tp, pp=pp, dp=dp,
+                        framework="torch" if mode == "torch" else "numpy", **extra)
     if mode in ("compare", "torch"):
         got = (job if mode == "compare" else torch_job)(fm)
         if flexmodel.is_main():

@@ -30,6 +30,29 @@ def test_a_layout_with_python_hooks_equals_one_process(layout, expected):
     assert "results equal one process's" in run.stdout
 
 
+@pytest.mark.parametrize(
+    "ranks,layout,extra",
+    [(2, (1, 1, 1), "fsdp=2"), (4, (2, 1, 1), "fsdp=2"), (2, (1, 2, 1), "offload=disk")],
+    ids=["fsdp2", "fsdp2-tp2", "pp2-offload"])
+def test_fsdp_and_offload_with_python_hooks_equal_one_process(ranks, layout, extra, expected):
+    run = mpirun(ranks, JOB, "compare", *map(str, layout), str(expected), extra)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "results equal one process's" in run.stdout
+
+
+def test_offload_in_one_process_equals_resident_weights(expected):
+    got = job(flexmodel.load(MODEL, offload="cpu"))
+    want = np.load(expected)
+    assert sorted(got) == sorted(want.files)
+    for key in want.files:
+        np.testing.assert_allclose(np.asarray(got[key]), want[key], rtol=0, atol=1e-6, err_msg=key)
+
+
+def test_bad_offload_is_an_input_error():
+    with pytest.raises(flexmodel.InputError, match="offload 'ram'"):
+        flexmodel.load(MODEL, offload="ram")
+
+
 @pytest.mark.parametrize("layout", [(2, 1, 1), (2, 2, 2)], ids=["tp2", "tp2-pp2-dp2"])
 def test_torch_edit_gradients_across_ranks_equal_one_process(layout, tmp_path):
     pytest.importorskip("torch")

@@ -829,6 +829,7 @@ def load(
     dp: int = 1,
     fsdp: int = 1,
     offload: Optional[str] = None,
+    micro_batches: int = 0,
     requires_grad: bool = False,
     framework: str = "numpy",
 ) -> FlexModel:
@@ -848,6 +849,9 @@ def load(
             read from the checkpoint as the pass reaches it ("disk" also drops it from the
             page cache: models larger than memory). Peak memory is about two layers plus the
             embeddings, head and activations.
+        micro_batches: micro-batches each pipeline (``pp`` > 1) splits a batch into, so that
+            its stages compute at the same time (GPipe); 0: two per stage. Passes with an
+            enabled hook run the whole batch at once.
         requires_grad: load the weights as variables, so that ``lm_backward`` returns their
             gradients.
         framework: "numpy" or "torch": what editing functions receive and what captures and
@@ -855,7 +859,7 @@ def load(
     """
     _check_framework(framework)  # before any weight is read
     native = _native.load(
-        os.fspath(dir), dtype, device, tp, pp, dp, fsdp, offload, requires_grad
+        os.fspath(dir), dtype, device, tp, pp, dp, fsdp, offload, micro_batches, requires_grad
     )
     return FlexModel(native, framework)
 
