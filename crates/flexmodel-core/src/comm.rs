@@ -54,6 +54,15 @@ pub trait Comm: Send + Sync {
     /// The communication library failed.
     fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>>;
 
+    /// Every rank's `t` concatenated along dimension 0 in rank order, on every rank (FSDP's
+    /// gather of flat shards). Communicators that receive into one buffer return it as is.
+    ///
+    /// # Errors
+    /// As [`Comm::all_gather`]; pieces whose other dimensions differ.
+    fn all_gather_cat(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::cat(&self.all_gather(t)?, 0)?)
+    }
+
     /// `pieces[r]` of `root` to each rank `r` (`pieces` is read on `root` only).
     ///
     /// # Errors

@@ -1,12 +1,14 @@
 //! Multi-process costs on the random 125M-parameter Llama (batch 4 × 128): the forward time
-//! under a layout against one process, and the time spent assembling captured activations
+//! under a layout against one process, the time spent assembling captured activations
 //! (the MLP `up_proj` output of every layer, split over tensor-parallel ranks) against a raw
-//! MPI gather of the same bytes in the same run.
+//! MPI gather of the same bytes in the same run, and each rank's memory (VmRSS before loading,
+//! VmHWM after loading and after the passes).
 //!
 //! ```text
 //! cargo build --release -p flexmodel-dist --features mpi --example dist_bench
 //! RAYON_NUM_THREADS=2 target/release/examples/dist_bench --repeats 5   # one process, no MPI
 //! RAYON_NUM_THREADS=1 mpirun -n 2 target/release/examples/dist_bench --tp 2   # also --pp 2, --dp 2
+//! # also --fsdp F, --micro-batches M (with --pp), --offload cpu|disk, --batch B, --no-capture
 //! ```
 
 use std::path::PathBuf;
@@ -15,7 +17,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use flexmodel_core::{FlexModel, Grid, HookFunction, Parallelism};
 use flexmodel_models::random::{LLAMA_125M, token_ids};
-use flexmodel_models::{LoadOptions, load};
+use flexmodel_models::{LoadOptions, Offload, load};
 use mpi::datatype::PartitionMut;
 use mpi::traits::*;
 
@@ -31,9 +33,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let degrees = Parallelism {
         tp: flag("--tp", 1),
         pp: flag("--pp", 1),
-        dp: flag("--dp", 1),
-        ..Parallelism::default()
+        dp: flag("--dp", 1) * flag("--fsdp", 1),
+        fsdp: flag("--fsdp", 1),
+        micro_batches: flag("--micro-batches", 0),
     };
+    let offload = match args.iter().position(|a| a == "--offload") {
+        None => Offload::None,
+        Some(i) => match args.get(i + 1).map(String::as_str) {
+            Some("cpu") => Offload::Cpu,
+            Some("disk") => Offload::Disk,
+            other => return Err(format!("--offload {other:?}: use cpu or disk").into()),
+        },
+    };
+    let capture = !args.iter().any(|a| a == "--no-capture");
+    let rss_before = memory_mb("VmRSS");
     let (batch, seq, repeats) = (flag("--batch", 4), flag("--seq", 128), flag("--repeats", 5));
     // One process runs without MPI, as `flexmodel` does.
     let grid = if degrees.world() == 1 {
@@ -51,9 +64,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &dir,
         &LoadOptions {
             grid: grid.clone(),
+            offload,
             ..Default::default()
         },
     )?);
+    let hwm_loaded = memory_mb("VmHWM");
     let ids = Tensor::from_vec(
         token_ids(batch * seq, LLAMA_125M.vocab, 0),
         (batch, seq),
@@ -81,15 +96,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok((times, assembly))
     };
     let (plain, _) = time_forward(&mut fm)?;
+    let hwm_plain = memory_mb("VmHWM");
     let sites = "model.layers.*.mlp.up_proj";
-    let handle = fm.register(HookFunction::new(sites))?;
-    let (captured, assembly) = time_forward(&mut fm)?;
-    fm.remove(handle)?;
+    let (captured, assembly) = if capture {
+        let handle = fm.register(HookFunction::new(sites))?;
+        let timed = time_forward(&mut fm)?;
+        fm.remove(handle)?;
+        timed
+    } else {
+        (vec![0.0], vec![(0.0, 0.0)])
+    };
+    // Every rank's memory, in MB: VmRSS before loading, VmHWM after loading and after the
+    // plain passes.
+    let memory = Tensor::new(&[rss_before, hwm_loaded, hwm_plain], &Device::Cpu)?;
+    let memory: Vec<Vec<f64>> = grid
+        .world
+        .all_gather(&memory)?
+        .iter()
+        .map(|t| t.to_vec1::<f64>())
+        .collect::<Result<_, _>>()?;
 
     // The same bytes through raw MPI gathers (`MPI_Gatherv` of plain bytes), each into a new
     // buffer kept until the pass ends, as captures are: what any gather of these activations
     // costs, against which the runtime's assembly (headers, layouts, placement) is measured.
-    let raw = if degrees.world() > 1 {
+    let raw = if degrees.world() > 1 && capture {
         raw_gathers(
             batch / degrees.dp * seq * LLAMA_125M.inter / degrees.tp * 4,
             repeats,
@@ -114,6 +144,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             grid.world.size()
         );
         println!("plain forward: {p:.4} s");
+        for (rank, m) in memory.iter().enumerate() {
+            println!(
+                "rank {rank}: VmRSS before loading {:.0} MB, VmHWM after loading {:.0} MB, after the plain passes {:.0} MB",
+                m[0], m[1], m[2]
+            );
+        }
+        if !capture {
+            return Ok(());
+        }
         println!(
             "forward capturing {sites} (12 x {:.1} MB): {c:.4} s",
             bytes / 12.0 / 1e6
@@ -132,6 +171,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+/// A memory figure of this process in MB (`VmRSS`, `VmHWM`) from `/proc/self/status`; 0
+/// where there is none.
+fn memory_mb(key: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb * 1024.0 / 1e6)
 }
 
 /// Seconds per pass of one raw gather per layer of `bytes` from every rank to rank 0.

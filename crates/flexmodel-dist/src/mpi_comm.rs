@@ -157,11 +157,36 @@ fn concatenated(headers: &[Header], dim: usize) -> Result<Header> {
 }
 
 /// Everyone's pieces, received into one buffer of `dtype` on `device`, as views of it.
+/// Every rank's piece, received into one buffer (the pieces are views of it).
 fn receive_pieces(
     headers: &[Header],
     device: &Device,
     fill: impl FnOnce(&mut [u8], &[Count], &[Count]) -> Result<()>,
 ) -> Result<Vec<Tensor>> {
+    split_pieces(headers, &receive_flat(headers, device, fill)?)
+}
+
+/// The pieces `headers` describe, in `all` one after the other.
+fn split_pieces(headers: &[Header], all: &Tensor) -> Result<Vec<Tensor>> {
+    let mut start = 0;
+    headers
+        .iter()
+        .map(|h| {
+            let piece = all
+                .narrow(0, start, h.elems())?
+                .reshape(h.dims.as_slice())?;
+            start += h.elems();
+            Ok(piece)
+        })
+        .collect()
+}
+
+/// Every rank's piece received into one flat tensor, in rank order.
+fn receive_flat(
+    headers: &[Header],
+    device: &Device,
+    fill: impl FnOnce(&mut [u8], &[Count], &[Count]) -> Result<()>,
+) -> Result<Tensor> {
     let dtype = headers[0].dtype;
     if let Some(h) = headers.iter().find(|h| h.dtype != dtype) {
         return Err(Error::msg(format!(
@@ -179,18 +204,25 @@ fn receive_pieces(
         dtype,
         dims: vec![elems],
     };
-    let all = receive(&all, device, |buf| fill(buf, &counts, &displs))?;
-    let mut start = 0;
-    headers
-        .iter()
-        .map(|h| {
-            let piece = all
-                .narrow(0, start, h.elems())?
-                .reshape(h.dims.as_slice())?;
-            start += h.elems();
-            Ok(piece)
-        })
-        .collect()
+    receive(&all, device, |buf| fill(buf, &counts, &displs))
+}
+
+impl MpiComm {
+    /// The headers of every rank's `t` and their data received into one flat tensor.
+    fn all_gather_flat(&self, t: &Tensor) -> Result<(Vec<Header>, Tensor)> {
+        let header = Header::of(t)?.encode();
+        let comm = self.comm();
+        let mut words = vec![0u64; HEADER_LEN * self.size];
+        comm.all_gather_into(&header[..], &mut words[..]);
+        let headers = headers(&words)?;
+        let all = receive_flat(&headers, t.device(), |buf, counts, displs| {
+            let mut partition = PartitionMut::new(buf, counts, displs);
+            wire::with_bytes(t, |own| {
+                comm.all_gather_varcount_into(sendable(own), &mut partition)
+            })
+        })?;
+        Ok((headers, all))
+    }
 }
 
 impl Comm for MpiComm {
@@ -293,16 +325,28 @@ impl Comm for MpiComm {
     }
 
     fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
-        let header = Header::of(t)?.encode();
-        let comm = self.comm();
-        let mut words = vec![0u64; HEADER_LEN * self.size];
-        comm.all_gather_into(&header[..], &mut words[..]);
-        receive_pieces(&headers(&words)?, t.device(), |buf, counts, displs| {
-            let mut partition = PartitionMut::new(buf, counts, displs);
-            wire::with_bytes(t, |own| {
-                comm.all_gather_varcount_into(sendable(own), &mut partition)
-            })
-        })
+        let (headers, all) = self.all_gather_flat(t)?;
+        split_pieces(&headers, &all)
+    }
+
+    fn all_gather_cat(&self, t: &Tensor) -> Result<Tensor> {
+        let (headers, all) = self.all_gather_flat(t)?;
+        let rest = &headers[0].dims.get(1..).unwrap_or_default();
+        if headers
+            .iter()
+            .any(|h| h.dims.get(1..).unwrap_or_default() != *rest)
+        {
+            return Err(Error::msg(
+                "all_gather_cat: the ranks' pieces differ beyond their first dimension",
+            ));
+        }
+        let rows: usize = headers
+            .iter()
+            .map(|h| h.dims.first().copied().unwrap_or(1))
+            .sum();
+        let mut dims = vec![rows];
+        dims.extend_from_slice(rest);
+        Ok(all.reshape(dims)?)
     }
 
     fn scatter(&self, pieces: Option<&[Tensor]>, root: usize) -> Result<Tensor> {

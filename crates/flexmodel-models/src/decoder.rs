@@ -19,7 +19,7 @@ use crate::nn::{
 };
 use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
-use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables, embed_here};
+use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables};
 
 /// The `config.json` fields these families share (transformers' names and defaults).
 #[derive(Deserialize)]
@@ -315,11 +315,8 @@ impl Decoder {
         let norm_at = |vb: &Vb, name: Option<&str>| name.map(|n| norm(vb.pp(n))).transpose();
         let m = vb.pp("model");
         let base_site = m.site(shape_of(BS, h), Layout::Replicated)?;
-        let mut embed = Embedding::new(
-            m.pp("embed_tokens").on_stage(embed_here(&vb, spec.tie)),
-            cfg.vocab_size,
-            h,
-        )?;
+        let mut embed =
+            Embedding::new(m.pp("embed_tokens").embeddings(spec.tie), cfg.vocab_size, h)?;
         if let Some(scale) = spec.embed_scale {
             embed = embed.scaled(scale);
         }

@@ -16,7 +16,7 @@ use crate::nn::{
 };
 use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
-use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables, embed_here};
+use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables};
 
 #[derive(Deserialize)]
 struct Config {
@@ -151,7 +151,7 @@ impl Falcon {
         let base_site = t.site(shape_of(BS, h), Layout::Replicated)?;
         let word_embeddings = Embedding::new(
             t.pp("word_embeddings")
-                .on_stage(embed_here(&vb, cfg.tie_word_embeddings.unwrap_or(true))),
+                .embeddings(cfg.tie_word_embeddings.unwrap_or(true)),
             cfg.vocab_size,
             h,
         )?;

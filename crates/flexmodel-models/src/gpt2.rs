@@ -14,7 +14,7 @@ use crate::nn::{
     Act, Activation, BS, Embedding, Identity, LayerNorm, Linear, Parallel, head_input, shape_of,
 };
 use crate::weights::Vb;
-use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables, embed_here};
+use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables};
 
 #[derive(Deserialize)]
 struct Config {
@@ -101,11 +101,7 @@ impl Gpt2 {
         };
         let t = vb.pp("transformer");
         let base_site = t.site(shape_of(BS, h), Layout::Replicated)?;
-        let wte = Embedding::new(
-            t.pp("wte").on_stage(embed_here(&vb, true)),
-            cfg.vocab_size,
-            h,
-        )?;
+        let wte = Embedding::new(t.pp("wte").embeddings(true), cfg.vocab_size, h)?;
         let wpe = Embedding::replicated(
             t.pp("wpe").first_stage(),
             cfg.n_positions,

@@ -14,7 +14,7 @@ use crate::nn::{
 };
 use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
-use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables, embed_here};
+use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables};
 
 #[derive(Deserialize)]
 struct Config {
@@ -94,8 +94,7 @@ impl GptNeox {
         let g = vb.pp("gpt_neox");
         let base_site = g.site(shape_of(BS, h), Layout::Replicated)?;
         let embed_in = Embedding::new(
-            g.pp("embed_in")
-                .on_stage(embed_here(&vb, cfg.tie_word_embeddings)),
+            g.pp("embed_in").embeddings(cfg.tie_word_embeddings),
             cfg.vocab_size,
             h,
         )?;

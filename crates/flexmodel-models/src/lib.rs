@@ -65,7 +65,7 @@ pub use stream::Offload;
 pub use tokenizer::{Tokenizer, generation_tokens, pad_left, pad_right};
 
 use crate::config::RawConfig;
-use crate::stream::{Mode, OUTER, Streams, layer_unit};
+use crate::stream::{EMBED, HEAD, Mode, Streams, layer_unit};
 use crate::weights::{Shard, Vb, Weights};
 
 /// Result of code on the forward path (hook errors included).
@@ -433,13 +433,13 @@ impl<F: Family> Loaded<F> {
     /// to the next stage and an empty tensor comes back.
     fn forward_stage(&self, input: &Input, pass: Pass, run: &mut Run<'_>) -> FwdResult<Tensor> {
         let stage = &self.stage;
-        // The embeddings, final norm and head stay resident for the pass, each layer's weights
-        // for the layer (FSDP's root unit and wrapped layers).
+        // Streamed weights (offload, FSDP) are resident while their unit computes: the
+        // embeddings, each layer, the head; the next unit's are asked for ahead.
         let first_layer = stage.layers.clone().next().map(layer_unit);
-        let _outer = self.resident(OUTER, first_layer)?;
         // The hidden states and the per-pass tables travel from stage to stage together: later
         // stages see any edit of the tables, and send their gradient back.
         let (mut x, tables) = if stage.first {
+            let _embeddings = self.resident(EMBED, first_layer)?;
             let ids = input.input_ids.to_device(&self.device)?;
             let ids = run.input(self.body.base_site(), &ids)?;
             let x = self.body.embed(&ids, &pass, run)?;
@@ -459,7 +459,10 @@ impl<F: Family> Loaded<F> {
             (x, Tables::from_parts(parts.collect()))
         };
         for i in stage.layers.clone() {
-            let next = (i + 1 < stage.layers.end).then(|| layer_unit(i + 1));
+            let next = match i + 1 < stage.layers.end {
+                true => Some(layer_unit(i + 1)),
+                false => stage.last.then_some(HEAD),
+            };
             let _layer = self.resident(layer_unit(i), next)?;
             x = self.body.layer(i, &x, &tables, &pass, run)?;
             if run.stop_after(i) {
@@ -467,6 +470,7 @@ impl<F: Family> Loaded<F> {
             }
         }
         if stage.last {
+            let _head = self.resident(HEAD, None)?;
             return self.body.head(x, run);
         }
         let mut parts = vec![x];
@@ -481,13 +485,6 @@ impl<F: Family> Loaded<F> {
         }
         Ok(Tensor::zeros(0, parts[0].dtype(), &self.device)?)
     }
-}
-
-/// Whether this rank reads the token embeddings: the first stage embeds, and the last stage
-/// needs them as its LM head when they are tied.
-pub(crate) fn embed_here(vb: &Vb, tied: bool) -> bool {
-    let shard = vb.shard();
-    shard.first || (shard.last && tied)
 }
 
 /// Facts every family reports (a family that describes its unembedding sets it after).

@@ -13,7 +13,7 @@ use crate::nn::{
     Act, Activation, BS, Embedding, LayerNorm, Linear, Parallel, TOKENS, head_input, shape_of,
 };
 use crate::weights::Vb;
-use crate::{Family, FwdResult, Loaded, Tables, embed_here};
+use crate::{Family, FwdResult, Loaded, Tables};
 
 /// OPT's learned position table starts at row 2.
 const POSITION_OFFSET: u32 = 2;
@@ -101,7 +101,7 @@ impl Opt {
         let decoder_site = d.site(shape_of(BS, proj), Layout::Replicated)?;
         let embed_tokens = Embedding::new(
             d.pp("embed_tokens")
-                .on_stage(embed_here(&vb, cfg.tie_word_embeddings.unwrap_or(true))),
+                .embeddings(cfg.tie_word_embeddings.unwrap_or(true)),
             cfg.vocab_size,
             proj,
         )?;

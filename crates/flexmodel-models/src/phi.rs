@@ -14,7 +14,7 @@ use crate::nn::{
 };
 use crate::rope::{Rope, RotaryEmb};
 use crate::weights::Vb;
-use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables, embed_here};
+use crate::{Family, FinalNormKind, FwdResult, Loaded, Tables};
 
 #[derive(Deserialize)]
 struct Config {
@@ -90,8 +90,7 @@ impl Phi {
         let m = vb.pp("model");
         let base_site = m.site(shape_of(BS, h), Layout::Replicated)?;
         let embed = Embedding::new(
-            m.pp("embed_tokens")
-                .on_stage(embed_here(&vb, cfg.tie_word_embeddings)),
+            m.pp("embed_tokens").embeddings(cfg.tie_word_embeddings),
             cfg.vocab_size,
             h,
         )?;

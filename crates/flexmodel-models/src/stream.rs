@@ -1,9 +1,10 @@
 //! Weights that are not resident between passes: layer-streamed offload and FSDP shards.
 //!
-//! A rank's weights fall into units: the decoder layers, one unit each, and the rest (embeddings,
-//! final norm, head). A module holds its weights as [`Param`]s; a streamed one is a [`Slot`]
-//! that holds values only while its unit is [resident](Streams::resident): the forward pass
-//! makes the model's outer unit resident for the whole pass and each layer's just for the layer.
+//! A rank's weights fall into units: the embeddings (with whatever else the first stage computes
+//! before the layers), each decoder layer, and the head (final norm, head). A module holds its
+//! weights as [`Param`]s; a streamed one is a [`Slot`] that holds values only while its unit is
+//! [resident](Streams::resident): the forward pass makes each unit resident just while it
+//! computes (a tied head makes the embeddings resident again).
 //! Where the values come from is the unit's [`Source`]:
 //! - offload: read from the memory-mapped checkpoint (this rank's slices, as at load), the next
 //!   layer's pages asked for ahead (`madvise(WILLNEED)`), and with `Offload::Disk` dropped from
@@ -109,6 +110,8 @@ fn poisoned() -> flexmodel_core::Error {
 /// A streamed weight's values while its unit is resident.
 pub(crate) struct Slot {
     name: String,
+    /// The unit it streams with.
+    pub(crate) unit: usize,
     dims: Vec<usize>,
     current: Mutex<Option<Tensor>>,
     /// A zero view of its shape (no memory), for the parameter table.
@@ -141,18 +144,23 @@ pub(crate) enum Mode {
     Fsdp(Arc<dyn Comm>),
 }
 
-/// The outer unit: embeddings, final norm, head.
-pub(crate) const OUTER: usize = 0;
+/// The unit of the embeddings (and what else the first stage computes before the layers).
+pub(crate) const EMBED: usize = 0;
+
+/// The unit of the final norm and head (and what else the last stage computes after them).
+pub(crate) const HEAD: usize = 1;
 
 /// The unit of decoder layer `i`.
 pub(crate) fn layer_unit(i: usize) -> usize {
-    i + 1
+    i + 2
 }
 
 /// The streamed weights of one unit, as load registers them.
 #[derive(Default)]
 struct Pending {
     slots: Vec<(Arc<Slot>, Read)>,
+    /// Other units whose weights this one's modules use (a tied head: the embeddings).
+    needs: Vec<usize>,
 }
 
 /// Collects streamed weights during construction; [`Builder::finish`] reads the FSDP shards.
@@ -181,11 +189,25 @@ impl Builder {
         self.mode.clone()
     }
 
-    /// Registers a streamed weight of `unit`.
-    pub(crate) fn add(&mut self, unit: usize, read: Read) -> Result<Param> {
+    fn pending(&mut self, unit: usize) -> &mut Pending {
         if self.units.len() <= unit {
             self.units.resize_with(unit + 1, Pending::default);
         }
+        &mut self.units[unit]
+    }
+
+    /// Records that `unit`'s modules use weights of `other`: making `unit` resident makes
+    /// `other` resident too.
+    pub(crate) fn need(&mut self, unit: usize, other: usize) {
+        let needs = &mut self.pending(unit).needs;
+        if other != unit && !needs.contains(&other) {
+            needs.push(other);
+        }
+    }
+
+    /// Registers a streamed weight of `unit`.
+    pub(crate) fn add(&mut self, unit: usize, read: Read) -> Result<Param> {
+        self.pending(unit);
         let index = self.units[unit].slots.len();
         // Weak: the streams hold the slot that holds this function.
         let done = Arc::downgrade(&self.done);
@@ -200,6 +222,7 @@ impl Builder {
         });
         let slot = Arc::new(Slot {
             name: read.name().to_string(),
+            unit,
             dims: read.dims(),
             current: Mutex::new(None),
             placeholder: read.placeholder()?,
@@ -234,32 +257,37 @@ pub(crate) struct Streams {
 }
 
 impl Streams {
-    /// Makes `unit` resident until the guard drops; asks for `next`'s pages ahead.
+    /// Makes `unit` (and the units it needs) resident until the guard drops; asks for
+    /// `next`'s pages ahead.
     ///
     /// # Errors
     /// Reading the checkpoint or gathering the shards failed.
     pub(crate) fn resident(&self, unit: usize, next: Option<usize>) -> FwdResult<Resident<'_>> {
+        let mut resident = Resident(Vec::new());
         let Some(u) = self.units.get(unit) else {
-            return Ok(Resident(None));
+            return Ok(resident);
         };
-        u.fill(self.offload)?;
+        for &other in u.needs.iter().chain([&unit]) {
+            let other = &self.units[other];
+            // Filled before it joins the guard: a failed fill leaves nothing to drop.
+            other.fill(self.offload)?;
+            resident.0.push(other);
+        }
         if let Some(next) = next.and_then(|n| self.units.get(n)) {
             next.prefetch();
         }
-        Ok(Resident(Some(u)))
+        Ok(resident)
     }
 }
 
-/// A unit made resident; dropping it drops the values.
-pub(crate) struct Resident<'a>(Option<&'a Unit>);
+/// Units made resident; dropping the guard drops their values.
+pub(crate) struct Resident<'a>(Vec<&'a Unit>);
 
 impl Drop for Resident<'_> {
     fn drop(&mut self) {
-        if let Some(u) = self.0 {
-            for slot in &u.slots {
-                // A poisoned lock only keeps the values longer.
-                let _ = slot.set(None);
-            }
+        for slot in self.0.iter().flat_map(|u| &u.slots) {
+            // A poisoned lock only keeps the values longer.
+            let _ = slot.set(None);
         }
     }
 }
@@ -268,6 +296,7 @@ impl Drop for Resident<'_> {
 struct Unit {
     slots: Vec<Arc<Slot>>,
     source: Source,
+    needs: Vec<usize>,
 }
 
 enum Source {
@@ -289,6 +318,7 @@ struct Flat {
 
 impl Unit {
     fn new(pending: Pending, mode: &Mode) -> Result<Self> {
+        let needs = pending.needs;
         let (slots, reads): (Vec<_>, Vec<_>) = pending.slots.into_iter().unzip();
         let source = match mode {
             Mode::Fsdp(comm) => Source::Flat {
@@ -297,7 +327,11 @@ impl Unit {
             },
             _ => Source::Map(reads),
         };
-        Ok(Self { slots, source })
+        Ok(Self {
+            slots,
+            source,
+            needs,
+        })
     }
 
     fn fill(&self, offload: Offload) -> FwdResult<()> {
@@ -351,8 +385,7 @@ impl Unit {
 }
 
 fn gather(comm: &dyn Comm, local: &Tensor) -> FwdResult<Tensor> {
-    let pieces = comm.all_gather(local)?;
-    Ok(Tensor::cat(&pieces, 0)?.to_device(local.device())?)
+    Ok(comm.all_gather_cat(local)?.to_device(local.device())?)
 }
 
 /// This rank's chunks of the flat parameters of `reads` (one per dtype, in first-seen order),

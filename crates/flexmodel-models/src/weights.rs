@@ -14,7 +14,7 @@ use flexmodel_core::layout::{Part, block};
 use flexmodel_core::{Comm, Dim, Grid, Layout, Parameters, SiteId, SiteKind, SiteTable};
 
 use crate::config::RawConfig;
-use crate::stream::{Builder, Mode, OUTER, Param, Streams, layer_unit};
+use crate::stream::{Builder, EMBED, HEAD, Mode, Param, Streams, layer_unit};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::SafeTensors;
 
@@ -471,7 +471,7 @@ impl Vb {
             shard: Rc::new(shard),
             meta: false,
             streams: Rc::new(RefCell::new(Builder::new(mode))),
-            unit: OUTER,
+            unit: EMBED,
             path: String::new(),
             weight_path: String::new(),
         }
@@ -658,14 +658,31 @@ impl Vb {
         }
     }
 
-    /// This module, read only on the first stage (embeddings).
+    /// This module, read only on the first stage (position embeddings, input projections),
+    /// streamed with the embeddings.
     pub(crate) fn first_stage(&self) -> Self {
-        self.on_stage(self.shard.first)
+        Self {
+            unit: EMBED,
+            ..self.on_stage(self.shard.first)
+        }
     }
 
-    /// This module, read only on the last stage (final norm, head).
+    /// The token embeddings: read where they are used, on the first stage, and on the last
+    /// when `tied` to the head.
+    pub(crate) fn embeddings(&self, tied: bool) -> Self {
+        let shard = &self.shard;
+        Self {
+            unit: EMBED,
+            ..self.on_stage(shard.first || (shard.last && tied))
+        }
+    }
+
+    /// This module, read only on the last stage (final norm, head), streamed with the head.
     pub(crate) fn last_stage(&self) -> Self {
-        self.on_stage(self.shard.last)
+        Self {
+            unit: HEAD,
+            ..self.on_stage(self.shard.last)
+        }
     }
 
     /// This rank's part of the model.
@@ -680,7 +697,13 @@ impl Vb {
         let mut params = self.params.borrow_mut();
         match p {
             Param::Resident(t) => params.insert_piece(name, t.clone(), layout, !self.meta),
+            Param::Streamed { slot, .. } if self.meta => {
+                params.insert_piece(name, slot.placeholder.clone(), layout, false);
+            }
             Param::Streamed { slot, .. } => {
+                // A weight shared with another unit (a tied head): that unit must be resident
+                // whenever this one is.
+                self.streams.borrow_mut().need(self.unit, slot.unit);
                 params.insert_streamed(name, slot.placeholder.clone(), layout, slot.fetch.clone());
             }
         }
