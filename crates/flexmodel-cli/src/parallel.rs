@@ -26,7 +26,7 @@ pub struct ParallelOpts {
     pub fsdp: usize,
 
     /// Micro-batches each pipeline splits a batch into (GPipe), so that its stages compute at
-    /// the same time. Default: two per stage (at most one per row). Passes with an enabled
+    /// the same time. Default: four per stage (at most one per row). Passes with an enabled
     /// hook run the whole batch at once, so that every hook sees its site's whole batch.
     #[arg(long, value_name = "M")]
     pub micro_batches: Option<usize>,

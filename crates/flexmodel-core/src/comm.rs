@@ -175,7 +175,7 @@ pub struct Parallelism {
     /// rank; `dp / fsdp` groups are replicas of each other.
     pub fsdp: usize,
     /// Micro-batches each pipeline splits a batch into (GPipe), so that its stages work at
-    /// the same time: 0 (the default) is two per stage, at most one per row. Only passes in
+    /// the same time: 0 (the default) is four per stage, at most one per row. Only passes in
     /// which no hook is enabled are split, so that every hook sees its site's whole batch.
     pub micro_batches: usize,
 }
@@ -204,7 +204,7 @@ impl Parallelism {
             return 1;
         }
         let m = match self.micro_batches {
-            0 => 2 * self.pp,
+            0 => 4 * self.pp,
             m => m,
         };
         m.clamp(1, rows.max(1))

@@ -415,8 +415,9 @@ pub(crate) struct Shard {
 }
 
 impl Shard {
-    /// This rank's part under `grid`: contiguous layer ranges per stage (the first stages get
-    /// one more layer when they do not divide evenly).
+    /// This rank's part under `grid`: contiguous layer ranges per stage, balanced by work:
+    /// the last stage, which also computes the LM head, takes as many fewer layers as the
+    /// head costs (see [`stage_layers`]).
     pub(crate) fn of(cfg: &RawConfig, grid: &Grid) -> Result<Self> {
         let layers = cfg.num_layers()?;
         let stages = grid.degrees.pp;
@@ -426,7 +427,7 @@ impl Shard {
             )));
         }
         let stage = grid.stage();
-        let (start, len) = even_split(layers, stages)[stage];
+        let (start, len) = stage_layers(layers, stages, head_cost(cfg))[stage];
         Ok(Self {
             grid: grid.clone(),
             tp: grid.tp.clone(),
@@ -435,6 +436,32 @@ impl Shard {
             last: stage + 1 == stages,
         })
     }
+}
+
+/// The LM head's work in decoder layers: `vocab · hidden` multiply-adds per token against a
+/// layer's ~`12 · hidden²` (attention's four projections and an MLP of four times the width).
+fn head_cost(cfg: &RawConfig) -> f64 {
+    let number = |keys: &[&str]| keys.iter().find_map(|k| cfg.get(k)?.as_u64());
+    match (
+        number(&["vocab_size"]),
+        number(&["hidden_size", "n_embd", "d_model"]),
+    ) {
+        (Some(vocab), Some(hidden)) if hidden > 0 => vocab as f64 / (12.0 * hidden as f64),
+        _ => 0.0,
+    }
+}
+
+/// `(start, len)` of each stage's layers: as even as possible once the last stage's `head`
+/// (in layers) is counted, every stage keeping at least one layer.
+fn stage_layers(layers: usize, stages: usize, head: f64) -> Vec<(usize, usize)> {
+    if stages <= 1 {
+        return vec![(0, layers)];
+    }
+    let per_stage = (layers as f64 + head) / stages as f64;
+    let last = ((per_stage - head).round().max(1.0) as usize).min(layers + 1 - stages);
+    let mut split = even_split(layers - last, stages - 1);
+    split.push((layers - last, last));
+    split
 }
 
 /// A module path during model construction: where its weights are read and what its site is
@@ -772,5 +799,21 @@ fn join(prefix: &str, name: &dyn std::fmt::Display) -> String {
     match prefix {
         "" => name.to_string(),
         p => format!("{p}.{name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stage_layers;
+
+    #[test]
+    fn the_last_stage_takes_fewer_layers_for_the_head() {
+        // The 125M Llama: the head costs ~3.5 layers.
+        assert_eq!(stage_layers(12, 2, 3.47), [(0, 8), (8, 4)]);
+        assert_eq!(stage_layers(12, 4, 3.47), [(0, 4), (4, 4), (8, 3), (11, 1)]);
+        // No head cost: even stages; every stage keeps a layer.
+        assert_eq!(stage_layers(12, 3, 0.0), [(0, 4), (4, 4), (8, 4)]);
+        assert_eq!(stage_layers(2, 2, 40.0), [(0, 1), (1, 1)]);
+        assert_eq!(stage_layers(5, 1, 3.0), [(0, 5)]);
     }
 }

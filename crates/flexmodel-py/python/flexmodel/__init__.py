@@ -850,7 +850,7 @@ def load(
             page cache: models larger than memory). Peak memory is about two layers plus the
             embeddings, head and activations.
         micro_batches: micro-batches each pipeline (``pp`` > 1) splits a batch into, so that
-            its stages compute at the same time (GPipe); 0: two per stage. Passes with an
+            its stages compute at the same time (GPipe); 0: four per stage. Passes with an
             enabled hook run the whole batch at once.
         requires_grad: load the weights as variables, so that ``lm_backward`` returns their
             gradients.
