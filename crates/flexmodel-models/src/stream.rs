@@ -6,9 +6,10 @@
 //! [resident](Streams::resident): the forward pass makes each unit resident just while it
 //! computes (a tied head makes the embeddings resident again).
 //! Where the values come from is the unit's [`Source`]:
-//! - offload: read from the memory-mapped checkpoint (this rank's slices, as at load), the next
-//!   layer's pages asked for ahead (`madvise(WILLNEED)`), and with `Offload::Disk` dropped from
-//!   the page cache after reading, so that neither the process nor the cache holds the model;
+//! - offload: read from the checkpoint (this rank's slices, as at load); on the CPU a thread
+//!   reads the next unit while this one computes (on other devices the kernel is asked to read
+//!   its pages ahead), and with `Offload::Disk` the pages are dropped from the page cache after
+//!   reading, so that neither the process nor the cache holds the model;
 //! - FSDP: every rank of the group keeps one contiguous chunk of the unit's flat parameters
 //!   (FSDP's `FlatParameter`: the unit's parameters of one dtype flattened and concatenated,
 //!   padded to a multiple of the group), read from the checkpoint at load, and an all-gather
@@ -245,7 +246,11 @@ impl Builder {
             _ => Offload::None,
         };
         // Set once: `finish` consumes the only builder.
-        let _ = self.done.set(Streams { units, offload });
+        let _ = self.done.set(Streams {
+            units,
+            offload,
+            ahead: Mutex::new(None),
+        });
         Ok(self.done)
     }
 }
@@ -254,7 +259,11 @@ impl Builder {
 pub(crate) struct Streams {
     units: Vec<Unit>,
     offload: Offload,
+    /// The unit a thread is reading ahead (offload on the CPU), and its values to come.
+    ahead: Mutex<Option<(usize, Ahead)>>,
 }
+
+type Ahead = std::thread::JoinHandle<Result<Vec<Tensor>>>;
 
 impl Streams {
     /// Makes `unit` (and the units it needs) resident until the guard drops; asks for
@@ -267,16 +276,67 @@ impl Streams {
         let Some(u) = self.units.get(unit) else {
             return Ok(resident);
         };
-        for &other in u.needs.iter().chain([&unit]) {
-            let other = &self.units[other];
+        for &index in u.needs.iter().chain([&unit]) {
+            let other = &self.units[index];
             // Filled before it joins the guard: a failed fill leaves nothing to drop.
-            other.fill(self.offload)?;
+            match self.read_ahead(index)? {
+                Some(values) => other.set(values)?,
+                None => other.fill(self.offload)?,
+            }
             resident.0.push(other);
         }
-        if let Some(next) = next.and_then(|n| self.units.get(n)) {
-            next.prefetch();
+        if let Some(next) = next.filter(|&n| n < self.units.len()) {
+            self.start_ahead(next)?;
         }
         Ok(resident)
+    }
+
+    /// The values of `unit` if a thread read them ahead.
+    fn read_ahead(&self, unit: usize) -> FwdResult<Option<Vec<Tensor>>> {
+        let mut ahead = self.ahead.lock().map_err(|_| poisoned())?;
+        let Some((_, thread)) = ahead.take_if(|(index, _)| *index == unit) else {
+            return Ok(None);
+        };
+        let values = thread
+            .join()
+            .map_err(|_| flexmodel_core::Error::msg("the thread reading weights ahead panicked"))?
+            .map_err(on_forward)?;
+        Ok(Some(values))
+    }
+
+    /// Starts reading `unit` ahead: a thread reads it from the checkpoint (offload on the
+    /// CPU), or the kernel is asked for its pages.
+    fn start_ahead(&self, unit: usize) -> FwdResult<()> {
+        let Source::Map(reads) = &self.units[unit].source else {
+            return Ok(());
+        };
+        if !reads.first().is_some_and(|r| r.device().is_cpu()) {
+            reads.iter().for_each(Read::will_need);
+            return Ok(());
+        }
+        let (reads, offload) = (reads.clone(), self.offload);
+        let thread = std::thread::spawn(move || {
+            reads
+                .iter()
+                .map(|r| {
+                    let t = r.read()?;
+                    if offload == Offload::Disk {
+                        r.drop_cached();
+                    }
+                    Ok(t)
+                })
+                .collect()
+        });
+        let earlier = self
+            .ahead
+            .lock()
+            .map_err(|_| poisoned())?
+            .replace((unit, thread));
+        if let Some((_, thread)) = earlier {
+            // Not asked for (an early stop): wait for it, drop what it read.
+            let _ = thread.join();
+        }
+        Ok(())
     }
 }
 
@@ -334,6 +394,14 @@ impl Unit {
         })
     }
 
+    /// Takes `values`, read ahead, one per slot.
+    fn set(&self, values: Vec<Tensor>) -> FwdResult<()> {
+        for (slot, t) in self.slots.iter().zip(values) {
+            slot.set(Some(t))?;
+        }
+        Ok(())
+    }
+
     fn fill(&self, offload: Offload) -> FwdResult<()> {
         match &self.source {
             Source::Map(reads) => {
@@ -374,12 +442,6 @@ impl Unit {
                     flexmodel_core::Error::msg("a streamed weight is in no flat parameter")
                 })
             }
-        }
-    }
-
-    fn prefetch(&self) {
-        if let Source::Map(reads) = &self.source {
-            reads.iter().for_each(Read::will_need);
         }
     }
 }

@@ -15,7 +15,7 @@ use flexmodel_core::{Comm, Dim, Grid, Layout, Parameters, SiteId, SiteKind, Site
 
 use crate::config::RawConfig;
 use crate::stream::{Builder, EMBED, HEAD, Mode, Param, Streams, layer_unit};
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::Mmap;
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
@@ -30,11 +30,12 @@ struct Entry {
     end: usize,
 }
 
-/// The tensors of a checkpoint (one file or several shards), memory-mapped.
+/// The tensors of a checkpoint (one file or several shards): headers parsed through a memory
+/// map, data read with `pread` into each tensor.
 pub(crate) struct Weights {
-    files: Vec<Mmap>,
-    /// The files, for page-cache hints.
+    /// The files, read with `pread`.
     fds: Vec<File>,
+    paths: Vec<PathBuf>,
     entries: HashMap<String, Entry>,
     dtype: DType,
     device: Device,
@@ -65,7 +66,6 @@ impl Weights {
                 dir: dir.to_path_buf(),
             });
         };
-        let mut files = Vec::with_capacity(paths.len());
         let mut fds = Vec::with_capacity(paths.len());
         let mut entries = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
@@ -106,11 +106,10 @@ impl Weights {
                     },
                 );
             }
-            files.push(mmap);
         }
         Ok(Self {
-            files,
             fds,
+            paths,
             entries,
             dtype,
             device: device.clone(),
@@ -267,16 +266,17 @@ impl Read {
     fn read_runs(&self, runs: &[(usize, usize)], dims: Vec<usize>) -> Result<Tensor> {
         let w = &self.weights;
         let entry = w.entry(&self.key);
-        let map = &w.files[entry.file];
+        let (file, path) = (&w.fds[entry.file], w.paths[entry.file].as_path());
+        let device = &w.device;
         let t = match entry.dtype {
-            DType::F32 => read::<f32>(map, runs, &dims, &w.device),
-            DType::F16 => read::<half::f16>(map, runs, &dims, &w.device),
-            DType::BF16 => read::<half::bf16>(map, runs, &dims, &w.device),
-            DType::F64 => read::<f64>(map, runs, &dims, &w.device),
-            DType::I64 => read::<i64>(map, runs, &dims, &w.device),
-            DType::I32 => read::<i32>(map, runs, &dims, &w.device),
-            DType::U32 => read::<u32>(map, runs, &dims, &w.device),
-            DType::U8 => read::<u8>(map, runs, &dims, &w.device),
+            DType::F32 => read::<f32>(file, path, runs, &dims, device),
+            DType::F16 => read::<half::f16>(file, path, runs, &dims, device),
+            DType::BF16 => read::<half::bf16>(file, path, runs, &dims, device),
+            DType::F64 => read::<f64>(file, path, runs, &dims, device),
+            DType::I64 => read::<i64>(file, path, runs, &dims, device),
+            DType::I32 => read::<i32>(file, path, runs, &dims, device),
+            DType::U32 => read::<u32>(file, path, runs, &dims, device),
+            DType::U8 => read::<u8>(file, path, runs, &dims, device),
             other => unreachable!("`to_dtype` admits no {other:?}"),
         }?;
         Ok(t.to_dtype(self.dtype)?)
@@ -284,17 +284,15 @@ impl Read {
 
     /// Asks the kernel to read its pages ahead (the next layer's, while this one computes).
     pub(crate) fn will_need(&self) {
-        let entry = self.weights.entry(&self.key);
-        let map = &self.weights.files[entry.file];
-        let _ = map.advise_range(
-            memmap2::Advice::WillNeed,
-            entry.start,
-            entry.end - entry.start,
-        );
+        self.advise(libc::POSIX_FADV_WILLNEED);
     }
 
     /// Drops its pages from the page cache (they were copied out already).
     pub(crate) fn drop_cached(&self) {
+        self.advise(libc::POSIX_FADV_DONTNEED);
+    }
+
+    fn advise(&self, advice: libc::c_int) {
         use std::os::fd::AsRawFd;
         let entry = self.weights.entry(&self.key);
         let fd = self.weights.fds[entry.file].as_raw_fd();
@@ -305,7 +303,7 @@ impl Read {
                 fd,
                 entry.start as libc::off_t,
                 (entry.end - entry.start) as libc::off_t,
-                libc::POSIX_FADV_DONTNEED,
+                advice,
             )
         };
     }
@@ -324,43 +322,34 @@ fn map(path: &Path) -> Result<(File, Mmap)> {
     Ok((file, mmap))
 }
 
-/// Bytes copied between two releases of the mapping's pages.
-const CHUNK: usize = 4 << 20;
-
-/// Copies the byte ranges `runs` of the mapping into one tensor of `dims`, dropping the
-/// mapping's pages behind the copy every [`CHUNK`] bytes. Each weight is copied once, into its
-/// tensor; without the release the process would also hold it in the mapping, and the peak
-/// memory of loading would be twice the model.
-fn read<T>(map: &Mmap, runs: &[(usize, usize)], dims: &[usize], device: &Device) -> Result<Tensor>
+/// Reads the byte ranges `runs` of `file` into one tensor of `dims` with `pread`: straight
+/// from the page cache into the tensor's memory. The process never maps the weights, so it
+/// holds each weight once (in its tensor), and a streamed weight costs one copy per read.
+fn read<T>(
+    file: &File,
+    path: &Path,
+    runs: &[(usize, usize)],
+    dims: &[usize],
+    device: &Device,
+) -> Result<Tensor>
 where
     T: candle_core::WithDType + bytemuck::Pod,
 {
+    use std::os::unix::fs::FileExt;
     let len: usize = runs.iter().map(|(a, b)| b - a).sum();
     // Zeroed allocations come straight from the kernel: no pass over the memory.
     let mut data = bytemuck::zeroed_vec::<T>(len / size_of::<T>());
     let out: &mut [u8] = bytemuck::cast_slice_mut(&mut data);
-    let (mut at, mut released) = (0, runs.first().map_or(0, |r| r.0));
+    let mut at = 0;
     for &(start, end) in runs {
-        for from in (start..end).step_by(CHUNK) {
-            let to = end.min(from + CHUNK);
-            out[at..at + to - from].copy_from_slice(&map[from..to]);
-            at += to - from;
-            if to - released >= CHUNK || to == end {
-                release(map, released, to);
-                released = to;
-            }
-        }
+        file.read_exact_at(&mut out[at..at + end - start], start as u64)
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        at += end - start;
     }
     Ok(Tensor::from_vec(data, dims, device)?)
-}
-
-/// Drops the pages of `start..end` from this process; they stay in the page cache.
-fn release(mmap: &Mmap, start: usize, end: usize) {
-    // SAFETY: the mapping is read-only and file-backed: after MADV_DONTNEED, a read faults the
-    // same bytes back in from the page cache, so no reference into the mapping sees a change.
-    // The advice can only fail on a bad range, and then nothing was dropped: ignore it.
-    #[allow(unsafe_code)]
-    let _ = unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
 }
 
 fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
