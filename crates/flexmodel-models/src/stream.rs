@@ -30,7 +30,7 @@ pub enum Offload {
     /// Every weight of the rank's part resident on its device (the default).
     #[default]
     None,
-    /// Weights stay on the host, in the memory-mapped checkpoint (the page cache), and only
+    /// Weights stay on the host, in the checkpoint's pages in the page cache, and only
     /// the layers being computed are resident on the compute device.
     Cpu,
     /// As `Cpu`, and a layer's file pages are dropped from the page cache once read: for

@@ -1,4 +1,4 @@
-//! Memory-mapped safetensors checkpoints, and [`Vb`]: a path into the checkpoint that is at the
+//! Safetensors checkpoints (headers through a memory map, data with `pread`), and [`Vb`]: a path into the checkpoint that is at the
 //! same time the Hugging Face module path, so weights and sites share one name.
 
 use std::cell::RefCell;

@@ -152,7 +152,8 @@ def test_sites_parameters_and_repr():
     assert w.shape == (128, 64) and w.dtype == np.float32
     assert "lm_head.weight" in fm.parameter_names() or "model.embed_tokens.weight" in fm.parameter_names()
     fm.register_forward_hook(flexmodel.HookFunction("model.layers.0"))
-    assert repr(fm).startswith("FlexModel(llama, float32, cpu, tp=1 pp=1 dp=1, 2 layers, 1 hooks")
+    assert repr(fm).startswith(
+        "FlexModel(llama, float32, cpu, tp=1 pp=1 dp=1 fsdp=1, 2 layers, 1 hooks")
 
 
 def test_restore_gives_the_untouched_model():

@@ -87,29 +87,8 @@ fn layouts_equal(
 /// `flexmodel run` of `arch` with captures of every site, its reference edit and the gradient
 /// at every site, in one process (checked against transformers' edit), then under `layouts`.
 fn run_equals_one_process(arch: &str, tmp: &Path, layouts: &[(&[&str], usize)]) {
-    let dir = model_dir(arch);
-    let ids = dir.join("reference.safetensors");
-    let edit = format!(
-        "{}=scale:0",
-        reference_json(arch)["edit"]["module"].as_str().unwrap()
-    );
-    let single = tmp.join("single.safetensors");
-    // Captures, an edit and the gradient of the loss at every site, in one run.
-    let common = [
-        "run",
-        "--model",
-        path_str(&dir),
-        "--input-ids",
-        path_str(&ids),
-        "--capture",
-        "*",
-        "--edit",
-        &edit,
-        "--grad",
-        "*",
-    ];
-    flexmodel_ok(&[&common[..], &["--out", path_str(&single)]].concat());
-    let want = load(&single);
+    let ids = model_dir(arch).join("reference.safetensors");
+    let want = captures_edit_grads_equal(arch, &ids, tmp, layouts);
     // The edit case, checked against transformers once: the layouts are checked against it.
     assert_close(
         &format!("{arch} edit"),
@@ -117,7 +96,40 @@ fn run_equals_one_process(arch: &str, tmp: &Path, layouts: &[(&[&str], usize)]) 
         &load(&ids)["edit.mlp_zero.logits"],
         1e-4,
     );
+}
+
+/// `flexmodel run` of `arch` on the `input_ids` in `input` with captures of every site, the
+/// reference edit and the gradient at every site, in one process and under each of `layouts`,
+/// each equal to it; returns the one-process tensors.
+fn captures_edit_grads_equal(
+    arch: &str,
+    input: &Path,
+    tmp: &Path,
+    layouts: &[(&[&str], usize)],
+) -> HashMap<String, Tensor> {
+    let dir = model_dir(arch);
+    let edit = format!(
+        "{}=scale:0",
+        reference_json(arch)["edit"]["module"].as_str().unwrap()
+    );
+    let common = [
+        "run",
+        "--model",
+        path_str(&dir),
+        "--input-ids",
+        path_str(input),
+        "--capture",
+        "*",
+        "--edit",
+        &edit,
+        "--grad",
+        "*",
+    ];
+    let single = tmp.join("single.safetensors");
+    flexmodel_ok(&[&common[..], &["--out", path_str(&single)]].concat());
+    let want = load(&single);
     layouts_equal(arch, &common, &want, tmp, layouts);
+    want
 }
 
 #[test]
@@ -147,37 +159,16 @@ fn later_families_equal_one_process_under_every_layout() {
 fn fsdp_and_offload_equal_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     for arch in ["llama", "gpt2", "falcon", "llama_bias_tied_mqa"] {
-        let dir = model_dir(arch);
-        let refs = load(&dir.join("reference.safetensors"));
+        let refs = load(&model_dir(arch).join("reference.safetensors"));
         // Four rows: the reference's two and the same two reversed.
         let ids = &refs["input_ids"];
         let reversed = ids.flip(&[1]).unwrap();
-        let four = candle_core::Tensor::cat(&[ids, &reversed], 0).unwrap();
+        let four = Tensor::cat(&[ids, &reversed], 0).unwrap();
         let input = tmp.path().join("four.safetensors");
         candle_core::safetensors::save(&HashMap::from([("input_ids".to_string(), four)]), &input)
             .unwrap();
-        let edit = format!(
-            "{}=scale:0",
-            reference_json(arch)["edit"]["module"].as_str().unwrap()
-        );
-        let common = [
-            "run",
-            "--model",
-            path_str(&dir),
-            "--input-ids",
-            path_str(&input),
-            "--capture",
-            "*",
-            "--edit",
-            &edit,
-            "--grad",
-            "*",
-        ];
-        let single = tmp.path().join("single.safetensors");
-        flexmodel_ok(&[&common[..], &["--out", path_str(&single)]].concat());
-        let want = load(&single);
         let layouts = [FSDP_LAYOUTS, OFFLOAD_LAYOUTS].concat();
-        layouts_equal(arch, &common, &want, tmp.path(), &layouts);
+        captures_edit_grads_equal(arch, &input, tmp.path(), &layouts);
         // Generation: two prompts, so FSDP over at most two ranks.
         generation_equals_one_process(arch, tmp.path(), &generation_layouts(&layouts));
     }
