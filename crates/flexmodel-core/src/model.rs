@@ -1,5 +1,6 @@
 //! The interface every model family implements, and its input.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
@@ -310,6 +311,17 @@ pub trait Model: Send + Sync {
     fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.forward_with(&Input::new(input_ids.clone()), &mut Run::plain())
     }
+
+    /// After a backward pass: puts the gradients of weights that are not resident (offloaded,
+    /// sharded by FSDP: every rank of a group calls it together) into `grads` under their
+    /// [`Parameters`] entries, as the gradients of resident weights are. The default has none.
+    ///
+    /// # Errors
+    /// A communication error.
+    fn weight_gradients(&self, grads: &mut GradStore) -> Result<()> {
+        let _ = grads;
+        Ok(())
+    }
 }
 
 impl<M: Model + ?Sized> Model for Box<M> {
@@ -330,6 +342,9 @@ impl<M: Model + ?Sized> Model for Box<M> {
     }
     fn forward_with(&self, input: &Input, run: &mut Run<'_>) -> Result<Tensor> {
         (**self).forward_with(input, run)
+    }
+    fn weight_gradients(&self, grads: &mut GradStore) -> Result<()> {
+        (**self).weight_gradients(grads)
     }
 }
 

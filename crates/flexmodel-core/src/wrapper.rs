@@ -269,7 +269,8 @@ impl<M: Model> FlexModel<M> {
         // The gradient ops lock the hooks themselves: no lock may be held here.
         let grads = loss.backward();
         let fired = lock(&self.hooks).finish_backward(&mut self.output)?;
-        let grads = grads?;
+        let mut grads = grads?;
+        self.model.weight_gradients(&mut grads)?;
         if wants_grad && fired == 0 {
             return Err(Error::Backward(
                 "no backward hook fired: the loss does not depend on the hooked sites' \
@@ -368,6 +369,7 @@ impl<M: Model> FlexModel<M> {
         // Trainable modules used inside editing functions: their gradients came from the
         // edits' vector-Jacobian products on rank 0.
         let mut grads = grads;
+        self.model.weight_gradients(&mut grads)?;
         for (var, g) in lock(&self.hooks).take_edit_grads() {
             let sum = match grads.get(&var) {
                 Some(earlier) => (earlier + g)?,

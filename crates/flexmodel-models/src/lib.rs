@@ -130,14 +130,6 @@ impl Default for LoadOptions {
 /// How this rank keeps its weights under `options`.
 fn mode(options: &LoadOptions) -> Result<Mode> {
     let fsdp = options.grid.degrees.fsdp > 1;
-    if (fsdp || options.offload != Offload::None) && options.requires_grad {
-        return Err(Error::unsupported(
-            "requires_grad",
-            "true",
-            "weight gradients are not available with offload or FSDP (their weights are not \
-             resident); backward hooks, activation gradients and lm_backward work without them",
-        ));
-    }
     Ok(match (fsdp, options.offload) {
         (false, Offload::None) => Mode::Resident,
         (false, offload) => Mode::Offload(offload),
@@ -397,11 +389,21 @@ impl<F: Family> Model for Loaded<F> {
         &self.grid
     }
 
+    fn weight_gradients(&self, grads: &mut candle_core::backprop::GradStore) -> FwdResult<()> {
+        match self.streams.get() {
+            Some(streams) => streams.weight_gradients(grads),
+            None => Ok(()),
+        }
+    }
+
     /// Runs this rank's stage on the whole batch, or micro-batch after micro-batch (GPipe:
     /// while this stage computes the next, the following stage computes the last); the last
     /// stage returns the logits of every row, in order.
     fn forward_with(&self, input: &Input, run: &mut Run<'_>) -> FwdResult<Tensor> {
         let pass = Pass::new(input, run.past_len(), self.body.window(), &self.device)?;
+        if let Some(streams) = self.streams.get() {
+            streams.begin_pass()?;
+        }
         let micro = run.micro_batches();
         if micro <= 1 {
             return self.forward_stage(input, pass, run);

@@ -17,6 +17,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use flexmodel_core::{Comm, Fetch};
 
@@ -115,6 +116,9 @@ pub(crate) struct Slot {
     pub(crate) unit: usize,
     dims: Vec<usize>,
     current: Mutex<Option<Tensor>>,
+    /// Loaded with gradients: the variables the last pass computed with (a tied weight's
+    /// unit is resident twice per pass), until their gradient is taken.
+    vars: Mutex<Vec<Tensor>>,
     /// A zero view of its shape (no memory), for the parameter table.
     pub(crate) placeholder: Tensor,
     /// Reads its values on demand (`FlexModel::parameter`).
@@ -125,6 +129,18 @@ impl Slot {
     fn set(&self, t: Option<Tensor>) -> FwdResult<()> {
         *self.current.lock().map_err(|_| poisoned())? = t;
         Ok(())
+    }
+
+    /// Takes `t` as its values: as a variable, kept for its gradient, when `grad`.
+    fn fill(&self, t: Tensor, grad: bool) -> FwdResult<()> {
+        let t = if grad {
+            let var = candle_core::Var::from_tensor(&t)?.as_tensor().clone();
+            self.vars.lock().map_err(|_| poisoned())?.push(var.clone());
+            var
+        } else {
+            t
+        };
+        self.set(Some(t))
     }
 }
 
@@ -167,15 +183,18 @@ struct Pending {
 /// Collects streamed weights during construction; [`Builder::finish`] reads the FSDP shards.
 pub(crate) struct Builder {
     mode: Mode,
+    /// Weights are loaded with gradients.
+    grad: bool,
     units: Vec<Pending>,
     /// Where the finished streams go: the parameters' fetch functions read them there.
     done: Arc<OnceLock<Streams>>,
 }
 
 impl Builder {
-    pub(crate) fn new(mode: Mode) -> Self {
+    pub(crate) fn new(mode: Mode, grad: bool) -> Self {
         Self {
             mode,
+            grad,
             units: Vec::new(),
             done: Arc::new(OnceLock::new()),
         }
@@ -185,9 +204,9 @@ impl Builder {
         !matches!(self.mode, Mode::Resident)
     }
 
-    /// How this builder keeps weights.
-    pub(crate) fn mode(&self) -> Mode {
-        self.mode.clone()
+    /// A builder that keeps weights as this one does, with nothing registered.
+    pub(crate) fn fresh(&self) -> Self {
+        Self::new(self.mode.clone(), self.grad)
     }
 
     fn pending(&mut self, unit: usize) -> &mut Pending {
@@ -226,6 +245,7 @@ impl Builder {
             unit,
             dims: read.dims(),
             current: Mutex::new(None),
+            vars: Mutex::new(Vec::new()),
             placeholder: read.placeholder()?,
             fetch,
         });
@@ -249,6 +269,7 @@ impl Builder {
         let _ = self.done.set(Streams {
             units,
             offload,
+            grad: self.grad,
             ahead: Mutex::new(None),
         });
         Ok(self.done)
@@ -259,6 +280,8 @@ impl Builder {
 pub(crate) struct Streams {
     units: Vec<Unit>,
     offload: Offload,
+    /// Weights are loaded with gradients.
+    grad: bool,
     /// The unit a thread is reading ahead (offload on the CPU), and its values to come.
     ahead: Mutex<Option<(usize, Ahead)>>,
 }
@@ -280,8 +303,8 @@ impl Streams {
             let other = &self.units[index];
             // Filled before it joins the guard: a failed fill leaves nothing to drop.
             match self.read_ahead(index)? {
-                Some(values) => other.set(values)?,
-                None => other.fill(self.offload)?,
+                Some(values) => other.set(values, self.grad)?,
+                None => other.fill(self.offload, self.grad)?,
             }
             resident.0.push(other);
         }
@@ -289,6 +312,43 @@ impl Streams {
             self.start_ahead(next)?;
         }
         Ok(resident)
+    }
+
+    /// Forgets the variables of an earlier pass (loaded with gradients): a pass keeps those it
+    /// computed with until its backward pass asks for their gradients.
+    pub(crate) fn begin_pass(&self) -> FwdResult<()> {
+        if self.grad {
+            for slot in self.units.iter().flat_map(|u| &u.slots) {
+                slot.vars.lock().map_err(|_| poisoned())?.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the gradient of every weight the last pass computed with into `grads` under its
+    /// placeholder (the parameter table's entry): summed over the variables it was resident
+    /// as, and under FSDP over the group, whose ranks computed it from their own rows.
+    pub(crate) fn weight_gradients(&self, grads: &mut GradStore) -> FwdResult<()> {
+        for unit in &self.units {
+            for slot in &unit.slots {
+                let vars = std::mem::take(&mut *slot.vars.lock().map_err(|_| poisoned())?);
+                let Some(first) = vars.first() else {
+                    continue;
+                };
+                let mut g = first.zeros_like()?;
+                for var in &vars {
+                    if let Some(part) = grads.remove(var) {
+                        g = (g + part)?;
+                    }
+                }
+                let g = match &unit.source {
+                    Source::Flat { comm, .. } => comm.all_reduce_sum(&g)?,
+                    Source::Map(_) => g,
+                };
+                grads.insert(&slot.placeholder, g);
+            }
+        }
+        Ok(())
     }
 
     /// The values of `unit` if a thread read them ahead.
@@ -395,18 +455,18 @@ impl Unit {
     }
 
     /// Takes `values`, read ahead, one per slot.
-    fn set(&self, values: Vec<Tensor>) -> FwdResult<()> {
+    fn set(&self, values: Vec<Tensor>, grad: bool) -> FwdResult<()> {
         for (slot, t) in self.slots.iter().zip(values) {
-            slot.set(Some(t))?;
+            slot.fill(t, grad)?;
         }
         Ok(())
     }
 
-    fn fill(&self, offload: Offload) -> FwdResult<()> {
+    fn fill(&self, offload: Offload, grad: bool) -> FwdResult<()> {
         match &self.source {
             Source::Map(reads) => {
                 for (slot, read) in self.slots.iter().zip(reads) {
-                    slot.set(Some(read.read().map_err(on_forward)?))?;
+                    slot.fill(read.read().map_err(on_forward)?, grad)?;
                     if offload == Offload::Disk {
                         read.drop_cached();
                     }
@@ -417,7 +477,7 @@ impl Unit {
                     let whole = gather(comm.as_ref(), &flat.local)?;
                     for &(i, start, len) in &flat.members {
                         let slot = &self.slots[i];
-                        slot.set(Some(whole.narrow(0, start, len)?.reshape(&*slot.dims)?))?;
+                        slot.fill(whole.narrow(0, start, len)?.reshape(&*slot.dims)?, grad)?;
                     }
                 }
             }

@@ -479,6 +479,7 @@ pub(crate) struct Vb {
 
 impl Vb {
     pub(crate) fn root(weights: Weights, shard: Shard, mode: Mode) -> Self {
+        let grad = weights.requires_grad;
         Self {
             weights: Arc::new(weights),
             sites: Rc::new(RefCell::new(SiteTable::new())),
@@ -486,7 +487,7 @@ impl Vb {
             attention_layers: Rc::new(std::cell::Cell::new(0)),
             shard: Rc::new(shard),
             meta: false,
-            streams: Rc::new(RefCell::new(Builder::new(mode))),
+            streams: Rc::new(RefCell::new(Builder::new(mode, grad))),
             unit: EMBED,
             path: String::new(),
             weight_path: String::new(),
@@ -779,8 +780,8 @@ impl Vb {
     /// The streamed weights (call once construction is complete): under FSDP this reads this
     /// rank's shards.
     pub(crate) fn take_streams(&self) -> Result<Arc<OnceLock<Streams>>> {
-        let mode = self.streams.borrow().mode();
-        std::mem::replace(&mut *self.streams.borrow_mut(), Builder::new(mode)).finish()
+        let fresh = self.streams.borrow().fresh();
+        std::mem::replace(&mut *self.streams.borrow_mut(), fresh).finish()
     }
 }
 

@@ -323,6 +323,15 @@ fn errors_end_every_rank_promptly() {
         t,
         "cannot be split evenly over 3 tensor-parallel ranks",
     );
+
+    // FSDP and offload at once; an FSDP batch with fewer rows than ranks.
+    let (run, t) = mpirun(
+        2,
+        &[&base[..], &["--fsdp", "2", "--offload", "disk"]].concat(),
+    );
+    assert_failed_promptly(&run, t, "FSDP already keeps 1/N of every weight");
+    let (run, t) = mpirun(4, &[&base[..], &["--fsdp", "4"]].concat());
+    assert_failed_promptly(&run, t, "every rank needs a row");
 }
 
 #[test]
