@@ -200,6 +200,7 @@ impl Builder {
         }
     }
 
+    /// Whether weights stream (offload, FSDP) rather than load once.
     pub(crate) fn streams(&self) -> bool {
         !matches!(self.mode, Mode::Resident)
     }
@@ -289,8 +290,8 @@ pub(crate) struct Streams {
 type Ahead = std::thread::JoinHandle<Result<Vec<Tensor>>>;
 
 impl Streams {
-    /// Makes `unit` (and the units it needs) resident until the guard drops; asks for
-    /// `next`'s pages ahead.
+    /// Makes `unit` (and the units it needs) resident until the guard drops, and starts
+    /// reading `next` ahead.
     ///
     /// # Errors
     /// Reading the checkpoint or gathering the shards failed.
