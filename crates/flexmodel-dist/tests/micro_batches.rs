@@ -1,5 +1,6 @@
 //! Micro-batched pipelines (GPipe) give one process's results: a 4-row batch with padding,
-//! split into 3 micro-batches under tp2 · pp2 and into the default count under pp2 · dp2, on
+//! split into 3 micro-batches under tp2 · pp2, into the default count under pp2 · dp2 and into
+//! 2 under pp2 · fsdp2, on
 //! Llama, GPT-2 (learned positions) and Phi-3 with LongRoPE (whose frequencies depend on the
 //! whole batch's longest position): the logits of a forward pass, and the loss and logits of
 //! `lm_backward`. The test starts itself under `mpirun` on 4 ranks; rank 0 also runs the
@@ -49,6 +50,14 @@ fn check() {
         Parallelism {
             pp: 2,
             dp: 2,
+            ..Parallelism::default()
+        },
+        // Each micro-batch gathers the FSDP shards of its stage's units again.
+        Parallelism {
+            pp: 2,
+            dp: 2,
+            fsdp: 2,
+            micro_batches: 2,
             ..Parallelism::default()
         },
     ];
