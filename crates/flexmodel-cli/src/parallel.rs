@@ -1,4 +1,5 @@
-//! `--tp --pp --dp --fsdp --micro-batches`: the layout of a multi-process job (`mpirun -n N flexmodel ...`).
+//! `--tp --pp --dp --fsdp --micro-batches`: the layout of a multi-process job
+//! (`mpirun -n N flexmodel ...`).
 
 use anyhow::{Context, Result};
 use flexmodel::{Device, Grid, Parallelism};

@@ -3,8 +3,8 @@
 //!
 //! [`load`] reads a model directory as `transformers` writes it (`config.json`,
 //! `model.safetensors` or an index with shards, `tokenizer.json`), reads this rank's slices of
-//! the weights (or streams them: [`Offload`], FSDP) and returns a [`Model`] whose forward pass matches transformers (checked against reference
-//! activations of every module). Families: Llama, Mistral, Qwen2 and Gemma (`llama.rs`), Qwen 3,
+//! the weights (or streams them: [`Offload`], FSDP) and returns a [`Model`] whose forward pass
+//! matches transformers (checked against reference activations of every module). Families: Llama, Mistral, Qwen2 and Gemma (`llama.rs`), Qwen 3,
 //! Gemma 2, Gemma 3, OLMo 2, Phi-3, Mixtral, Qwen MoE and Qwen 3 MoE (each a short file of what
 //! it changes in the shared decoder, `decoder.rs`), Phi, GPT-2, GPT-NeoX, Falcon, OPT.
 //!
