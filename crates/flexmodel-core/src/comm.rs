@@ -105,6 +105,13 @@ pub trait Comm: Send + Sync {
         0.0
     }
 
+    /// Whether another thread may run collectives on another communicator of this job while
+    /// this one is in use (MPI at `MPI_THREAD_MULTIPLE`): what gathering the next FSDP unit
+    /// while the current one computes needs.
+    fn concurrent(&self) -> bool {
+        false
+    }
+
     /// Ends every rank of the job (MPI_Abort): the way out of an error that other ranks
     /// would otherwise wait on forever.
     fn abort(&self, code: i32) -> !;

@@ -14,7 +14,11 @@ use mpi::topology::{Color, Process, SimpleCommunicator};
 use mpi::traits::*;
 
 /// Keeps MPI initialized while any communicator lives; finalizes it after the last.
-struct Env(#[allow(dead_code)] Universe);
+struct Env {
+    _universe: Universe,
+    /// MPI runs at `MPI_THREAD_MULTIPLE`: threads may use different communicators at once.
+    multiple: bool,
+}
 
 /// A group of MPI ranks.
 pub(crate) struct MpiComm {
@@ -28,17 +32,20 @@ pub(crate) struct MpiComm {
 }
 
 // SAFETY: an MPI communicator handle may be used from any thread once MPI runs at
-// `MPI_THREAD_SERIALIZED` or above, provided no two threads call MPI at once. `init` refuses a
-// lower level, and every call on a communicator holds its mutex; a group's collectives are
-// also ordered by the SPMD program itself. rsmpi leaves the types `!Send` because it cannot
-// know the threading level.
+// `MPI_THREAD_SERIALIZED` or above, provided no two threads call MPI at once on it (and, below
+// `MPI_THREAD_MULTIPLE`, on any communicator). `init` refuses a lower level; every call on a
+// communicator holds its mutex; only FSDP's gather-ahead thread uses a communicator of its own
+// while the main thread computes, and only at `MPI_THREAD_MULTIPLE` (`Comm::concurrent`). A
+// group's collectives are ordered by the SPMD program itself. rsmpi leaves the types `!Send`
+// because it cannot know the threading level.
 #[allow(unsafe_code)]
 unsafe impl Send for MpiComm {}
 #[allow(unsafe_code)]
 unsafe impl Sync for MpiComm {}
 
 pub(crate) fn init() -> Result<Arc<dyn Comm>> {
-    let (universe, level) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+    // Multiple where the library offers it (FSDP gathers the next unit on a second thread).
+    let (universe, level) = mpi::initialize_with_threading(mpi::Threading::Multiple)
         .ok_or_else(|| Error::msg("MPI was already initialized"))?;
     if level < mpi::Threading::Serialized {
         return Err(Error::msg(format!(
@@ -46,7 +53,11 @@ pub(crate) fn init() -> Result<Arc<dyn Comm>> {
         )));
     }
     let world = universe.world();
-    let comm = MpiComm::new(world, Arc::new(Mutex::new(Env(universe))));
+    let env = Env {
+        _universe: universe,
+        multiple: level == mpi::Threading::Multiple,
+    };
+    let comm = MpiComm::new(world, Arc::new(Mutex::new(env)));
     install_abort_on_panic();
     Ok(Arc::new(comm))
 }
@@ -455,6 +466,10 @@ impl Comm for MpiComm {
     fn barrier(&self) -> Result<()> {
         self.comm().barrier();
         Ok(())
+    }
+
+    fn concurrent(&self) -> bool {
+        self.env.lock().is_ok_and(|env| env.multiple)
     }
 
     fn abort(&self, code: i32) -> ! {

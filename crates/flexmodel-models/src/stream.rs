@@ -266,11 +266,18 @@ impl Builder {
             Mode::Offload(o) => o,
             _ => Offload::None,
         };
+        // The next FSDP unit is gathered on a thread, over a communicator of its own, where
+        // MPI lets two threads communicate at once.
+        let gather_ahead = match &self.mode {
+            Mode::Fsdp(comm) if comm.concurrent() => Some(comm.split(0, comm.rank())?),
+            _ => None,
+        };
         // Set once: `finish` consumes the only builder.
         let _ = self.done.set(Streams {
             units,
             offload,
             grad: self.grad,
+            gather_ahead,
             ahead: Mutex::new(None),
         });
         Ok(self.done)
@@ -283,7 +290,9 @@ pub(crate) struct Streams {
     offload: Offload,
     /// Weights are loaded with gradients.
     grad: bool,
-    /// The unit a thread is reading ahead (offload on the CPU), and its values to come.
+    /// The FSDP group's communicator for gathering the next unit on a thread, if MPI allows.
+    gather_ahead: Option<Arc<dyn Comm>>,
+    /// The unit a thread is reading or gathering ahead, and its values to come.
     ahead: Mutex<Option<(usize, Ahead)>>,
 }
 
@@ -365,29 +374,61 @@ impl Streams {
         Ok(Some(values))
     }
 
-    /// Starts reading `unit` ahead: a thread reads it from the checkpoint (offload on the
-    /// CPU), or the kernel is asked for its pages.
+    /// Starts getting `unit` ahead: a thread reads it from the checkpoint (offload on the
+    /// CPU; elsewhere the kernel is asked for its pages) or gathers its FSDP shards (where MPI
+    /// lets two threads communicate at once).
     fn start_ahead(&self, unit: usize) -> FwdResult<()> {
-        let Source::Map(reads) = &self.units[unit].source else {
-            return Ok(());
-        };
-        if !reads.first().is_some_and(|r| r.device().is_cpu()) {
-            reads.iter().for_each(Read::will_need);
-            return Ok(());
-        }
-        let (reads, offload) = (reads.clone(), self.offload);
-        let thread = std::thread::spawn(move || {
-            reads
-                .iter()
-                .map(|r| {
-                    let t = r.read()?;
-                    if offload == Offload::Disk {
-                        r.drop_cached();
-                    }
-                    Ok(t)
+        let thread = match &self.units[unit].source {
+            Source::Map(reads) if reads.first().is_some_and(|r| r.device().is_cpu()) => {
+                let (reads, offload) = (reads.clone(), self.offload);
+                std::thread::spawn(move || {
+                    reads
+                        .iter()
+                        .map(|r| {
+                            let t = r.read()?;
+                            if offload == Offload::Disk {
+                                r.drop_cached();
+                            }
+                            Ok(t)
+                        })
+                        .collect()
                 })
-                .collect()
-        });
+            }
+            Source::Map(reads) => {
+                reads.iter().for_each(Read::will_need);
+                return Ok(());
+            }
+            Source::Flat { flats, .. } => {
+                let Some(comm) = self.gather_ahead.clone() else {
+                    return Ok(());
+                };
+                let flats: Vec<Flat> = flats.clone();
+                let dims: Vec<Vec<usize>> = self.units[unit]
+                    .slots
+                    .iter()
+                    .map(|s| s.dims.clone())
+                    .collect();
+                std::thread::spawn(move || {
+                    let mut values = vec![None; dims.len()];
+                    for flat in &flats {
+                        let whole = gather(comm.as_ref(), &flat.local).map_err(Error::Core)?;
+                        for &(i, start, len) in &flat.members {
+                            values[i] = Some(whole.narrow(0, start, len)?.reshape(&*dims[i])?);
+                        }
+                    }
+                    values
+                        .into_iter()
+                        .map(|v| {
+                            v.ok_or_else(|| {
+                                Error::Core(flexmodel_core::Error::msg(
+                                    "a streamed weight is in no flat parameter",
+                                ))
+                            })
+                        })
+                        .collect()
+                })
+            }
+        };
         let earlier = self
             .ahead
             .lock()
@@ -431,6 +472,7 @@ enum Source {
 }
 
 /// The unit's weights of one dtype, flattened and concatenated; this rank holds `local`.
+#[derive(Clone)]
 struct Flat {
     local: Tensor,
     /// Per weight: its slot index, first element in the flat parameter, element count.
