@@ -95,7 +95,7 @@ fn main() -> ExitCode {
 
 /// Logs this process's peak resident memory, and fails when it exceeded `budget` MB.
 fn check_memory(budget: Option<f64>) -> anyhow::Result<()> {
-    let Some(peak) = peak_resident_mb() else {
+    let Some(peak) = flexmodel::harvest::peak_rss().map(|bytes| bytes as f64 / 1e6) else {
         anyhow::ensure!(
             budget.is_none(),
             "--max-memory needs /proc/self/status (Linux) to read the peak memory"
@@ -110,14 +110,6 @@ fn check_memory(budget: Option<f64>) -> anyhow::Result<()> {
         ),
         _ => Ok(()),
     }
-}
-
-/// The peak resident memory of this process in MB (`VmHWM`), where Linux reports it.
-fn peak_resident_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024.0 / 1e6)
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

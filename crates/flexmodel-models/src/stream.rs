@@ -296,7 +296,7 @@ pub(crate) struct Streams {
     ahead: Mutex<Option<(usize, Ahead)>>,
 }
 
-type Ahead = std::thread::JoinHandle<Result<Vec<Tensor>>>;
+type Ahead = std::thread::JoinHandle<FwdResult<Vec<Tensor>>>;
 
 impl Streams {
     /// Makes `unit` (and the units it needs) resident until the guard drops, and starts
@@ -367,10 +367,9 @@ impl Streams {
         let Some((_, thread)) = ahead.take_if(|(index, _)| *index == unit) else {
             return Ok(None);
         };
-        let values = thread
-            .join()
-            .map_err(|_| flexmodel_core::Error::msg("the thread reading weights ahead panicked"))?
-            .map_err(on_forward)?;
+        let values = thread.join().map_err(|_| {
+            flexmodel_core::Error::msg("the thread reading weights ahead panicked")
+        })??;
         Ok(Some(values))
     }
 
@@ -381,18 +380,7 @@ impl Streams {
         let thread = match &self.units[unit].source {
             Source::Map(reads) if reads.first().is_some_and(|r| r.device().is_cpu()) => {
                 let (reads, offload) = (reads.clone(), self.offload);
-                std::thread::spawn(move || {
-                    reads
-                        .iter()
-                        .map(|r| {
-                            let t = r.read()?;
-                            if offload == Offload::Disk {
-                                r.drop_cached();
-                            }
-                            Ok(t)
-                        })
-                        .collect()
-                })
+                std::thread::spawn(move || read_all(&reads, offload))
             }
             Source::Map(reads) => {
                 reads.iter().for_each(Read::will_need);
@@ -402,31 +390,8 @@ impl Streams {
                 let Some(comm) = self.gather_ahead.clone() else {
                     return Ok(());
                 };
-                let flats: Vec<Flat> = flats.clone();
-                let dims: Vec<Vec<usize>> = self.units[unit]
-                    .slots
-                    .iter()
-                    .map(|s| s.dims.clone())
-                    .collect();
-                std::thread::spawn(move || {
-                    let mut values = vec![None; dims.len()];
-                    for flat in &flats {
-                        let whole = gather(comm.as_ref(), &flat.local).map_err(Error::Core)?;
-                        for &(i, start, len) in &flat.members {
-                            values[i] = Some(whole.narrow(0, start, len)?.reshape(&*dims[i])?);
-                        }
-                    }
-                    values
-                        .into_iter()
-                        .map(|v| {
-                            v.ok_or_else(|| {
-                                Error::Core(flexmodel_core::Error::msg(
-                                    "a streamed weight is in no flat parameter",
-                                ))
-                            })
-                        })
-                        .collect()
-                })
+                let (flats, slots) = (flats.clone(), self.units[unit].slots.clone());
+                std::thread::spawn(move || gather_all(comm.as_ref(), &flats, &slots))
             }
         };
         let earlier = self
@@ -497,7 +462,7 @@ impl Unit {
         })
     }
 
-    /// Takes `values`, read ahead, one per slot.
+    /// Takes `values`, one per slot.
     fn set(&self, values: Vec<Tensor>, grad: bool) -> FwdResult<()> {
         for (slot, t) in self.slots.iter().zip(values) {
             slot.fill(t, grad)?;
@@ -506,47 +471,79 @@ impl Unit {
     }
 
     fn fill(&self, offload: Offload, grad: bool) -> FwdResult<()> {
-        match &self.source {
-            Source::Map(reads) => {
-                for (slot, read) in self.slots.iter().zip(reads) {
-                    slot.fill(read.read().map_err(on_forward)?, grad)?;
-                    if offload == Offload::Disk {
-                        read.drop_cached();
-                    }
-                }
-            }
-            Source::Flat { comm, flats } => {
-                for flat in flats {
-                    let whole = gather(comm.as_ref(), &flat.local)?;
-                    for &(i, start, len) in &flat.members {
-                        let slot = &self.slots[i];
-                        slot.fill(whole.narrow(0, start, len)?.reshape(&*slot.dims)?, grad)?;
-                    }
-                }
-            }
-        }
-        Ok(())
+        let values = match &self.source {
+            Source::Map(reads) => read_all(reads, offload)?,
+            Source::Flat { comm, flats } => gather_all(comm.as_ref(), flats, &self.slots)?,
+        };
+        self.set(values, grad)
     }
 
-    /// Weight `index`'s values, without making the unit resident (collective under FSDP).
+    /// Weight `index`'s values, without making the unit resident (collective under FSDP:
+    /// every rank of the group gathers the same flat parameter, the one holding it).
     fn fetch(&self, index: usize) -> FwdResult<Tensor> {
         match &self.source {
             Source::Map(reads) => reads[index].read().map_err(on_forward),
             Source::Flat { comm, flats } => {
-                let mut found = None;
-                for flat in flats {
-                    let whole = gather(comm.as_ref(), &flat.local)?;
-                    if let Some(&(_, start, len)) = flat.members.iter().find(|m| m.0 == index) {
-                        let dims = &self.slots[index].dims;
-                        found = Some(whole.narrow(0, start, len)?.reshape(&**dims)?);
-                    }
-                }
-                found.ok_or_else(|| {
-                    flexmodel_core::Error::msg("a streamed weight is in no flat parameter")
-                })
+                let holding = flats
+                    .iter()
+                    .find(|f| f.members.iter().any(|m| m.0 == index));
+                let weights = match holding {
+                    Some(flat) => flat.gather(comm.as_ref(), &self.slots)?,
+                    None => Vec::new(),
+                };
+                weights
+                    .into_iter()
+                    .find(|(i, _)| *i == index)
+                    .map(|(_, t)| t)
+                    .ok_or_else(in_no_flat)
             }
         }
     }
+}
+
+impl Flat {
+    /// The whole flat parameter gathered over `comm`, as `(slot index, values)` per weight.
+    fn gather(&self, comm: &dyn Comm, slots: &[Arc<Slot>]) -> FwdResult<Vec<(usize, Tensor)>> {
+        let whole = gather(comm, &self.local)?;
+        self.members
+            .iter()
+            .map(|&(i, start, len)| Ok((i, whole.narrow(0, start, len)?.reshape(&*slots[i].dims)?)))
+            .collect()
+    }
+}
+
+/// Every weight of `reads` read from the checkpoint, in order; with `Offload::Disk` each
+/// one's pages dropped from the page cache once read.
+fn read_all(reads: &[Read], offload: Offload) -> FwdResult<Vec<Tensor>> {
+    reads
+        .iter()
+        .map(|r| {
+            let t = r.read().map_err(on_forward)?;
+            if offload == Offload::Disk {
+                r.drop_cached();
+            }
+            Ok(t)
+        })
+        .collect()
+}
+
+/// Every weight of `slots` gathered from the flat parameters `flats` over `comm`, in slot
+/// order.
+fn gather_all(comm: &dyn Comm, flats: &[Flat], slots: &[Arc<Slot>]) -> FwdResult<Vec<Tensor>> {
+    let mut values = vec![None; slots.len()];
+    for flat in flats {
+        for (i, t) in flat.gather(comm, slots)? {
+            values[i] = Some(t);
+        }
+    }
+    values
+        .into_iter()
+        .map(|v| v.ok_or_else(in_no_flat))
+        .collect()
+}
+
+fn in_no_flat() -> flexmodel_core::Error {
+    flexmodel_core::Error::msg("a streamed weight is in no flat parameter")
 }
 
 fn gather(comm: &dyn Comm, local: &Tensor) -> FwdResult<Tensor> {
