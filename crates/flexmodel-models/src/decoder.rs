@@ -266,6 +266,8 @@ struct Layer {
     site: SiteId,
 }
 
+// One per layer, built once: boxing the larger variant would save nothing that matters.
+#[allow(clippy::large_enum_variant)]
 enum Projections {
     Separate { q: Linear, k: Linear, v: Linear },
     Fused(Linear),

@@ -140,7 +140,13 @@ impl Linear {
     pub(crate) fn head(vb: Vb, embed: &Embedding, tied: bool, bias: bool) -> Result<Self> {
         let (vocab, d_in) = (embed.vocab, embed.weight.stored_dims()[1]);
         if !tied {
-            return Self::new(vb, (d_in, vocab), bias, BS, Parallel::Column(vocab));
+            return Self::new(
+                vb.by_rows(),
+                (d_in, vocab),
+                bias,
+                BS,
+                Parallel::Column(vocab),
+            );
         }
         let rows = Layout::Split {
             dim: 0,
@@ -172,7 +178,16 @@ impl Linear {
             // The input is replicated: its gradient is the sum of every rank's.
             x = tp_copy(&x, tp)?;
         }
-        let mut y = self.apply(&x, &self.wt.get()?)?;
+        // One product, but by blocks of the output's columns for a head kept by rows (FSDP).
+        let mut blocks = Vec::with_capacity(1);
+        self.wt.blocks(|_, wt| {
+            blocks.push(self.apply(&x, &wt)?);
+            Ok(())
+        })?;
+        let mut y = match blocks.len() {
+            1 => blocks.remove(0),
+            _ => Tensor::cat(&blocks, D::Minus1)?,
+        };
         if let Some(tp) = &self.reduce {
             y = all_reduce(&y, tp.as_ref())?;
         }
@@ -276,7 +291,7 @@ impl Embedding {
     /// A token embedding, split over tensor-parallel ranks by vocabulary.
     pub(crate) fn new(vb: Vb, rows: usize, dim: usize) -> Result<Self> {
         let tp = vb.shard().tp.clone();
-        let weight = vb.get_split("weight", (rows, dim), 0, rows)?;
+        let weight = vb.by_rows().get_split("weight", (rows, dim), 0, rows)?;
         let split =
             (tp.size() > 1).then(|| (block(rows, rows, tp.rank(), tp.size()).map(|b| b.0), tp));
         let split = match split {
@@ -319,23 +334,25 @@ impl Embedding {
     pub(crate) fn forward(&self, ids: &Tensor, run: &mut Run) -> FwdResult<Tensor> {
         let ids = run.input(self.site, ids)?;
         let (b, s) = ids.dims2()?;
-        let weight = self.weight.get()?;
-        let dim = weight.dim(1)?;
-        let mut x = match &self.split {
-            None => weight.index_select(&ids.flatten_all()?, 0)?,
-            Some((start, tp)) => {
-                // Rows outside this rank's block look up row 0 and are zeroed; the sum over
-                // ranks then holds every row once.
-                let rows = weight.dim(0)?;
-                let ids = ids.flatten_all()?.to_dtype(DType::I64)?;
-                let local = (ids.affine(1.0, -(*start as f64)))?;
-                let inside = local.ge(0i64)?.mul(&local.lt(rows as i64)?)?;
-                let safe = inside.where_cond(&local, &local.zeros_like()?)?;
-                let rows = weight.index_select(&safe, 0)?;
-                let keep = inside.to_dtype(rows.dtype())?.unsqueeze(1)?;
-                all_reduce(&rows.broadcast_mul(&keep)?, tp.as_ref())?
-            }
-        };
+        let ids = ids.flatten_all()?;
+        let tp_start = self.split.as_ref().map_or(0, |(start, _)| *start);
+        // The table in blocks of rows (one, but the group's under FSDP), each looking up the
+        // ids it holds.
+        let mut x: Option<Tensor> = None;
+        self.weight.blocks(|first, block| {
+            let part = lookup(&ids, &block, tp_start + first, self.vocab)?;
+            x = Some(match x.take() {
+                Some(x) => (x + part)?,
+                None => part,
+            });
+            Ok(())
+        })?;
+        let mut x = x.ok_or_else(|| flexmodel_core::Error::msg("an embedding with no rows"))?;
+        if let Some((_, tp)) = &self.split {
+            // Each rank looked up the rows it holds: the sum holds every row once.
+            x = all_reduce(&x, tp.as_ref())?;
+        }
+        let dim = x.dim(1)?;
         x = x.reshape((b, s, dim))?;
         if let Some(scale) = self.scale {
             let scale = Tensor::new(scale as f32, x.device())?.to_dtype(x.dtype())?;
@@ -343,6 +360,21 @@ impl Embedding {
         }
         run.site(self.site, x)
     }
+}
+
+/// The rows of `table` for `ids`, where `table` holds rows `first..` of a table of `vocab`
+/// rows; an id outside them looks up its first row, zeroed.
+fn lookup(ids: &Tensor, table: &Tensor, first: usize, vocab: usize) -> CResult<Tensor> {
+    let rows = table.dim(0)?;
+    if first == 0 && rows == vocab {
+        return table.index_select(ids, 0);
+    }
+    let local = ids.to_dtype(DType::I64)?.affine(1.0, -(first as f64))?;
+    let inside = local.ge(0i64)?.mul(&local.lt(rows as i64)?)?;
+    let safe = inside.where_cond(&local, &local.zeros_like()?)?;
+    let found = table.index_select(&safe, 0)?;
+    let keep = inside.to_dtype(found.dtype())?.unsqueeze(1)?;
+    found.broadcast_mul(&keep)
 }
 
 /// RMS normalisation, Llama style (`w * x / rms(x)`) or Gemma style (`(1 + w) * ...`),

@@ -14,6 +14,11 @@
 //!   (FSDP's `FlatParameter`: the unit's parameters of one dtype flattened and concatenated,
 //!   padded to a multiple of the group), read from the checkpoint at load, and an all-gather
 //!   over the group makes the unit whole.
+//!
+//! The vocabulary-sized weights under FSDP (token embeddings, LM head) are kept apart, by
+//! [`Rows`]: each rank holds a block of rows, and their modules compute block by block
+//! ([`Param::blocks`]), each block broadcast by the rank that holds it, so that a rank never
+//! holds more than its own rows and one other block of the table.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -47,13 +52,15 @@ pub(crate) enum Param {
     /// Values only while its unit is resident, transformed by `post` on the way out (a
     /// transposed view, Gemma's `1 + w`).
     Streamed { slot: Arc<Slot>, post: Option<Post> },
+    /// A vocabulary-sized weight under FSDP: one block of rows per rank of the group.
+    Rows { rows: Arc<Rows>, post: Option<Post> },
 }
 
 /// A transformation applied to a streamed weight each time it is read.
 pub(crate) type Post = Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
 
 impl Param {
-    /// The weight's values.
+    /// The weight's values (under FSDP by rows, gathered whole: a collective of the group).
     ///
     /// # Errors
     /// A streamed weight whose unit is not resident: a bug in the caller.
@@ -68,12 +75,34 @@ impl Param {
                         slot.name
                     ))
                 })?;
-                Ok(match post {
-                    Some(post) => post(&t)?,
-                    None => t,
-                })
+                apply(post, t)
+            }
+            Param::Rows { rows, post } => apply(post, rows.used(0, rows.whole()?)?),
+        }
+    }
+
+    /// Calls `f(first_row, block)` on blocks of consecutive rows of the weight as stored,
+    /// in order, each transformed as [`get`](Self::get) transforms the whole: one block
+    /// (the whole weight) but under FSDP by rows, where the blocks are the group's, each
+    /// broadcast by its holder (a collective of the group).
+    pub(crate) fn blocks(
+        &self,
+        mut f: impl FnMut(usize, Tensor) -> FwdResult<()>,
+    ) -> FwdResult<()> {
+        let Param::Rows { rows, post } = self else {
+            return f(0, self.get()?);
+        };
+        for holder in 0..rows.comm.size() {
+            let first = holder * rows.per_rank;
+            let n = rows.per_rank.min(rows.dims[0].saturating_sub(first));
+            let local = (rows.comm.rank() == holder).then_some(&rows.local);
+            let block = rows.comm.broadcast(local, holder)?;
+            if n > 0 {
+                let block = block.to_device(rows.local.device())?.narrow(0, 0, n)?;
+                f(first, apply(post, rows.used(first, block)?)?)?;
             }
         }
+        Ok(())
     }
 
     /// This weight, transformed by `f` (at once when resident, on every read when streamed).
@@ -83,16 +112,14 @@ impl Param {
     ) -> Result<Self> {
         Ok(match self {
             Param::Resident(t) => Param::Resident(f(&t)?),
-            Param::Streamed { slot, post } => {
-                let post: Post = match post {
-                    Some(first) => Arc::new(move |t| f(&first(t)?)),
-                    None => Arc::new(f),
-                };
-                Param::Streamed {
-                    slot,
-                    post: Some(post),
-                }
-            }
+            Param::Streamed { slot, post } => Param::Streamed {
+                slot,
+                post: then(post, Arc::new(f)),
+            },
+            Param::Rows { rows, post } => Param::Rows {
+                rows,
+                post: then(post, Arc::new(f)),
+            },
         })
     }
 
@@ -101,8 +128,25 @@ impl Param {
         match self {
             Param::Resident(t) => t.dims(),
             Param::Streamed { slot, .. } => &slot.dims,
+            Param::Rows { rows, .. } => &rows.dims,
         }
     }
+}
+
+/// `first`, then `f`.
+fn then(first: Option<Post>, f: Post) -> Option<Post> {
+    Some(match first {
+        Some(first) => Arc::new(move |t| f(&first(t)?)),
+        None => f,
+    })
+}
+
+/// `t` transformed by `post`, if any.
+fn apply(post: &Option<Post>, t: Tensor) -> FwdResult<Tensor> {
+    Ok(match post {
+        Some(post) => post(&t)?,
+        None => t,
+    })
 }
 
 fn poisoned() -> flexmodel_core::Error {
@@ -141,6 +185,102 @@ impl Slot {
             t
         };
         self.set(Some(t))
+    }
+}
+
+/// A vocabulary-sized weight under FSDP, kept by rows: rank `r` of the group holds rows
+/// `r * per_rank ..` (zero rows past the end pad the last ranks' blocks).
+pub(crate) struct Rows {
+    /// The weight's dims as stored (this tensor-parallel rank's part of them).
+    dims: Vec<usize>,
+    comm: Arc<dyn Comm>,
+    per_rank: usize,
+    /// This rank's rows, `[per_rank, dims[1..]]`.
+    local: Tensor,
+    /// Loaded with gradients: the variables the last pass computed with, by first row.
+    vars: Option<Mutex<Vec<(usize, Tensor)>>>,
+    /// A zero view of its shape (no memory), for the parameter table.
+    pub(crate) placeholder: Tensor,
+    /// Gathers it whole (`FlexModel::parameter`).
+    pub(crate) fetch: Fetch,
+}
+
+impl Rows {
+    /// This rank's rows of `read`, read from the checkpoint (only their bytes).
+    fn new(read: &Read, comm: Arc<dyn Comm>, grad: bool) -> Result<Arc<Self>> {
+        let dims = read.dims();
+        let inner: usize = dims[1..].iter().product();
+        let per_rank = dims[0].div_ceil(comm.size());
+        let first = (comm.rank() * per_rank).min(dims[0]);
+        let last = (first + per_rank).min(dims[0]);
+        let mut local_dims = dims.clone();
+        local_dims[0] = last - first;
+        let mut local = read
+            .read_elements(first * inner..last * inner)?
+            .reshape(local_dims)?;
+        if last - first < per_rank {
+            local = local.pad_with_zeros(0, 0, per_rank - (last - first))?;
+        }
+        let placeholder = read.placeholder()?;
+        Ok(Arc::new_cyclic(|this: &std::sync::Weak<Rows>| {
+            let this = this.clone();
+            let fetch: Fetch = Arc::new(move || {
+                let rows = this
+                    .upgrade()
+                    .ok_or_else(|| flexmodel_core::Error::msg("the model was dropped"))?;
+                rows.whole()
+            });
+            Rows {
+                dims,
+                comm,
+                per_rank,
+                local,
+                vars: grad.then(|| Mutex::new(Vec::new())),
+                placeholder,
+                fetch,
+            }
+        }))
+    }
+
+    /// The whole weight, gathered over the group.
+    fn whole(&self) -> FwdResult<Tensor> {
+        Ok(gather(self.comm.as_ref(), &self.local.flatten_all()?)?
+            .narrow(0, 0, self.dims.iter().product())?
+            .reshape(&*self.dims)?)
+    }
+
+    /// `block` (rows from `first` on) as the forward pass uses it: a variable, kept for its
+    /// gradient, when loaded with gradients.
+    fn used(&self, first: usize, block: Tensor) -> FwdResult<Tensor> {
+        let Some(vars) = &self.vars else {
+            return Ok(block);
+        };
+        let var = candle_core::Var::from_tensor(&block)?.as_tensor().clone();
+        vars.lock()
+            .map_err(|_| poisoned())?
+            .push((first, var.clone()));
+        Ok(var)
+    }
+
+    /// The gradient of the weight from those of the last pass's blocks, summed over the
+    /// group (each rank computed it from its own rows of the batch).
+    fn gradient(&self, grads: &mut GradStore) -> FwdResult<Option<Tensor>> {
+        let Some(vars) = &self.vars else {
+            return Ok(None);
+        };
+        let vars = std::mem::take(&mut *vars.lock().map_err(|_| poisoned())?);
+        if vars.is_empty() {
+            return Ok(None);
+        }
+        let rows = self.dims[0];
+        let mut g = Tensor::zeros(&*self.dims, self.local.dtype(), self.local.device())?;
+        for (first, var) in &vars {
+            if let Some(part) = grads.remove(var) {
+                let n = part.dim(0)?;
+                g = (g + part.pad_with_zeros(0, *first, rows - first - n)?)?;
+            }
+        }
+        Ok(Some(self.comm.all_reduce_sum(&g)?))
     }
 }
 
@@ -186,6 +326,8 @@ pub(crate) struct Builder {
     /// Weights are loaded with gradients.
     grad: bool,
     units: Vec<Pending>,
+    /// The weights kept by rows (FSDP).
+    rows: Vec<Arc<Rows>>,
     /// Where the finished streams go: the parameters' fetch functions read them there.
     done: Arc<OnceLock<Streams>>,
 }
@@ -196,6 +338,7 @@ impl Builder {
             mode,
             grad,
             units: Vec::new(),
+            rows: Vec::new(),
             done: Arc::new(OnceLock::new()),
         }
     }
@@ -215,6 +358,17 @@ impl Builder {
             self.units.resize_with(unit + 1, Pending::default);
         }
         &mut self.units[unit]
+    }
+
+    /// Registers a vocabulary-sized weight: under FSDP kept by rows (this rank's are read
+    /// here), else as [`add`](Self::add) registers it with `unit`.
+    pub(crate) fn add_rows(&mut self, unit: usize, read: Read) -> Result<Param> {
+        let Mode::Fsdp(comm) = &self.mode else {
+            return self.add(unit, read);
+        };
+        let rows = Rows::new(&read, comm.clone(), self.grad)?;
+        self.rows.push(rows.clone());
+        Ok(Param::Rows { rows, post: None })
     }
 
     /// Records that `unit`'s modules use weights of `other`: making `unit` resident makes
@@ -275,6 +429,7 @@ impl Builder {
         // Set once: `finish` consumes the only builder.
         let _ = self.done.set(Streams {
             units,
+            rows: self.rows,
             offload,
             grad: self.grad,
             gather_ahead,
@@ -287,6 +442,7 @@ impl Builder {
 /// The units of a model with streamed weights.
 pub(crate) struct Streams {
     units: Vec<Unit>,
+    rows: Vec<Arc<Rows>>,
     offload: Offload,
     /// Weights are loaded with gradients.
     grad: bool,
@@ -331,6 +487,9 @@ impl Streams {
             for slot in self.units.iter().flat_map(|u| &u.slots) {
                 slot.vars.lock().map_err(|_| poisoned())?.clear();
             }
+            for rows in self.rows.iter().filter_map(|r| r.vars.as_ref()) {
+                rows.lock().map_err(|_| poisoned())?.clear();
+            }
         }
         Ok(())
     }
@@ -356,6 +515,11 @@ impl Streams {
                     Source::Map(_) => g,
                 };
                 grads.insert(&slot.placeholder, g);
+            }
+        }
+        for rows in &self.rows {
+            if let Some(g) = rows.gradient(grads)? {
+                grads.insert(&rows.placeholder, g);
             }
         }
         Ok(())

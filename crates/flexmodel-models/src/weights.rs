@@ -471,6 +471,8 @@ pub(crate) struct Vb {
     streams: Rc<RefCell<Builder>>,
     /// The unit this module's weights stream with (its decoder layer's, or the outer one).
     unit: usize,
+    /// Its weights are vocabulary-sized: kept by rows under FSDP.
+    by_rows: bool,
     path: String,
     /// Where this module's weights are stored, when a checkpoint keeps a legacy name
     /// (GPT-NeoX's `embed_out` for `lm_head`); else `path`.
@@ -489,6 +491,7 @@ impl Vb {
             meta: false,
             streams: Rc::new(RefCell::new(Builder::new(mode, grad))),
             unit: EMBED,
+            by_rows: false,
             path: String::new(),
             weight_path: String::new(),
         }
@@ -505,6 +508,7 @@ impl Vb {
             meta: self.meta,
             streams: self.streams.clone(),
             unit: self.unit,
+            by_rows: self.by_rows,
             path: join(&self.path, &name),
             weight_path: join(&self.weight_path, &name),
         }
@@ -559,7 +563,13 @@ impl Vb {
             .read_of(&self.full(name), &shape, dtype, select)?;
         let meta = self.meta || self.weights.meta;
         if !meta && self.streams.borrow().streams() {
-            let param = self.streams.borrow_mut().add(self.unit, read)?;
+            let mut streams = self.streams.borrow_mut();
+            let param = if self.by_rows {
+                streams.add_rows(self.unit, read)?
+            } else {
+                streams.add(self.unit, read)?
+            };
+            drop(streams);
             self.record(name, &param, layout);
             return Ok(param);
         }
@@ -702,6 +712,15 @@ impl Vb {
         }
     }
 
+    /// This module, whose weights are vocabulary-sized (token embeddings, LM head): under
+    /// FSDP they are kept by rows and used block by block ([`Param::blocks`]).
+    pub(crate) fn by_rows(&self) -> Self {
+        Self {
+            by_rows: true,
+            ..self.clone()
+        }
+    }
+
     /// This rank's part of the model.
     pub(crate) fn shard(&self) -> &Shard {
         &self.shard
@@ -722,6 +741,9 @@ impl Vb {
                 // whenever this one is.
                 self.streams.borrow_mut().need(self.unit, slot.unit);
                 params.insert_streamed(name, slot.placeholder.clone(), layout, slot.fetch.clone());
+            }
+            Param::Rows { rows, .. } => {
+                params.insert_streamed(name, rows.placeholder.clone(), layout, rows.fetch.clone());
             }
         }
     }
