@@ -4,7 +4,7 @@
 //! before the layers), each decoder layer, and the head (final norm, head). A module holds its
 //! weights as [`Param`]s; a streamed one is a [`Slot`] that holds values only while its unit is
 //! [resident](Streams::resident): the forward pass makes each unit resident just while it
-//! computes (a tied head makes the embeddings resident again).
+//! computes (a tied head makes the embeddings resident again, unless they are kept by rows).
 //! Where the values come from is the unit's [`Source`]:
 //! - offload: read from the checkpoint (this rank's slices, as at load); on the CPU a thread
 //!   reads the next unit while this one computes (on other devices the kernel is asked to read
