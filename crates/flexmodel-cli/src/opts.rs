@@ -16,18 +16,19 @@ use crate::safetensors_io;
 /// Which model to load.
 #[derive(clap::Args)]
 pub struct ModelOpts {
-    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or a Hub
+    /// name (`gpt2`, `org/name@revision`) in the local Hugging Face cache (`hf download`).
     /// Default: the model bundled in the repository, a small Llama trained on Python's
     /// standard library (models/stdlib-llama).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR|NAME")]
     pub model: Option<PathBuf>,
 }
 
 impl ModelOpts {
-    /// The model directory, checked to exist.
+    /// The model directory (a Hub name's snapshot in the cache), checked to exist.
     pub fn dir(&self) -> Result<PathBuf> {
         let dir = match &self.model {
-            Some(dir) => dir.clone(),
+            Some(model) => flexmodel::resolve(model)?,
             None => bundled_model()?,
         };
         if !dir.join("config.json").exists() {

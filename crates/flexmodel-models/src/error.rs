@@ -77,6 +77,15 @@ pub enum Error {
         message: String,
     },
 
+    /// A model that is neither a directory nor a Hub model in the local Hub cache.
+    #[error("{}", model_not_found(model, cache.as_deref()))]
+    ModelNotFound {
+        /// What was asked for.
+        model: String,
+        /// The Hub cache searched, when `model` can be a Hub name.
+        cache: Option<PathBuf>,
+    },
+
     /// The directory holds no weights.
     #[error(
         "no weights in {}: expected model.safetensors or model.safetensors.index.json",
@@ -113,6 +122,22 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+fn model_not_found(model: &str, cache: Option<&std::path::Path>) -> String {
+    let Some(cache) = cache else {
+        return format!(
+            "`{model}` is not a model directory: pass a directory holding config.json and \
+             *.safetensors, or a Hugging Face Hub name (`org/name`, `org/name@revision`)"
+        );
+    };
+    format!(
+        "`{model}` is not a model directory, nor a model in the Hugging Face cache {}: pass a \
+         directory holding config.json and *.safetensors, or download the Hub model first \
+         (`hf download {model}`; from Python, `flexmodel.load(\"{model}\")` downloads it when \
+         huggingface_hub is installed)",
+        cache.display()
+    )
 }
 
 fn nearest_names(names: &[String]) -> String {

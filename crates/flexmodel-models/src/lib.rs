@@ -31,6 +31,7 @@ mod gemma2;
 mod gemma3;
 mod gpt2;
 mod gpt_neox;
+mod hub;
 mod kernels;
 mod llama;
 mod mixtral;
@@ -61,6 +62,7 @@ use crate::attention::Pass;
 
 pub use device::device;
 pub use error::{Error, Result};
+pub use hub::{hub_name, resolve};
 pub use stream::Offload;
 pub use tokenizer::{Tokenizer, generation_tokens, pad_left, pad_right};
 
@@ -144,7 +146,8 @@ fn mode(options: &LoadOptions) -> Result<Mode> {
     })
 }
 
-/// Loads the model in `dir`.
+/// Loads the model in `dir`: a Hugging Face model directory, or a Hub name (`org/name`,
+/// `org/name@revision`) already in the local Hub cache (see [`resolve`]).
 ///
 /// On Linux with glibc, the first call also tunes the C allocator for model runs: blocks up
 /// to 32 MiB stay in the heap once freed (`M_MMAP_THRESHOLD`), and so does up to 1 GiB of free
@@ -156,7 +159,7 @@ fn mode(options: &LoadOptions) -> Result<Mode> {
 /// A missing or malformed file, an unsupported architecture or config option, a tensor missing
 /// from the checkpoint or of the wrong shape; each error names the offending value.
 pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Box<dyn Model>> {
-    let dir = dir.as_ref();
+    let dir = &resolve(dir)?;
     let cfg = RawConfig::read(dir)?;
     check_dtype(options.dtype)?;
     alloc::keep_freed_buffers();
@@ -181,7 +184,7 @@ pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Box<dyn Mode
 /// # Errors
 /// As [`load`], except for the weights' contents.
 pub fn sites(dir: impl AsRef<Path>) -> Result<SiteTable> {
-    let dir = dir.as_ref();
+    let dir = &resolve(dir)?;
     let cfg = RawConfig::read(dir)?;
     let weights = Weights::open(dir, DType::F32, &Device::Cpu, true, false)?;
     let shard = Shard::of(&cfg, &Grid::single())?;

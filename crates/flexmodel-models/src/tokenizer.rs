@@ -13,12 +13,14 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// Reads `dir/tokenizer.json`.
+    /// Reads `dir/tokenizer.json` (`dir`: a model directory or a cached Hub name, as
+    /// [`crate::load`] takes).
     ///
     /// # Errors
-    /// [`Error::NoTokenizer`] when the file is absent, [`Error::Tokenizer`] when it is invalid.
+    /// [`Error::ModelNotFound`] for neither, [`Error::NoTokenizer`] when the file is absent,
+    /// [`Error::Tokenizer`] when it is invalid.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref();
+        let dir = &crate::resolve(dir)?;
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(Error::NoTokenizer {

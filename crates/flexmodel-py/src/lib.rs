@@ -18,6 +18,8 @@ fn _flexmodel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyTokenizer>()?;
     m.add_class::<tensor::RawTensor>()?;
     m.add_function(wrap_pyfunction!(model::load, m)?)?;
+    m.add_function(wrap_pyfunction!(model::resolve, m)?)?;
+    m.add_function(wrap_pyfunction!(model::hub_name, m)?)?;
     m.add_function(wrap_pyfunction!(model::read_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(dist::rank, m)?)?;
     m.add_function(wrap_pyfunction!(dist::world_size, m)?)?;

@@ -183,6 +183,18 @@ pub(crate) fn raw(t: &Tensor) -> PyResult<RawTensor> {
     RawTensor::read_only(t)
 }
 
+/// The model directory `model` names: itself, or a Hub name's snapshot in the local cache.
+#[pyfunction]
+pub(crate) fn resolve(model: PathBuf) -> PyResult<PathBuf> {
+    flexmodel::resolve(&model).map_err(|e| error::load(&e))
+}
+
+/// `(repo, revision)` when `model` can be a Hugging Face Hub name, else `None`.
+#[pyfunction]
+pub(crate) fn hub_name(model: &str) -> Option<(String, String)> {
+    flexmodel::hub_name(model).map(|(repo, revision)| (repo.to_string(), revision.to_string()))
+}
+
 /// Loads the Hugging Face model in `dir`; under `mpirun`, this rank's part of it.
 #[pyfunction]
 #[pyo3(signature = (dir, dtype = "float32", device = "cpu", tp = 1, pp = 1, dp = 1, fsdp = 1, offload = None, micro_batches = 0, requires_grad = false))]

@@ -210,8 +210,11 @@ def test_shape_and_dtype_errors_name_both():
 
 
 def test_load_errors():
-    with pytest.raises(flexmodel.LoadError, match="cannot read .*config.json") as e:
+    with pytest.raises(flexmodel.LoadError, match="nope` is not a model directory: pass a "
+                       "directory holding config.json"):
         flexmodel.load(TINY.parent / "nope")
+    with pytest.raises(flexmodel.LoadError, match="cannot read .*config.json") as e:
+        flexmodel.load(TINY.parent)  # a directory, without config.json
     assert str(e.value).count("No such file") == 1
     with pytest.raises(flexmodel.InputError, match="float32, float16 or bfloat16, not int64"):
         flexmodel.load(TINY, dtype="int64")

@@ -42,7 +42,7 @@ pub use flexmodel_core::{
 pub use flexmodel_core::{rng, site};
 pub use flexmodel_models::{
     Error as LoadError, LoadOptions, Offload, SUPPORTED, Tokenizer, device, generation_tokens,
-    load, pad_left, pad_right, sites,
+    hub_name, load, pad_left, pad_right, resolve, sites,
 };
 
 /// The README's Rust examples, compiled as doctests.

@@ -401,3 +401,64 @@ fn grad_of_every_decoder_layer_matches_reference_for_every_arch() {
         }
     }
 }
+
+/// `--model org/name` reads the Hub model's snapshot in the local Hugging Face cache (laid out
+/// as huggingface_hub lays it out) and computes what the directory computes; a name that is
+/// not there is exit 1 saying where it looked and how to download.
+#[test]
+fn hub_names_resolve_in_the_local_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let folder = cache.join("models--tiny-org--llama");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = folder.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(folder.join("blobs")).unwrap();
+    let model = model_dir("llama");
+    for f in ["config.json", "model.safetensors"] {
+        let blob = folder.join("blobs").join(f);
+        std::fs::copy(model.join(f), &blob).unwrap();
+        std::os::unix::fs::symlink(&blob, snapshot.join(f)).unwrap();
+    }
+    std::fs::create_dir_all(folder.join("refs")).unwrap();
+    std::fs::write(folder.join("refs").join("main"), commit).unwrap();
+    let ids = model.join("reference.safetensors");
+    let run = |model: &str, out: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flexmodel"))
+            .args(["run", "--model", model, "--input-ids", path_str(&ids)])
+            .args(["--out", path_str(out)])
+            .env("HF_HUB_CACHE", &cache)
+            .env("RAYON_NUM_THREADS", "1")
+            .output()
+            .unwrap()
+    };
+    let (by_dir, by_name) = (tmp.path().join("dir.st"), tmp.path().join("name.st"));
+    assert!(run(path_str(&model), &by_dir).status.success());
+    for (i, name) in ["tiny-org/llama", &format!("tiny-org/llama@{commit}")]
+        .iter()
+        .enumerate()
+    {
+        let out = run(name, &by_name);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_close(
+            &format!("logits of {name} ({i})"),
+            &load(&by_name)["logits"],
+            &load(&by_dir)["logits"],
+            0.0,
+        );
+    }
+    let out = run("tiny-org/absent", &by_name);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "nor a model in the Hugging Face cache {}",
+            cache.display()
+        )) && err.contains("hf download tiny-org/absent"),
+        "{err}"
+    );
+}

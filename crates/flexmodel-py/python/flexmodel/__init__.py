@@ -34,6 +34,8 @@ from .errors import InputError
 
 __all__ = [
     "load",
+    "model_dir",
+    "HUB_FILES",
     "FlexModel",
     "HookFunction",
     "HookContext",
@@ -833,8 +835,13 @@ def load(
     requires_grad: bool = False,
     framework: str = "numpy",
 ) -> FlexModel:
-    """Loads the Hugging Face model in ``dir`` (config.json, *.safetensors, tokenizer.json)
-    and wraps it for hooks.
+    """Loads a Hugging Face model and wraps it for hooks.
+
+    ``dir`` is a model directory (config.json, *.safetensors, tokenizer.json) or a Hub name
+    (``"gpt2"``, ``"org/name"``, ``"org/name@revision"``): found in the local Hugging Face cache
+    (``$HF_HUB_CACHE``, ``$HF_HOME/hub``, ``~/.cache/huggingface/hub``), else downloaded there
+    through ``huggingface_hub`` when it is installed (its configuration applies: ``HF_TOKEN``
+    for gated models, ``HF_HUB_OFFLINE``); only the JSON and safetensors files are fetched.
 
     Args:
         dtype: what it computes in: "float32" (the fast choice on CPUs), "float16", "bfloat16".
@@ -859,16 +866,48 @@ def load(
     """
     _check_framework(framework)  # before any weight is read
     native = _native.load(
-        os.fspath(dir), dtype, device, tp, pp, dp, fsdp, offload, micro_batches, requires_grad
+        model_dir(dir), dtype, device, tp, pp, dp, fsdp, offload, micro_batches, requires_grad
     )
     return FlexModel(native, framework)
 
 
+#: The files of a Hub model that loading reads (no PyTorch, TensorFlow or ONNX weights).
+HUB_FILES = ["*.json", "*.safetensors"]
+
+
+def model_dir(model: Union[str, os.PathLike]) -> str:
+    """The directory of ``model``: itself when it is a directory, else the Hub model's
+    snapshot in the local Hugging Face cache, downloaded first (``HUB_FILES`` only) through
+    ``huggingface_hub`` when it is not there and that package is installed. Under ``mpirun``
+    every rank may call it: huggingface_hub locks the cache's files while it downloads."""
+    path = os.fspath(model)
+    try:
+        return os.fspath(_native.resolve(path))
+    except _errors.LoadError as not_found:
+        hub = _native.hub_name(path)
+        if hub is None:
+            raise
+        try:
+            import huggingface_hub
+        except ImportError:
+            raise not_found from None
+        repo, revision = hub
+        try:
+            return huggingface_hub.snapshot_download(
+                repo, revision=revision, allow_patterns=HUB_FILES
+            )
+        except Exception as e:
+            raise _errors.LoadError(
+                f"`{path}` is not a model directory, and downloading {repo}@{revision} from the "
+                f"Hugging Face Hub failed: {type(e).__name__}: {e}"
+            ) from e
+
+
 class Tokenizer:
-    """A model directory's tokenizer (tokenizer.json)."""
+    """A model's tokenizer (tokenizer.json), of a directory or a Hub name as ``load`` takes."""
 
     def __init__(self, dir: Union[str, os.PathLike]):
-        self._native = _native.Tokenizer(os.fspath(dir))
+        self._native = _native.Tokenizer(model_dir(dir))
 
     def encode(self, text: str) -> list:
         """The token ids of ``text``."""
