@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The Python package's tests: makes the venv once (.venv: numpy, ml_dtypes, pytest, maturin,
-# huggingface_hub for downloads from a stand-in Hub server, and PyPI's torch without its CUDA
-# libraries, as scripts/setup-ref-venv.sh does), builds the package into it with MPI (maturin
-# develop), then runs pytest. The CLI the tests compare with is the
-# one `cargo test` built (target/debug/flexmodel). Extra arguments go to pytest.
+# huggingface_hub for downloads from a stand-in Hub server, cloudpickle for flexmodel.Job, and
+# PyPI's torch without its CUDA libraries, as scripts/setup-ref-venv.sh does), builds the
+# package into it with MPI (maturin develop), then runs pytest. The CLI the tests compare with
+# is the one `cargo test` built (target/debug/flexmodel). Extra arguments go to pytest.
 #
 #   bash scripts/test-python.sh                 # every Python test
 #   bash scripts/test-python.sh -k gradients    # some
@@ -14,9 +14,9 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 py=$venv/bin/python
-"$py" -c 'import numpy, ml_dtypes, pytest, maturin, huggingface_hub' 2>/dev/null ||
+"$py" -c 'import numpy, ml_dtypes, pytest, maturin, huggingface_hub, cloudpickle' 2>/dev/null ||
     "$venv/bin/pip" install -q numpy==2.4.6 ml-dtypes==0.7.0 pytest==9.2.0 maturin==1.16.0 \
-        huggingface_hub==2.4.0
+        huggingface_hub==2.4.0 cloudpickle==3.1.3
 if ! "$py" -c 'import torch' 2>/dev/null; then
     # Anything that depends on torch goes in with --no-deps: pip would fetch ~3 GB of CUDA.
     "$venv/bin/pip" install -q --no-deps torch==2.15.0

@@ -99,6 +99,16 @@ pub trait Comm: Send + Sync {
     /// The communication library failed.
     fn barrier(&self) -> Result<()>;
 
+    /// [`barrier`](Self::barrier) for ranks that may wait long (a driven job's ranks between
+    /// runs): where the backend can, the wait sleeps instead of spinning, at the price of up
+    /// to a few milliseconds after the last rank arrives.
+    ///
+    /// # Errors
+    /// The communication library failed.
+    fn idle_barrier(&self) -> Result<()> {
+        self.barrier()
+    }
+
     /// Seconds this rank spent, since the last call, waiting at gathers for the other ranks to
     /// arrive (load imbalance, not transfer), where the backend can tell; else 0.
     fn take_waiting(&self) -> f64 {

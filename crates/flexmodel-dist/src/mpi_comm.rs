@@ -1,7 +1,7 @@
 //! The MPI communicator: tensors travel as bytes (dtype, shape, data) through the `mpi` crate.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use flexmodel_core::wire::{self, HEADER_LEN, Header};
@@ -466,6 +466,22 @@ impl Comm for MpiComm {
     fn barrier(&self) -> Result<()> {
         self.comm().barrier();
         Ok(())
+    }
+
+    fn idle_barrier(&self) -> Result<()> {
+        let comm = self.comm();
+        let mut request = comm.immediate_barrier();
+        // Polled with sleeps growing to 5 ms: an idle rank costs no CPU, a waiting one loses
+        // at most 5 ms.
+        let mut pause = Duration::from_micros(50);
+        loop {
+            match request.test() {
+                Ok(_) => return Ok(()),
+                Err(pending) => request = pending,
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
     }
 
     fn concurrent(&self) -> bool {

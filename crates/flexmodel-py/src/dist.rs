@@ -4,8 +4,10 @@
 
 use std::sync::{Arc, Mutex, Weak};
 
+use candle_core::Tensor;
 use flexmodel::{Comm, Device, FlexModel, Grid, Parallelism};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
 /// The world communicator, once started; taken at exit.
 static WORLD: Mutex<Option<Arc<dyn Comm>>> = Mutex::new(None);
@@ -63,6 +65,40 @@ pub(crate) fn rank() -> PyResult<usize> {
 #[pyfunction]
 pub(crate) fn world_size() -> PyResult<usize> {
     Ok(world()?.size())
+}
+
+/// Waits for every rank, sleeping while it waits: where a [`flexmodel.Job`]'s ranks wait for
+/// the next run.
+#[pyfunction]
+pub(crate) fn idle_barrier(py: Python<'_>) -> PyResult<()> {
+    let world = world()?;
+    py.detach(|| world.idle_barrier())
+        .map_err(|e| crate::error::distributed(&e))
+}
+
+/// `data` of rank 0, on every rank (the others pass `None`): what a [`flexmodel.Job`]'s rank
+/// 0 hands the others.
+#[pyfunction]
+pub(crate) fn broadcast_bytes(py: Python<'_>, data: Option<Vec<u8>>) -> PyResult<Py<PyBytes>> {
+    let world = world()?;
+    let sent = match (data, world.rank()) {
+        (Some(bytes), 0) => {
+            let n = bytes.len();
+            Some(Tensor::from_vec(bytes, n, &Device::Cpu).map_err(crate::error::candle)?)
+        }
+        (None, rank) if rank != 0 => None,
+        _ => {
+            return Err(crate::error::raise(
+                "InputError",
+                "broadcast_bytes: rank 0 passes the bytes, every other rank None".to_string(),
+            ));
+        }
+    };
+    let got = py
+        .detach(|| world.broadcast(sent.as_ref(), 0))
+        .map_err(|e| crate::error::distributed(&e))?;
+    let bytes = got.to_vec1::<u8>().map_err(crate::error::candle)?;
+    Ok(PyBytes::new(py, &bytes).unbind())
 }
 
 /// Whether this binary was built with MPI support (the `mpi` feature).

@@ -24,6 +24,8 @@ fn _flexmodel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dist::rank, m)?)?;
     m.add_function(wrap_pyfunction!(dist::world_size, m)?)?;
     m.add_function(wrap_pyfunction!(dist::has_mpi, m)?)?;
+    m.add_function(wrap_pyfunction!(dist::broadcast_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(dist::idle_barrier, m)?)?;
     m.add_function(wrap_pyfunction!(dist::abort, m)?)?;
     m.add_function(wrap_pyfunction!(dist::shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(analysis::logit_lens, m)?)?;

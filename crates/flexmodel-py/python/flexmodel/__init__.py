@@ -52,6 +52,7 @@ __all__ = [
     "rank",
     "world_size",
     "is_main",
+    "Job",
     "SUPPORTED",
     "HAS_MPI",
     "HAS_CUDA",
@@ -1055,6 +1056,8 @@ def _end_job_on_uncaught(default_hook):
 
     return hook
 
+
+from .job import Job  # noqa: E402  (after the names a job's ranks use)
 
 # Outside an MPI launcher the world is this process alone (MPI does not start).
 if _native.has_mpi() and world_size() > 1:
