@@ -55,7 +55,8 @@ def test_a_cached_hub_model_loads_as_its_directory(hub_cache):
         fm = flexmodel.load(name)
         assert_close(name, fm(PROMPT), want, 0.0)
         assert fm.tokenizer.encode("def f") == flexmodel.Tokenizer(TINY).encode("def f")
-    assert flexmodel.Tokenizer("tiny-org/tiny-llama").encode("def f") == fm.tokenizer.encode("def f")
+    by_name = flexmodel.Tokenizer("tiny-org/tiny-llama")
+    assert by_name.encode("def f") == fm.tokenizer.encode("def f")
 
 
 def test_a_directory_wins_over_a_hub_name(hub_cache, monkeypatch):

@@ -6,14 +6,14 @@ itself started by ``mpirun``.
     logits = job.run(lambda state, ids: state["fm"](ids), [[1, 5, 9]])   # rank 0's result
     job.close()
 
-Every ``run(fn, *args)`` calls ``fn(state, *args)`` on every rank (the same program on each,
-as under ``mpirun -n N python script.py``) and returns what rank 0 returned; ``state`` is a
-dict each rank keeps between runs, where a loaded model lives. Functions and arguments travel
-with cloudpickle (functions defined in a notebook included), through a directory the job's
-rank 0 shares with this process, where rank 0 also leaves each answer; mpirun carries only a
-line per run to rank 0's standard input. What the ranks print shows here. An exception on any rank, or a
-rank that dies, ends the job (as under mpirun: its traceback shows, then every rank stops)
-and the pending run raises ``DistributedError``.
+Every ``run(fn, *args)`` calls ``fn(state, *args)`` on every rank (the same program on each, as
+under ``mpirun -n N python script.py``) and returns what rank 0 returned; ``state`` is a dict
+each rank keeps between runs, where a loaded model lives. Functions and arguments travel with
+cloudpickle (functions defined in a notebook included), through a directory the job's rank 0
+shares with this process, where rank 0 also leaves each answer; mpirun carries only a line per
+run to rank 0's standard input. What the ranks print shows here. An exception on any rank, or a
+rank that dies, ends the job (as under mpirun: its traceback shows, then every rank stops) and
+the pending run raises ``DistributedError``.
 
 The ranks run ``python -m flexmodel._job_ranks DIR``.
 """
