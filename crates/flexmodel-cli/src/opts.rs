@@ -67,7 +67,8 @@ pub struct ComputeOpts {
     /// Keep only the layers being computed in memory, reading each from the checkpoint as the
     /// pass reaches it: `cpu` leaves the weights in the page cache, `disk` drops them from
     /// it too (for models larger than memory). Peak memory: about two layers plus the
-    /// embeddings, head and activations.
+    /// embeddings, head and activations. With `--fsdp`, each rank reads its shard of a layer
+    /// just before the layer is gathered and keeps none.
     #[arg(long, value_enum, value_name = "WHERE")]
     pub offload: Option<OffloadTo>,
 }

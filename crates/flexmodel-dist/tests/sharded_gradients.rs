@@ -1,6 +1,6 @@
 //! Weight gradients of weights that are not resident equal one process's: under fsdp2 (each
-//! rank's gradient from its own rows, summed over the group) and with `--offload disk` (in one
-//! process), for every parameter of Llama and of GPT-2 (whose head is tied to the embeddings:
+//! rank's gradient from its own rows, summed over the group), under fsdp2 with its shards
+//! offloaded, and with `--offload disk` (in one process), for every parameter of Llama and of GPT-2 (whose head is tied to the embeddings:
 //! the unit is resident twice per pass, both uses add up). The test starts itself under
 //! `mpirun` on 2 ranks; rank 0 also runs the references.
 #![cfg(feature = "mpi")]
@@ -42,6 +42,7 @@ fn check() {
     let grid = Grid::new(world, fsdp2).unwrap();
     for arch in ["llama", "gpt2"] {
         let sharded = weight_grads(arch, grid.clone(), Offload::None);
+        let sharded_offloaded = weight_grads(arch, grid.clone(), Offload::Disk);
         if !grid.is_root() {
             continue;
         }
@@ -54,7 +55,12 @@ fn check() {
                 .1
                 .get(weight)
                 .expect("a resident weight's gradient");
-            for (what, (fm, grads)) in [("fsdp2", &sharded), ("offload disk", &streamed)] {
+            let all = [
+                ("fsdp2", &sharded),
+                ("fsdp2 offload disk", &sharded_offloaded),
+                ("offload disk", &streamed),
+            ];
+            for (what, (fm, grads)) in all {
                 let placeholder = fm.model().parameters().get(name).unwrap();
                 let got = grads
                     .get(placeholder)

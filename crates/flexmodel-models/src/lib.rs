@@ -135,14 +135,10 @@ fn mode(options: &LoadOptions) -> Result<Mode> {
     Ok(match (fsdp, options.offload) {
         (false, Offload::None) => Mode::Resident,
         (false, offload) => Mode::Offload(offload),
-        (true, Offload::None) => Mode::Fsdp(options.grid.fsdp.clone()),
-        (true, offload) => {
-            return Err(Error::unsupported(
-                "offload",
-                format!("{offload:?} with FSDP"),
-                "FSDP already keeps 1/N of every weight per rank: use one of them",
-            ));
-        }
+        (true, offload) => Mode::Fsdp {
+            comm: options.grid.fsdp.clone(),
+            offload,
+        },
     })
 }
 

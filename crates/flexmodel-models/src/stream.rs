@@ -20,6 +20,7 @@
 //! ([`Param::blocks`]), each block broadcast by the rank that holds it, so that a rank never
 //! holds more than its own rows and one other block of the table.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backprop::GradStore;
@@ -95,10 +96,15 @@ impl Param {
         for holder in 0..rows.comm.size() {
             let first = holder * rows.per_rank;
             let n = rows.per_rank.min(rows.dims[0].saturating_sub(first));
-            let local = (rows.comm.rank() == holder).then_some(&rows.local);
-            let block = rows.comm.broadcast(local, holder)?;
+            let local = match rows.comm.rank() == holder {
+                true => Some(rows.local.get()?),
+                false => None,
+            };
+            let block = rows.comm.broadcast(local.as_ref(), holder)?;
             if n > 0 {
-                let block = block.to_device(rows.local.device())?.narrow(0, 0, n)?;
+                let block = block
+                    .to_device(rows.placeholder.device())?
+                    .narrow(0, 0, n)?;
                 f(first, apply(post, rows.used(first, block)?)?)?;
             }
         }
@@ -196,7 +202,7 @@ pub(crate) struct Rows {
     comm: Arc<dyn Comm>,
     per_rank: usize,
     /// This rank's rows, `[per_rank, dims[1..]]`.
-    local: Tensor,
+    local: Local,
     /// Loaded with gradients: the variables the last pass computed with, by first row.
     vars: Option<Mutex<Vec<(usize, Tensor)>>>,
     /// A zero view of its shape (no memory), for the parameter table.
@@ -206,21 +212,18 @@ pub(crate) struct Rows {
 }
 
 impl Rows {
-    /// This rank's rows of `read`, read from the checkpoint (only their bytes).
-    fn new(read: &Read, comm: Arc<dyn Comm>, grad: bool) -> Result<Arc<Self>> {
+    /// This rank's rows of `read` (only their bytes are read from the checkpoint, now or,
+    /// with offload, each time they are used).
+    fn new(read: &Read, comm: Arc<dyn Comm>, offload: Offload, grad: bool) -> Result<Arc<Self>> {
         let dims = read.dims();
         let inner: usize = dims[1..].iter().product();
         let per_rank = dims[0].div_ceil(comm.size());
         let first = (comm.rank() * per_rank).min(dims[0]);
         let last = (first + per_rank).min(dims[0]);
         let mut local_dims = dims.clone();
-        local_dims[0] = last - first;
-        let mut local = read
-            .read_elements(first * inner..last * inner)?
-            .reshape(local_dims)?;
-        if last - first < per_rank {
-            local = local.pad_with_zeros(0, 0, per_rank - (last - first))?;
-        }
+        local_dims[0] = per_rank;
+        let piece = (read.clone(), first * inner..last * inner);
+        let local = Local::new(vec![piece], local_dims, read, offload)?;
         let placeholder = read.placeholder()?;
         Ok(Arc::new_cyclic(|this: &std::sync::Weak<Rows>| {
             let this = this.clone();
@@ -244,9 +247,11 @@ impl Rows {
 
     /// The whole weight, gathered over the group.
     fn whole(&self) -> FwdResult<Tensor> {
-        Ok(gather(self.comm.as_ref(), &self.local.flatten_all()?)?
-            .narrow(0, 0, self.dims.iter().product())?
-            .reshape(&*self.dims)?)
+        Ok(
+            gather(self.comm.as_ref(), &self.local.get()?.flatten_all()?)?
+                .narrow(0, 0, self.dims.iter().product())?
+                .reshape(&*self.dims)?,
+        )
     }
 
     /// `block` (rows from `first` on) as the forward pass uses it: a variable, kept for its
@@ -273,7 +278,8 @@ impl Rows {
             return Ok(None);
         }
         let rows = self.dims[0];
-        let mut g = Tensor::zeros(&*self.dims, self.local.dtype(), self.local.device())?;
+        let (dtype, device) = (self.placeholder.dtype(), self.placeholder.device());
+        let mut g = Tensor::zeros(&*self.dims, dtype, device)?;
         for (first, var) in &vars {
             if let Some(part) = grads.remove(var) {
                 let n = part.dim(0)?;
@@ -297,8 +303,12 @@ fn on_forward(e: Error) -> flexmodel_core::Error {
 pub(crate) enum Mode {
     Resident,
     Offload(Offload),
-    /// Sharded over this FSDP group.
-    Fsdp(Arc<dyn Comm>),
+    /// Sharded over this FSDP group; with offload, a rank's shards are read from the
+    /// checkpoint each time they are gathered instead of kept.
+    Fsdp {
+        comm: Arc<dyn Comm>,
+        offload: Offload,
+    },
 }
 
 /// The unit of the embeddings (and what else the first stage computes before the layers).
@@ -363,10 +373,10 @@ impl Builder {
     /// Registers a vocabulary-sized weight: under FSDP kept by rows (this rank's are read
     /// here), else as [`add`](Self::add) registers it with `unit`.
     pub(crate) fn add_rows(&mut self, unit: usize, read: Read) -> Result<Param> {
-        let Mode::Fsdp(comm) = &self.mode else {
+        let Mode::Fsdp { comm, offload } = &self.mode else {
             return self.add(unit, read);
         };
-        let rows = Rows::new(&read, comm.clone(), self.grad)?;
+        let rows = Rows::new(&read, comm.clone(), *offload, self.grad)?;
         self.rows.push(rows.clone());
         Ok(Param::Rows { rows, post: None })
     }
@@ -423,7 +433,7 @@ impl Builder {
         // The next FSDP unit is gathered on a thread, over a communicator of its own, where
         // MPI lets two threads communicate at once.
         let gather_ahead = match &self.mode {
-            Mode::Fsdp(comm) if comm.concurrent() => Some(comm.split(0, comm.rank())?),
+            Mode::Fsdp { comm, .. } if comm.concurrent() => Some(comm.split(0, comm.rank())?),
             _ => None,
         };
         // Set once: `finish` consumes the only builder.
@@ -603,7 +613,7 @@ enum Source {
 /// The unit's weights of one dtype, flattened and concatenated; this rank holds `local`.
 #[derive(Clone)]
 struct Flat {
-    local: Tensor,
+    local: Local,
     /// Per weight: its slot index, first element in the flat parameter, element count.
     members: Vec<(usize, usize, usize)>,
 }
@@ -613,8 +623,8 @@ impl Unit {
         let needs = pending.needs;
         let (slots, reads): (Vec<_>, Vec<_>) = pending.slots.into_iter().unzip();
         let source = match mode {
-            Mode::Fsdp(comm) => Source::Flat {
-                flats: flat_shards(&reads, comm.as_ref())?,
+            Mode::Fsdp { comm, offload } => Source::Flat {
+                flats: flat_shards(&reads, comm.as_ref(), *offload)?,
                 comm: comm.clone(),
             },
             _ => Source::Map(reads),
@@ -668,11 +678,71 @@ impl Unit {
 impl Flat {
     /// The whole flat parameter gathered over `comm`, as `(slot index, values)` per weight.
     fn gather(&self, comm: &dyn Comm, slots: &[Arc<Slot>]) -> FwdResult<Vec<(usize, Tensor)>> {
-        let whole = gather(comm, &self.local)?;
+        let whole = gather(comm, &self.local.get()?)?;
         self.members
             .iter()
             .map(|&(i, start, len)| Ok((i, whole.narrow(0, start, len)?.reshape(&*slots[i].dims)?)))
             .collect()
+    }
+}
+
+/// This rank's piece of a sharded weight (a flat parameter's chunk, a block of rows): element
+/// ranges of checkpoint weights, concatenated and padded with zeros to `dims`. Kept, or with
+/// offload read from the checkpoint each time it is used.
+#[derive(Clone)]
+struct Local {
+    pieces: Vec<(Read, Range<usize>)>,
+    dims: Vec<usize>,
+    /// Of the padding, which a rank past the end of the weights holds only.
+    like: Tensor,
+    offload: Offload,
+    kept: Option<Tensor>,
+}
+
+impl Local {
+    /// `pieces` of weights like `like` (its dtype and device).
+    fn new(
+        pieces: Vec<(Read, Range<usize>)>,
+        dims: Vec<usize>,
+        like: &Read,
+        offload: Offload,
+    ) -> Result<Self> {
+        let mut local = Local {
+            pieces,
+            dims,
+            like: like.placeholder()?,
+            offload,
+            kept: None,
+        };
+        if offload == Offload::None {
+            local.kept = Some(local.read()?);
+        }
+        Ok(local)
+    }
+
+    /// Its values.
+    fn get(&self) -> FwdResult<Tensor> {
+        match &self.kept {
+            Some(t) => Ok(t.clone()),
+            None => self.read(),
+        }
+    }
+
+    fn read(&self) -> FwdResult<Tensor> {
+        let mut parts = Vec::with_capacity(self.pieces.len() + 1);
+        for (read, range) in &self.pieces {
+            parts.push(read.read_elements(range.clone()).map_err(on_forward)?);
+            if self.offload == Offload::Disk {
+                read.drop_cached();
+            }
+        }
+        let len: usize = self.dims.iter().product();
+        let have: usize = self.pieces.iter().map(|(_, r)| r.len()).sum();
+        if have < len {
+            let (dtype, device) = (self.like.dtype(), self.like.device());
+            parts.push(Tensor::zeros(len - have, dtype, device)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?.reshape(&*self.dims)?)
     }
 }
 
@@ -716,7 +786,7 @@ fn gather(comm: &dyn Comm, local: &Tensor) -> FwdResult<Tensor> {
 
 /// This rank's chunks of the flat parameters of `reads` (one per dtype, in first-seen order),
 /// reading from the checkpoint only the elements in them.
-fn flat_shards(reads: &[Read], comm: &dyn Comm) -> Result<Vec<Flat>> {
+fn flat_shards(reads: &[Read], comm: &dyn Comm, offload: Offload) -> Result<Vec<Flat>> {
     let (rank, world) = (comm.rank(), comm.size());
     let mut dtypes: Vec<DType> = Vec::new();
     for r in reads {
@@ -737,20 +807,14 @@ fn flat_shards(reads: &[Read], comm: &dyn Comm) -> Result<Vec<Flat>> {
         let chunk = total.div_ceil(world);
         let (lo, hi) = (rank * chunk, (rank + 1) * chunk);
         let mut pieces = Vec::new();
-        let mut have = 0;
         for &(i, start, n) in &members {
             let (a, b) = (start.max(lo), (start + n).min(hi));
             if a < b {
-                pieces.push(reads[i].read_elements(a - start..b - start)?);
-                have += b - a;
+                pieces.push((reads[i].clone(), a - start..b - start));
             }
         }
-        if have < chunk {
-            let device = reads[members[0].0].device();
-            pieces.push(Tensor::zeros(chunk - have, dtype, device)?);
-        }
         flats.push(Flat {
-            local: Tensor::cat(&pieces, 0)?,
+            local: Local::new(pieces, vec![chunk], &reads[members[0].0], offload)?,
             members,
         });
     }

@@ -32,8 +32,9 @@ def test_a_layout_with_python_hooks_equals_one_process(layout, expected):
 
 @pytest.mark.parametrize(
     "ranks,layout,extra",
-    [(2, (1, 1, 1), "fsdp=2"), (4, (2, 1, 1), "fsdp=2"), (2, (1, 2, 1), "offload=disk")],
-    ids=["fsdp2", "fsdp2-tp2", "pp2-offload"])
+    [(2, (1, 1, 1), "fsdp=2"), (4, (2, 1, 1), "fsdp=2"), (2, (1, 2, 1), "offload=disk"),
+     (2, (1, 1, 1), "fsdp=2,offload=disk")],
+    ids=["fsdp2", "fsdp2-tp2", "pp2-offload", "fsdp2-offload"])
 def test_fsdp_and_offload_with_python_hooks_equal_one_process(ranks, layout, extra, expected):
     run = mpirun(ranks, JOB, "compare", *map(str, layout), str(expected), extra)
     assert run.returncode == 0, run.stdout + run.stderr

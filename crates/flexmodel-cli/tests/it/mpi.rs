@@ -44,12 +44,15 @@ const FAMILY_LAYOUTS: &[(&[&str], usize)] = &[
     (&["--tp", "2", "--pp", "2", "--dp", "2"], 8),
 ];
 
-/// FSDP (sharded parameters, rows split) alone and with each other axis.
+/// FSDP (sharded parameters, rows split) alone, with each other axis, and with its shards
+/// offloaded.
 const FSDP_LAYOUTS: &[(&[&str], usize)] = &[
     (&["--fsdp", "2"], 2),
     (&["--fsdp", "4"], 4),
     (&["--fsdp", "2", "--tp", "2"], 4),
     (&["--fsdp", "2", "--pp", "2"], 4),
+    (&["--fsdp", "2", "--offload", "disk"], 2),
+    (&["--fsdp", "2", "--tp", "2", "--offload", "cpu"], 4),
 ];
 
 /// Layer-streamed offload, alone and on the ranks of other layouts.
@@ -324,12 +327,7 @@ fn errors_end_every_rank_promptly() {
         "cannot be split evenly over 3 tensor-parallel ranks",
     );
 
-    // FSDP and offload at once; an FSDP batch with fewer rows than ranks.
-    let (run, t) = mpirun(
-        2,
-        &[&base[..], &["--fsdp", "2", "--offload", "disk"]].concat(),
-    );
-    assert_failed_promptly(&run, t, "FSDP already keeps 1/N of every weight");
+    // An FSDP batch with fewer rows than ranks.
     let (run, t) = mpirun(4, &[&base[..], &["--fsdp", "4"]].concat());
     assert_failed_promptly(&run, t, "every rank needs a row");
 }
@@ -475,10 +473,11 @@ fn parameters_are_gathered_from_every_layout() {
         );
         let multi = tmp.path().join("multi.safetensors");
         // Pieces of tensor-parallel ranks and pipeline stages, sharded by FSDP (gathered from
-        // the flat shards), and streamed from the checkpoint.
+        // the flat shards, kept or read from the checkpoint), and streamed from the checkpoint.
         for (layout, ranks) in [
             (&["--tp", "2", "--pp", "2"][..], 4),
             (&["--fsdp", "2", "--tp", "2"], 4),
+            (&["--fsdp", "2", "--offload", "disk"], 2),
             (&["--offload", "disk"], 1),
         ] {
             let mut margs = with_out(&multi);

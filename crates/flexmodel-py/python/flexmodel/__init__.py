@@ -852,11 +852,13 @@ def load(
             with MPI).
         fsdp: fully sharded data parallelism (ZeRO-3): the batch is split by rows over
             ``fsdp`` ranks that each hold 1/fsdp of every weight; each layer's weights are
-            all-gathered just before it runs and dropped after.
+            all-gathered just before it runs and dropped after (the embeddings and head go
+            by blocks of rows).
         offload: None, "cpu" or "disk": keep only the layers being computed in memory, each
             read from the checkpoint as the pass reaches it ("disk" also drops it from the
             page cache: models larger than memory). Peak memory is about two layers plus the
-            embeddings, head and activations.
+            embeddings, head and activations. With ``fsdp``, each rank reads its shard of a
+            layer from the checkpoint just before the layer is gathered, and keeps none.
         micro_batches: micro-batches each pipeline (``pp`` > 1) splits a batch into, so that
             its stages compute at the same time (GPipe); 0: four per stage. Passes with an
             enabled hook run the whole batch at once.
