@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Memory and time per layout (BENCHMARKS.md, "Beyond one device's memory"): the random 125M
-# Llama under one process, dp2, fsdp2, fsdp4, tp2 (batch 4 x 128: VmHWM per rank, forward
-# time), and pp2 with and without micro-batches against one process (batch 8 x 128), each
-# rank one thread (one process two), on the same 2 cores.
+# Llama under one process, dp2, fsdp2, fsdp4, fsdp2 with its shards offloaded, tp2 (batch
+# 4 x 128: VmHWM per rank, forward time), and pp2 with and without micro-batches against one
+# process (batch 8 x 128), each rank one thread (one process two), on the same 2 cores.
 #
 #   bash bench/layouts.sh [REPEATS]
 set -euo pipefail
@@ -26,6 +26,7 @@ run 1
 run 2 --dp 2
 run 2 --fsdp 2
 run 4 --fsdp 4
+run 2 --fsdp 2 --offload disk
 run 2 --tp 2
 run 1 --batch 8
 run 2 --pp 2 --micro-batches 1 --batch 8
