@@ -295,8 +295,13 @@ fn alibi_falcon_is_rejected() {
 #[test]
 fn missing_directory_and_weights_are_reported() {
     let err = load_err(Path::new("/nonexistent/model"));
-    assert!(err.contains("/nonexistent/model/config.json"), "{err}");
+    assert!(
+        err.contains("`/nonexistent/model` is not a model directory: pass a directory"),
+        "{err}"
+    );
     let dir = tempfile::tempdir().unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("config.json") && err.contains("No such file"), "{err}");
     std::fs::copy(
         model_dir("llama").join("config.json"),
         dir.path().join("config.json"),
