@@ -301,7 +301,10 @@ fn missing_directory_and_weights_are_reported() {
     );
     let dir = tempfile::tempdir().unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("config.json") && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("No such file"),
+        "{err}"
+    );
     std::fs::copy(
         model_dir("llama").join("config.json"),
         dir.path().join("config.json"),
