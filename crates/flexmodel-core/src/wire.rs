@@ -159,7 +159,7 @@ pub fn receive(
 }
 
 /// A host tensor holding a copy of `bytes`, laid out as `header` says: one pass over the bytes,
-/// into memory backed by huge pages when it is [`LARGE`].
+/// into memory backed by huge pages when it is large (32 MiB or more).
 ///
 /// # Errors
 /// `bytes` of another length than the header's.

@@ -4,7 +4,7 @@
 //! returns the world communicator; without it, a job of one process gets
 //! [`flexmodel_core::Local`] and a job of several a clear error. [`for_device`] adapts it to
 //! the model's device: with the `nccl` feature, CUDA tensors travel by NCCL
-//! ([`DeviceComm`] over [`NcclTransport`]), one process per GPU.
+//! ([`DeviceComm`] over `NcclTransport`), one process per GPU.
 
 use std::sync::Arc;
 
