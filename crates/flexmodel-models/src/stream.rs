@@ -96,9 +96,10 @@ impl Param {
         for holder in 0..rows.comm.size() {
             let first = holder * rows.per_rank;
             let n = rows.per_rank.min(rows.dims[0].saturating_sub(first));
-            let local = match rows.comm.rank() == holder {
-                true => Some(rows.local.get()?),
-                false => None,
+            let local = if rows.comm.rank() == holder {
+                Some(rows.local.get()?)
+            } else {
+                None
             };
             let block = rows.comm.broadcast(local.as_ref(), holder)?;
             if n > 0 {
@@ -167,8 +168,8 @@ pub(crate) struct Slot {
     dims: Vec<usize>,
     current: Mutex<Option<Tensor>>,
     /// Loaded with gradients: the variables the last pass computed with (a tied weight's
-    /// unit is resident twice per pass), until their gradient is taken.
-    vars: Mutex<Vec<Tensor>>,
+    /// unit is resident twice per pass).
+    vars: Variables,
     /// A zero view of its shape (no memory), for the parameter table.
     pub(crate) placeholder: Tensor,
     /// Reads its values on demand (`FlexModel::parameter`).
@@ -183,14 +184,53 @@ impl Slot {
 
     /// Takes `t` as its values: as a variable, kept for its gradient, when `grad`.
     fn fill(&self, t: Tensor, grad: bool) -> FwdResult<()> {
-        let t = if grad {
-            let var = candle_core::Var::from_tensor(&t)?.as_tensor().clone();
-            self.vars.lock().map_err(|_| poisoned())?.push(var.clone());
-            var
-        } else {
-            t
-        };
+        let t = if grad { self.vars.keep(0, &t)? } else { t };
         self.set(Some(t))
+    }
+}
+
+/// The variables a pass computed with in place of one weight, each with the first row of the
+/// weight it stands for (0: the whole weight), until their gradient is taken.
+#[derive(Default)]
+struct Variables(Mutex<Vec<(usize, Tensor)>>);
+
+impl Variables {
+    /// `t`, rows `first..` of the weight, as a variable, kept.
+    fn keep(&self, first: usize, t: &Tensor) -> FwdResult<Tensor> {
+        let var = candle_core::Var::from_tensor(t)?.as_tensor().clone();
+        self.0
+            .lock()
+            .map_err(|_| poisoned())?
+            .push((first, var.clone()));
+        Ok(var)
+    }
+
+    fn clear(&self) -> FwdResult<()> {
+        self.0.lock().map_err(|_| poisoned())?.clear();
+        Ok(())
+    }
+
+    /// The weight's gradient on this rank, of the shape of `weight`: the gradients `grads`
+    /// holds for the kept variables (taken out of it), each at its rows, summed; `None` when
+    /// none was kept.
+    fn gradient(&self, grads: &mut GradStore, weight: &Tensor) -> FwdResult<Option<Tensor>> {
+        let vars = std::mem::take(&mut *self.0.lock().map_err(|_| poisoned())?);
+        if vars.is_empty() {
+            return Ok(None);
+        }
+        let mut g = Tensor::zeros(weight.dims(), weight.dtype(), weight.device())?;
+        for (first, var) in &vars {
+            if let Some(part) = grads.remove(var) {
+                let part = if part.dims() == g.dims() {
+                    part
+                } else {
+                    let after = g.dim(0)? - first - part.dim(0)?;
+                    part.pad_with_zeros(0, *first, after)?
+                };
+                g = (g + part)?;
+            }
+        }
+        Ok(Some(g))
     }
 }
 
@@ -203,8 +243,8 @@ pub(crate) struct Rows {
     per_rank: usize,
     /// This rank's rows, `[per_rank, dims[1..]]`.
     local: Local,
-    /// Loaded with gradients: the variables the last pass computed with, by first row.
-    vars: Option<Mutex<Vec<(usize, Tensor)>>>,
+    /// Loaded with gradients: the variables the last pass computed with.
+    vars: Option<Variables>,
     /// A zero view of its shape (no memory), for the parameter table.
     pub(crate) placeholder: Tensor,
     /// Gathers it whole (`FlexModel::parameter`).
@@ -238,7 +278,7 @@ impl Rows {
                 comm,
                 per_rank,
                 local,
-                vars: grad.then(|| Mutex::new(Vec::new())),
+                vars: grad.then(Variables::default),
                 placeholder,
                 fetch,
             }
@@ -257,14 +297,10 @@ impl Rows {
     /// `block` (rows from `first` on) as the forward pass uses it: a variable, kept for its
     /// gradient, when loaded with gradients.
     fn used(&self, first: usize, block: Tensor) -> FwdResult<Tensor> {
-        let Some(vars) = &self.vars else {
-            return Ok(block);
-        };
-        let var = candle_core::Var::from_tensor(&block)?.as_tensor().clone();
-        vars.lock()
-            .map_err(|_| poisoned())?
-            .push((first, var.clone()));
-        Ok(var)
+        match &self.vars {
+            Some(vars) => vars.keep(first, &block),
+            None => Ok(block),
+        }
     }
 
     /// The gradient of the weight from those of the last pass's blocks, summed over the
@@ -273,20 +309,10 @@ impl Rows {
         let Some(vars) = &self.vars else {
             return Ok(None);
         };
-        let vars = std::mem::take(&mut *vars.lock().map_err(|_| poisoned())?);
-        if vars.is_empty() {
-            return Ok(None);
+        match vars.gradient(grads, &self.placeholder)? {
+            Some(g) => Ok(Some(self.comm.all_reduce_sum(&g)?)),
+            None => Ok(None),
         }
-        let rows = self.dims[0];
-        let (dtype, device) = (self.placeholder.dtype(), self.placeholder.device());
-        let mut g = Tensor::zeros(&*self.dims, dtype, device)?;
-        for (first, var) in &vars {
-            if let Some(part) = grads.remove(var) {
-                let n = part.dim(0)?;
-                g = (g + part.pad_with_zeros(0, *first, rows - first - n)?)?;
-            }
-        }
-        Ok(Some(self.comm.all_reduce_sum(&g)?))
     }
 }
 
@@ -410,7 +436,7 @@ impl Builder {
             unit,
             dims: read.dims(),
             current: Mutex::new(None),
-            vars: Mutex::new(Vec::new()),
+            vars: Variables::default(),
             placeholder: read.placeholder()?,
             fetch,
         });
@@ -495,10 +521,10 @@ impl Streams {
     pub(crate) fn begin_pass(&self) -> FwdResult<()> {
         if self.grad {
             for slot in self.units.iter().flat_map(|u| &u.slots) {
-                slot.vars.lock().map_err(|_| poisoned())?.clear();
+                slot.vars.clear()?;
             }
-            for rows in self.rows.iter().filter_map(|r| r.vars.as_ref()) {
-                rows.lock().map_err(|_| poisoned())?.clear();
+            for vars in self.rows.iter().filter_map(|r| r.vars.as_ref()) {
+                vars.clear()?;
             }
         }
         Ok(())
@@ -510,16 +536,9 @@ impl Streams {
     pub(crate) fn weight_gradients(&self, grads: &mut GradStore) -> FwdResult<()> {
         for unit in &self.units {
             for slot in &unit.slots {
-                let vars = std::mem::take(&mut *slot.vars.lock().map_err(|_| poisoned())?);
-                let Some(first) = vars.first() else {
+                let Some(g) = slot.vars.gradient(grads, &slot.placeholder)? else {
                     continue;
                 };
-                let mut g = first.zeros_like()?;
-                for var in &vars {
-                    if let Some(part) = grads.remove(var) {
-                        g = (g + part)?;
-                    }
-                }
                 let g = match &unit.source {
                     Source::Flat { comm, .. } => comm.all_reduce_sum(&g)?,
                     Source::Map(_) => g,
