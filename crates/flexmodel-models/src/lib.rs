@@ -4,9 +4,10 @@
 //! [`load`] reads a model directory as `transformers` writes it (`config.json`,
 //! `model.safetensors` or an index with shards, `tokenizer.json`), reads this rank's slices of
 //! the weights (or streams them: [`Offload`], FSDP) and returns a [`Model`] whose forward pass
-//! matches transformers (checked against reference activations of every module). Families: Llama, Mistral, Qwen2 and Gemma (`llama.rs`), Qwen 3,
-//! Gemma 2, Gemma 3, OLMo 2, Phi-3, Mixtral, Qwen MoE and Qwen 3 MoE (each a short file of what
-//! it changes in the shared decoder, `decoder.rs`), Phi, GPT-2, GPT-NeoX, Falcon, OPT.
+//! matches transformers (checked against reference activations of every module). Families:
+//! Llama, Mistral, Qwen2 and Gemma (`llama.rs`), Qwen 3, Gemma 2, Gemma 3, OLMo 2, Phi-3,
+//! Mixtral, Qwen MoE and Qwen 3 MoE (each a short file of what it changes in the shared
+//! decoder, `decoder.rs`), Phi, GPT-2, GPT-NeoX, Falcon, OPT.
 //!
 //! ```no_run
 //! use flexmodel_core::{FlexModel, HookFunction};
@@ -460,9 +461,10 @@ impl<F: Family> Loaded<F> {
             (x, Tables::from_parts(parts.collect()))
         };
         for i in stage.layers.clone() {
-            let next = match i + 1 < stage.layers.end {
-                true => Some(layer_unit(i + 1)),
-                false => stage.last.then_some(HEAD),
+            let next = if i + 1 < stage.layers.end {
+                Some(layer_unit(i + 1))
+            } else {
+                stage.last.then_some(HEAD)
             };
             let _layer = self.resident(layer_unit(i), next)?;
             x = self.body.layer(i, &x, &tables, &pass, run)?;

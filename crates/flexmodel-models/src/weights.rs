@@ -1,5 +1,6 @@
-//! Safetensors checkpoints (headers through a memory map, data with `pread`), and [`Vb`]: a path into the checkpoint that is at the
-//! same time the Hugging Face module path, so weights and sites share one name.
+//! Safetensors checkpoints (headers through a memory map, data with `pread`), and [`Vb`]: a
+//! path into the checkpoint that is at the same time the Hugging Face module path, so weights
+//! and sites share one name.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
